@@ -1,0 +1,359 @@
+//! `gpt2rt`: generate text, write synthetic models, inspect engines, and benchmark decoding.
+
+use clap::{Args, Parser, Subcommand};
+use gpt2rt::api::backend_availability;
+use gpt2rt::model::{DType, Model, Preset, write_dir};
+use gpt2rt::{BackendKind, Engine, EngineOptions, GenerateParams, SamplingParams, SessionOptions, Tokenizer};
+use indicatif::{ProgressBar, ProgressStyle};
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Instant;
+
+#[derive(Parser)]
+#[command(name = "gpt2rt", version, about = "GPT-2 / DistilGPT2 decoding at the lowest end-to-end latency")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate text from one or more prompts (several prompts = one ragged batch).
+    Generate(GenerateArgs),
+    /// Write a synthetic Hugging Face GPT-2 directory (config.json, model.safetensors, tokenizer.json).
+    Synth(SynthArgs),
+    /// Describe the engine and which backends are available here, and why not.
+    Inspect(EngineArgs),
+    /// Time end-to-end decoding over the original study's grid (batch x new tokens, KV on/off).
+    Bench(BenchArgs),
+}
+
+#[derive(Args, Clone)]
+struct EngineArgs {
+    /// Hugging Face GPT-2 directory; default: the built-in synthetic model.
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Built-in synthetic model when --model is absent: distilgpt2, gpt2 or tiny.
+    #[arg(long, default_value = "distilgpt2")]
+    builtin: String,
+    /// auto, cpu, cuda or tensorrt.
+    #[arg(long, default_value = "auto")]
+    backend: String,
+    /// Compute dtype for GPU backends: f32, f16 or bf16 (default: as stored).
+    #[arg(long)]
+    dtype: Option<String>,
+    /// GPU ordinal.
+    #[arg(long, default_value_t = 0)]
+    device: usize,
+    /// CPU worker threads (0 = one per core).
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+}
+
+impl EngineArgs {
+    fn load(&self) -> gpt2rt::Result<Engine> {
+        Engine::load(&EngineOptions {
+            model_dir: self.model.clone(),
+            builtin: Preset::parse(&self.builtin)?,
+            seed: 0,
+            backend: BackendKind::parse(&self.backend)?,
+            device: self.device,
+            dtype: self.dtype.as_deref().map(DType::parse).transpose()?,
+            num_threads: self.threads,
+        })
+    }
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    #[command(flatten)]
+    engine: EngineArgs,
+    #[arg(long, default_value_t = 32)]
+    max_new_tokens: usize,
+    /// A file with one prompt per line, added to the batch.
+    #[arg(long)]
+    batch_file: Option<PathBuf>,
+    /// 0 = greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Token id that ends a sequence (repeatable).
+    #[arg(long = "stop-token")]
+    stop_tokens: Vec<u32>,
+    /// Recompute the whole sequence every step (the original study's path).
+    #[arg(long)]
+    no_kv_cache: bool,
+    /// Print the generated token ids, one line per sequence, instead of text.
+    #[arg(long)]
+    print_tokens: bool,
+    /// Prompts; default "Hello, my name is".
+    prompts: Vec<String>,
+}
+
+#[derive(Args)]
+struct SynthArgs {
+    #[arg(long)]
+    out: PathBuf,
+    /// distilgpt2, gpt2 or tiny.
+    #[arg(long, default_value = "distilgpt2")]
+    config: String,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// f32, f16 or bf16.
+    #[arg(long, default_value = "f32")]
+    dtype: String,
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    #[command(flatten)]
+    engine: EngineArgs,
+    /// Batch sizes (comma-separated).
+    #[arg(long, value_delimiter = ',', default_value = "1,8,16")]
+    batches: Vec<usize>,
+    /// New-token counts (comma-separated).
+    #[arg(long, value_delimiter = ',', default_value = "8,12,16,32")]
+    new_tokens: Vec<usize>,
+    /// Prompt length in tokens.
+    #[arg(long, default_value_t = 12)]
+    prompt_len: usize,
+    /// Timed repetitions per cell (the median is reported).
+    #[arg(long, default_value_t = 5)]
+    reps: usize,
+    /// Skip the KV-cache-off column.
+    #[arg(long)]
+    no_kv_off: bool,
+    /// Write the results as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Write the markdown table here too.
+    #[arg(long)]
+    markdown: Option<PathBuf>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Generate(args) => generate(args),
+        Command::Synth(args) => synth(args),
+        Command::Inspect(args) => inspect(args),
+        Command::Bench(args) => bench(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("gpt2rt: error ({:?}): {e}", e.kind());
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn generate(args: GenerateArgs) -> gpt2rt::Result<()> {
+    let mut prompts = args.prompts.clone();
+    if let Some(file) = &args.batch_file {
+        let text = std::fs::read_to_string(file)
+            .map_err(|e| gpt2rt::Error::new(gpt2rt::ErrorKind::Io, format!("{}: {e}", file.display())))?;
+        prompts.extend(text.lines().filter(|l| !l.trim().is_empty()).map(str::to_string));
+    }
+    if prompts.is_empty() {
+        prompts.push("Hello, my name is".into());
+    }
+    let load_start = Instant::now();
+    let engine = args.engine.load()?;
+    let load_ms = load_start.elapsed().as_secs_f64() * 1e3;
+    let tokenizer = engine.tokenizer();
+    let encoded = prompts.iter().map(|p| tokenizer.encode(p)).collect::<gpt2rt::Result<Vec<_>>>()?;
+    let lengths: Vec<usize> = encoded.iter().map(Vec::len).collect();
+    let max_prompt = lengths.iter().copied().max().unwrap_or(0);
+    let mut session = engine.new_session(SessionOptions {
+        max_batch: prompts.len(),
+        max_seq: (max_prompt + args.max_new_tokens).min(engine.limits().max_seq),
+        kv_cache: !args.no_kv_cache,
+    })?;
+    let params = GenerateParams {
+        max_new_tokens: args.max_new_tokens,
+        sampling: SamplingParams {
+            temperature: args.temperature,
+            top_k: args.top_k,
+            top_p: args.top_p,
+            seed: args.seed,
+        },
+        stop_tokens: args.stop_tokens.clone(),
+    };
+    let tokens: Vec<u32> = encoded.concat();
+    let streaming = prompts.len() == 1 && !args.print_tokens;
+    let mut stdout = std::io::stdout().lock();
+    if streaming {
+        let _ = write!(stdout, "{}", prompts[0]);
+        let _ = stdout.flush();
+    }
+    let start = Instant::now();
+    let out = session.generate_tokens(&tokens, &lengths, &params, &mut |_, _, piece| {
+        if streaming {
+            let _ = write!(stdout, "{piece}");
+            let _ = stdout.flush();
+        }
+        true
+    })?;
+    let elapsed = start.elapsed().as_secs_f64();
+    if streaming {
+        let _ = writeln!(stdout);
+    } else {
+        for (prompt, generated) in prompts.iter().zip(&out.tokens) {
+            if args.print_tokens {
+                let ids: Vec<String> = generated.iter().map(u32::to_string).collect();
+                let _ = writeln!(stdout, "{}", ids.join(" "));
+            } else {
+                let _ = writeln!(stdout, "{prompt}{}", tokenizer.decode(generated)?);
+            }
+        }
+    }
+    let produced: usize = out.tokens.iter().map(Vec::len).sum();
+    eprintln!(
+        "[{}] load {:.0} ms | E2E {:.1} ms for {} new tokens x {} sequences | {:.1} tokens/s | finish: {:?}",
+        engine.backend_kind(),
+        load_ms,
+        elapsed * 1e3,
+        args.max_new_tokens,
+        prompts.len(),
+        produced as f64 / elapsed,
+        out.finish_reason
+    );
+    Ok(())
+}
+
+fn synth(args: SynthArgs) -> gpt2rt::Result<()> {
+    let preset = Preset::parse(&args.config)?;
+    let dtype = DType::parse(&args.dtype)?;
+    let model = Model::synthetic(preset, args.seed);
+    write_dir(&args.out, &model.config, &model.weights, dtype, Some(Tokenizer::gpt2_json()))?;
+    println!(
+        "wrote synthetic {} (seed {}, {}, {} parameters) to {}",
+        preset.name(),
+        args.seed,
+        dtype,
+        model.config.param_count(),
+        args.out.display()
+    );
+    Ok(())
+}
+
+fn inspect(args: EngineArgs) -> gpt2rt::Result<()> {
+    println!("gpt2rt {} (C ABI {})", env!("CARGO_PKG_VERSION"), gpt2rt::ffi::GPT2RT_ABI_VERSION);
+    println!("backends on this machine:");
+    for (kind, available) in backend_availability() {
+        match available {
+            Ok(()) => println!("  {kind:<9} available"),
+            Err(e) => println!("  {kind:<9} unavailable: {e}"),
+        }
+    }
+    let engine = args.load()?;
+    print!("{}", engine.info());
+    let limits = engine.limits();
+    println!("limits: max_batch {}, max_seq {}", limits.max_batch, limits.max_seq);
+    Ok(())
+}
+
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    let n = values.len();
+    if n % 2 == 1 { values[n / 2] } else { (values[n / 2 - 1] + values[n / 2]) / 2.0 }
+}
+
+fn bench(args: BenchArgs) -> gpt2rt::Result<()> {
+    let engine = args.engine.load()?;
+    let vocab = engine.config().vocab_size as u32;
+    let max_new = args.new_tokens.iter().copied().max().unwrap_or(1);
+    let kv_modes: &[bool] = if args.no_kv_off { &[true] } else { &[true, false] };
+    let cells = args.batches.len() * args.new_tokens.len() * kv_modes.len();
+    let bar = ProgressBar::new((cells * (args.reps + 1)) as u64);
+    bar.set_style(
+        ProgressStyle::with_template("{bar:30} {pos}/{len} runs {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let mut rows = Vec::new();
+    for &batch in &args.batches {
+        // A fixed pseudo-random prompt per sequence (the study used 12-token prompts).
+        let tokens: Vec<u32> = (0..batch * args.prompt_len).map(|i| (i as u32 * 7919 + 13) % vocab).collect();
+        let lengths = vec![args.prompt_len; batch];
+        for &kv in kv_modes {
+            let mut session = engine.new_session(SessionOptions {
+                max_batch: batch,
+                max_seq: args.prompt_len + max_new,
+                kv_cache: kv,
+            })?;
+            for &new_tokens in &args.new_tokens {
+                let params = GenerateParams { max_new_tokens: new_tokens, ..GenerateParams::default() };
+                let mut times = Vec::with_capacity(args.reps);
+                for rep in 0..=args.reps {
+                    let start = Instant::now();
+                    session.generate_tokens(&tokens, &lengths, &params, &mut |_, _, _| true)?;
+                    let ms = start.elapsed().as_secs_f64() * 1e3;
+                    if rep > 0 {
+                        times.push(ms);
+                    }
+                    bar.inc(1);
+                    bar.set_message(format!(
+                        "B={batch} new={new_tokens} kv={}: {ms:.1} ms",
+                        if kv { "on" } else { "off" }
+                    ));
+                }
+                let med = median(&mut times);
+                rows.push(serde_json::json!({
+                    "batch": batch,
+                    "new_tokens": new_tokens,
+                    "prompt_len": args.prompt_len,
+                    "kv_cache": kv,
+                    "e2e_median_ms": med,
+                    "per_token_ms": med / new_tokens as f64,
+                    "tokens_per_s": (batch * new_tokens) as f64 / (med / 1e3),
+                    "reps": args.reps,
+                }));
+            }
+        }
+    }
+    bar.finish_and_clear();
+    let info = engine.info();
+    let mut md = format!(
+        "E2E decode latency, median of {} runs (prefill of a {}-token prompt + all steps + token copies)\n\n{}\n| batch | new tokens | KV on (ms) | KV off (ms) | KV on tokens/s |\n|---:|---:|---:|---:|---:|\n",
+        args.reps,
+        args.prompt_len,
+        info.lines().map(|l| format!("- {l}\n")).collect::<String>()
+    );
+    for &batch in &args.batches {
+        for &new_tokens in &args.new_tokens {
+            let find = |kv: bool| {
+                rows.iter().find(|r| r["batch"] == batch && r["new_tokens"] == new_tokens && r["kv_cache"] == kv)
+            };
+            let on = find(true).expect("every cell was measured with the KV cache");
+            let off =
+                find(false).map_or("-".to_string(), |r| format!("{:.2}", r["e2e_median_ms"].as_f64().unwrap_or(0.0)));
+            md.push_str(&format!(
+                "| {batch} | {new_tokens} | {:.2} | {off} | {:.0} |\n",
+                on["e2e_median_ms"].as_f64().unwrap_or(0.0),
+                on["tokens_per_s"].as_f64().unwrap_or(0.0)
+            ));
+        }
+    }
+    print!("{md}");
+    let io = |e: std::io::Error| gpt2rt::Error::new(gpt2rt::ErrorKind::Io, e.to_string());
+    if let Some(path) = &args.markdown {
+        std::fs::write(path, &md).map_err(io)?;
+    }
+    if let Some(path) = &args.json {
+        let doc = serde_json::json!({
+            "engine": info,
+            "backend": engine.backend_kind().name(),
+            "reps": args.reps,
+            "results": rows,
+        });
+        std::fs::write(path, serde_json::to_string_pretty(&doc).unwrap_or_default()).map_err(io)?;
+    }
+    Ok(())
+}
