@@ -306,14 +306,26 @@ gpt2rt_status gpt2rt_session_step(const gpt2rt_session *session,
                                   size_t batch);
 
 // Copies the last prefill/step's logits, `[batch][vocab]` f32, into `out_logits` (capacity in
-// floats). `*out_written` receives batch * vocab. Only these floats cross to the host.
+// floats); only these floats cross to the host. `*out_written` receives batch * vocab. Required-size
+// convention: when `capacity` is smaller (or `(NULL, 0)` is passed) the status is
+// `GPT2RT_STATUS_BUFFER_TOO_SMALL`, `*out_written` still receives the size needed, and
+// `out_logits` is untouched.
 gpt2rt_status gpt2rt_session_read_logits(const gpt2rt_session *session,
                                          float *out_logits,
                                          size_t capacity,
                                          size_t *out_written);
 
+// The number of sequences in the session's current batch (0 before the first prefill): the
+// number of tokens `gpt2rt_session_step` expects and `gpt2rt_session_sample` returns.
+gpt2rt_status gpt2rt_session_batch(const gpt2rt_session *session, size_t *out_batch);
+
+// Fills `options` with greedy decoding (temperature 0, top_k 0, top_p 1, seed 0). Note that an
+// all-zero struct is not valid (top_p must be in (0, 1]).
+gpt2rt_status gpt2rt_sampling_options_default(gpt2rt_sampling_options *options);
+
 // Chooses each sequence's next token (greedy when `sampling` is NULL) and writes the `batch` ids
-// to `out_tokens`; only these ids cross to the host. Each sequence's random stream restarts from
+// to `out_tokens`; only these ids cross to the host. When `capacity` is smaller than the batch the
+// status is `GPT2RT_STATUS_BUFFER_TOO_SMALL` and `*out_count` receives the batch size. Each sequence's random stream restarts from
 // the seed after a prefill or when the options change, and continues across calls otherwise.
 gpt2rt_status gpt2rt_session_sample(const gpt2rt_session *session,
                                     const gpt2rt_sampling_options *sampling,
@@ -343,7 +355,8 @@ gpt2rt_status gpt2rt_session_generated_text(const gpt2rt_session *session,
                                             size_t capacity,
                                             size_t *out_len);
 
-// Generates from a ragged batch of token prompts (layout as `gpt2rt_session_prefill`). The
+// Generates from a ragged batch of token prompts (layout as `gpt2rt_session_prefill`); `options`
+// NULL = defaults. The
 // tokens of sequence i go to `out_tokens[i * max_new_tokens ..]` (capacity in ints, at least
 // batch * max_new_tokens) and their count to `out_counts[i]` (capacity `batch`).
 gpt2rt_status gpt2rt_session_generate_tokens(const gpt2rt_session *session,
@@ -359,7 +372,9 @@ gpt2rt_status gpt2rt_session_generate_tokens(const gpt2rt_session *session,
 
 // Asks the generation running on `session` to stop; it ends within one step with finish reason
 // `GPT2RT_FINISH_REASON_CANCELLED`. Safe from any thread, also while the session is busy. A
-// cancel that arrives when no generation runs is cleared by the next generation's start.
+// cancel that arrives while no generation runs is kept and cancels the next one before its
+// first step (so a cancel racing with the start of a generation is never lost); every generation
+// clears the request when it returns.
 gpt2rt_status gpt2rt_session_cancel(const gpt2rt_session *session);
 
 // The name of a status code as a static NUL-terminated string ("GPT2RT_STATUS_UNKNOWN" for a

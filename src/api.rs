@@ -59,6 +59,18 @@ struct EngineInner {
     notes: Vec<String>,
 }
 
+#[cfg(feature = "cuda")]
+fn cuda_backend(model: &Model, options: &EngineOptions) -> Result<Arc<dyn Backend>> {
+    let dtype = options.dtype.unwrap_or(model.source_dtype);
+    Ok(Arc::new(cuda::CudaBackend::new(model, options.device, dtype)?))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_backend(_model: &Model, _options: &EngineOptions) -> Result<Arc<dyn Backend>> {
+    cuda::availability()?;
+    unreachable!("availability() fails in a build without the cuda backend")
+}
+
 /// Whether each backend can run here, and why not.
 pub fn backend_availability() -> Vec<(BackendKind, Result<()>)> {
     vec![
@@ -95,22 +107,20 @@ impl Engine {
         let model = Arc::new(model);
         let backend: Arc<dyn Backend> = match options.backend {
             BackendKind::Cpu => Arc::new(CpuBackend::new(model, options.num_threads)?),
-            BackendKind::Cuda => {
-                cuda::availability()?;
-                unreachable!("availability() fails in a build without the cuda backend")
-            }
+            BackendKind::Cuda => cuda_backend(&model, options)?,
             BackendKind::TensorRt => {
                 tensorrt::availability()?;
                 unreachable!("availability() fails in a build without the tensorrt backend")
             }
-            BackendKind::Auto => {
-                if let Err(e) = cuda::availability() {
+            BackendKind::Auto => match cuda_backend(&model, options) {
+                Ok(backend) => backend,
+                Err(e) => {
                     let note = format!("auto: skipped cuda: {e}");
                     emit(LogLevel::Info, &note);
                     notes.push(note);
+                    Arc::new(CpuBackend::new(model, options.num_threads)?)
                 }
-                Arc::new(CpuBackend::new(model, options.num_threads)?)
-            }
+            },
         };
         if backend.kind() == BackendKind::Cpu {
             if let Some(dtype) = options.dtype.filter(|d| *d != DType::F32) {
@@ -158,6 +168,7 @@ impl Engine {
             text.push_str(note);
             text.push('\n');
         }
+        text.pop();
         text
     }
 
@@ -225,8 +236,9 @@ impl Session {
         self.decoder.select(params, out)
     }
 
-    /// A flag that, once set from any thread, ends the running generation within one step. Each
-    /// generation clears it when it starts.
+    /// A flag that, once set from any thread, ends the running generation within one step (or the
+    /// next one, before its first step, if none is running). Each generation clears it when it
+    /// returns.
     pub fn cancel_flag(&self) -> Arc<AtomicBool> {
         self.cancel.clone()
     }
@@ -240,7 +252,6 @@ impl Session {
         params: &GenerateParams,
         on_token: &mut dyn FnMut(usize, u32, &str) -> bool,
     ) -> Result<GenerateOutput> {
-        self.cancel.store(false, Ordering::Relaxed);
         for stream in &mut self.streams {
             stream.reset();
         }
@@ -255,7 +266,9 @@ impl Session {
             on_token(seq, token, &piece)
         };
         let cancel = self.cancel.clone();
-        self.decoder.generate(tokens, lengths, params, &cancel, &mut callback)
+        let result = self.decoder.generate(tokens, lengths, params, &cancel, &mut callback);
+        cancel.store(false, Ordering::Relaxed);
+        result
     }
 
     /// Encodes `prompt`, generates, and decodes the new tokens. `on_token(token, piece)` receives

@@ -165,7 +165,11 @@ fn session_bad_inputs_keep_the_session_usable() {
             gpt2rt_status::BufferTooSmall,
             "100514",
         );
-        assert_eq!(written, 99);
+        assert_eq!(written, 2 * vocab, "the required size is reported");
+        assert!(small.iter().all(|&x| x == 0.0), "the buffer is untouched");
+        let mut batch = 0usize;
+        expect(gpt2rt_session_batch(s, &mut batch), gpt2rt_status::Ok, "");
+        assert_eq!(batch, 2);
         expect(gpt2rt_session_read_logits(s, logits.as_mut_ptr(), logits.len(), &mut written), gpt2rt_status::Ok, "");
         assert_eq!(written, 2 * vocab);
 
@@ -367,6 +371,57 @@ fn cancel_from_another_thread_stops_within_a_step_and_busy_is_detected() {
         assert_eq!(finish, gpt2rt_finish_reason::Cancelled);
         // The cancel landed while token 1 was being reported: at most one more step ran.
         assert!(n <= 2, "{n} tokens after cancel");
+        gpt2rt_session_destroy(s);
+        gpt2rt_engine_destroy(engine);
+    }
+}
+
+#[test]
+fn a_cancel_before_generation_is_kept_once_and_null_options_are_defaults() {
+    let engine = tiny_engine();
+    let s = session(engine, 1, 64);
+    unsafe {
+        let prompt = "Early cancel";
+        let (mut n, mut finish) = (0usize, gpt2rt_finish_reason::Length);
+        expect(gpt2rt_session_cancel(s), gpt2rt_status::Ok, "");
+        expect(
+            gpt2rt_session_generate(s, prompt.as_ptr().cast(), prompt.len(), null(), &mut n, &mut finish),
+            gpt2rt_status::Ok,
+            "",
+        );
+        assert_eq!((n, finish), (0, gpt2rt_finish_reason::Cancelled), "a cancel racing the start is not lost");
+        expect(
+            gpt2rt_session_generate(s, prompt.as_ptr().cast(), prompt.len(), null(), &mut n, &mut finish),
+            gpt2rt_status::Ok,
+            "",
+        );
+        assert_eq!(
+            (n, finish),
+            (32, gpt2rt_finish_reason::Length),
+            "the request was cleared when that generation returned"
+        );
+
+        let tokens = [464i32, 2068, 7586];
+        let lengths = [3u32];
+        let mut out = [0i32; 32];
+        let mut counts = [0usize; 1];
+        expect(
+            gpt2rt_session_generate_tokens(
+                s,
+                tokens.as_ptr(),
+                3,
+                lengths.as_ptr(),
+                1,
+                null(),
+                out.as_mut_ptr(),
+                32,
+                counts.as_mut_ptr(),
+                &mut finish,
+            ),
+            gpt2rt_status::Ok,
+            "",
+        );
+        assert_eq!((counts[0], finish), (32, gpt2rt_finish_reason::Length));
         gpt2rt_session_destroy(s);
         gpt2rt_engine_destroy(engine);
     }

@@ -254,7 +254,7 @@ fn inspect(args: EngineArgs) -> gpt2rt::Result<()> {
         }
     }
     let engine = args.load()?;
-    print!("{}", engine.info());
+    println!("{}", engine.info());
     let limits = engine.limits();
     println!("limits: max_batch {}, max_seq {}", limits.max_batch, limits.max_seq);
     Ok(())

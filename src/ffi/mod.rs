@@ -122,7 +122,9 @@ pub(crate) unsafe fn arg_str<'a>(ptr: *const c_char, len: usize, name: &str) -> 
     std::str::from_utf8(bytes).map_err(|e| err!(InvalidUtf8, "{name} is not valid UTF-8 ({e})"))
 }
 
-/// Checks an options struct's `struct_size` against the layout this library knows.
+/// Checks an options struct's `struct_size` against the layout this library knows. ABI 1 knows one
+/// layout of each struct; when fields are appended, later versions will accept every earlier size
+/// (missing fields taking their defaults) and refuse sizes they do not know.
 pub(crate) fn check_struct_size<T>(struct_size: usize, name: &str) -> Result<()> {
     let expected = std::mem::size_of::<T>();
     if struct_size != expected {

@@ -6,7 +6,7 @@ use super::{
 };
 use crate::api::Session;
 use crate::decode::{FinishReason, GenerateParams, SessionOptions};
-use crate::error::Result;
+use crate::error::{ErrorKind, Result};
 use crate::sampling::SamplingParams;
 use std::cell::UnsafeCell;
 use std::ffi::{c_char, c_void};
@@ -219,7 +219,10 @@ pub unsafe extern "C" fn gpt2rt_session_step(
 }
 
 /// Copies the last prefill/step's logits, `[batch][vocab]` f32, into `out_logits` (capacity in
-/// floats). `*out_written` receives batch * vocab. Only these floats cross to the host.
+/// floats); only these floats cross to the host. `*out_written` receives batch * vocab. Required-size
+/// convention: when `capacity` is smaller (or `(NULL, 0)` is passed) the status is
+/// `GPT2RT_STATUS_BUFFER_TOO_SMALL`, `*out_written` still receives the size needed, and
+/// `out_logits` is untouched.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn gpt2rt_session_read_logits(
     session: *const gpt2rt_session,
@@ -231,7 +234,32 @@ pub unsafe extern "C" fn gpt2rt_session_read_logits(
         let s = unsafe { arg_ref(session, "session") }?;
         let written = unsafe { arg_mut(out_written, "out_written") }?;
         let out = unsafe { arg_slice_mut(out_logits, capacity, "out_logits") }?;
-        *written = s.with_session(|inner| inner.session.read_logits(out))?;
+        s.with_session(|inner| {
+            let needed = inner.session.batch() * inner.session.engine().config().vocab_size;
+            match inner.session.read_logits(out) {
+                Ok(n) => {
+                    *written = n;
+                    Ok(())
+                }
+                Err(e) => {
+                    if e.kind() == ErrorKind::BufferTooSmall {
+                        *written = needed;
+                    }
+                    Err(e)
+                }
+            }
+        })
+    })
+}
+
+/// The number of sequences in the session's current batch (0 before the first prefill): the
+/// number of tokens `gpt2rt_session_step` expects and `gpt2rt_session_sample` returns.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn gpt2rt_session_batch(session: *const gpt2rt_session, out_batch: *mut usize) -> gpt2rt_status {
+    guard(|| {
+        let s = unsafe { arg_ref(session, "session") }?;
+        let out = unsafe { arg_mut(out_batch, "out_batch") }?;
+        *out = s.with_session(|inner| Ok(inner.session.batch()))?;
         Ok(())
     })
 }
@@ -250,14 +278,29 @@ pub struct gpt2rt_sampling_options {
     pub seed: u64,
 }
 
+/// Fills `options` with greedy decoding (temperature 0, top_k 0, top_p 1, seed 0). Note that an
+/// all-zero struct is not valid (top_p must be in (0, 1]).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn gpt2rt_sampling_options_default(options: *mut gpt2rt_sampling_options) -> gpt2rt_status {
+    guard(|| {
+        *unsafe { arg_mut(options, "options") }? = gpt2rt_sampling_options::from_params(SamplingParams::greedy());
+        Ok(())
+    })
+}
+
 impl gpt2rt_sampling_options {
+    fn from_params(p: SamplingParams) -> Self {
+        Self { temperature: p.temperature, top_k: p.top_k as u32, top_p: p.top_p, seed: p.seed }
+    }
+
     fn to_params(self) -> SamplingParams {
         SamplingParams { temperature: self.temperature, top_k: self.top_k as usize, top_p: self.top_p, seed: self.seed }
     }
 }
 
 /// Chooses each sequence's next token (greedy when `sampling` is NULL) and writes the `batch` ids
-/// to `out_tokens`; only these ids cross to the host. Each sequence's random stream restarts from
+/// to `out_tokens`; only these ids cross to the host. When `capacity` is smaller than the batch the
+/// status is `GPT2RT_STATUS_BUFFER_TOO_SMALL` and `*out_count` receives the batch size. Each sequence's random stream restarts from
 /// the seed after a prefill or when the options change, and continues across calls otherwise.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn gpt2rt_session_sample(
@@ -272,23 +315,23 @@ pub unsafe extern "C" fn gpt2rt_session_sample(
         let count = unsafe { arg_mut(out_count, "out_count") }?;
         let out = unsafe { arg_slice_mut(out_tokens, capacity, "out_tokens") }?;
         let params = unsafe { sampling.as_ref() }.map_or(SamplingParams::greedy(), |o| o.to_params());
-        let n = s.with_session(|inner| {
+        s.with_session(|inner| {
+            let batch = inner.session.batch();
+            if batch > 0 && out.len() < batch {
+                *count = batch;
+                bail!(BufferTooSmall, "{batch} token ids to return, the buffer holds {}", out.len());
+            }
             let mut ids = std::mem::take(&mut inner.ids);
             let result = inner.session.select(&params, &mut ids);
             if let Ok(n) = result {
-                if out.len() < n {
-                    inner.ids = ids;
-                    bail!(BufferTooSmall, "{n} token ids to return, the buffer holds {}", out.len());
-                }
                 for (o, id) in out.iter_mut().zip(&ids[..n]) {
                     *o = *id as i32;
                 }
+                *count = n;
             }
             inner.ids = ids;
-            result
-        })?;
-        *count = n;
-        Ok(())
+            result.map(|_| ())
+        })
     })
 }
 
@@ -341,12 +384,7 @@ pub unsafe extern "C" fn gpt2rt_generate_options_default(options: *mut gpt2rt_ge
         *o = gpt2rt_generate_options {
             struct_size: std::mem::size_of::<gpt2rt_generate_options>(),
             max_new_tokens: d.max_new_tokens,
-            sampling: gpt2rt_sampling_options {
-                temperature: d.sampling.temperature,
-                top_k: d.sampling.top_k as u32,
-                top_p: d.sampling.top_p,
-                seed: d.sampling.seed,
-            },
+            sampling: gpt2rt_sampling_options::from_params(d.sampling),
             stop_tokens: std::ptr::null(),
             n_stop_tokens: 0,
             callback: None,
@@ -354,6 +392,21 @@ pub unsafe extern "C" fn gpt2rt_generate_options_default(options: *mut gpt2rt_ge
         };
         Ok(())
     })
+}
+
+/// The host's options, or the defaults when it passed NULL.
+fn options_or_default(options: *const gpt2rt_generate_options) -> gpt2rt_generate_options {
+    match unsafe { options.as_ref() } {
+        Some(o) => *o,
+        None => {
+            let mut defaults = std::mem::MaybeUninit::<gpt2rt_generate_options>::uninit();
+            // SAFETY: the default function fills every field of the struct.
+            unsafe {
+                gpt2rt_generate_options_default(defaults.as_mut_ptr());
+                defaults.assume_init()
+            }
+        }
+    }
 }
 
 fn generate_params(o: &gpt2rt_generate_options) -> Result<GenerateParams> {
@@ -401,14 +454,7 @@ pub unsafe extern "C" fn gpt2rt_session_generate(
         let prompt = unsafe { arg_str(prompt, prompt_len, "prompt") }?;
         let n_tokens = unsafe { arg_mut(out_n_tokens, "out_n_tokens") }?;
         let finish = unsafe { arg_mut(out_finish, "out_finish") }?;
-        let mut defaults = std::mem::MaybeUninit::<gpt2rt_generate_options>::uninit();
-        let o = match unsafe { options.as_ref() } {
-            Some(o) => *o,
-            None => {
-                unsafe { gpt2rt_generate_options_default(defaults.as_mut_ptr()) };
-                unsafe { defaults.assume_init() }
-            }
-        };
+        let o = options_or_default(options);
         let params = generate_params(&o)?;
         let out = s.with_session(|inner| {
             let out = inner.session.generate_text(prompt, &params, &mut |token, piece| invoke(&o, 0, token, piece))?;
@@ -437,7 +483,8 @@ pub unsafe extern "C" fn gpt2rt_session_generated_text(
     })
 }
 
-/// Generates from a ragged batch of token prompts (layout as `gpt2rt_session_prefill`). The
+/// Generates from a ragged batch of token prompts (layout as `gpt2rt_session_prefill`); `options`
+/// NULL = defaults. The
 /// tokens of sequence i go to `out_tokens[i * max_new_tokens ..]` (capacity in ints, at least
 /// batch * max_new_tokens) and their count to `out_counts[i]` (capacity `batch`).
 #[unsafe(no_mangle)]
@@ -457,7 +504,7 @@ pub unsafe extern "C" fn gpt2rt_session_generate_tokens(
         let s = unsafe { arg_ref(session, "session") }?;
         let tokens = unsafe { arg_slice(tokens, n_tokens, "tokens") }?;
         let lengths = unsafe { arg_slice(lengths, batch, "lengths") }?;
-        let o = *unsafe { arg_ref(options, "options") }?;
+        let o = options_or_default(options);
         let params = generate_params(&o)?;
         let needed = batch
             .checked_mul(params.max_new_tokens)
@@ -494,7 +541,9 @@ pub unsafe extern "C" fn gpt2rt_session_generate_tokens(
 
 /// Asks the generation running on `session` to stop; it ends within one step with finish reason
 /// `GPT2RT_FINISH_REASON_CANCELLED`. Safe from any thread, also while the session is busy. A
-/// cancel that arrives when no generation runs is cleared by the next generation's start.
+/// cancel that arrives while no generation runs is kept and cancels the next one before its
+/// first step (so a cancel racing with the start of a generation is never lost); every generation
+/// clears the request when it returns.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn gpt2rt_session_cancel(session: *const gpt2rt_session) -> gpt2rt_status {
     guard(|| {
