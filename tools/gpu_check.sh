@@ -2,38 +2,52 @@
 # Everything that needs the GPU machine, in ONE device call (it has torch + transformers and no
 # cargo: build here, carry the binaries):
 #
-#   cargo build --release && cargo test --release --test parity --no-run
-#   mkdir -p carry && cp target/release/gpt2rt carry/ && \
-#     cp "$(ls -t target/release/deps/parity-* | grep -v '\.d$' | head -1)" carry/parity
+#   bash tools/gpu_bundle.sh          # builds and copies gpt2rt + the test binaries into carry/
 #   device run (carry: ["carry"]):  bash tools/gpu_check.sh
 #
-# 1. writes the synthetic tiny and distilgpt2 directories with the carried `gpt2rt synth`;
-# 2. makes the PyTorch parity fixtures from them (tools/make_parity_fixtures.py);
-# 3. runs the carried CPU parity test against those fresh fixtures;
-# 4. prints a short table last. Results land in $OUT (fixtures/ to commit under tests/fixtures/).
-set -euo pipefail
+# 1. runs the CUDA tests (parity with the committed PyTorch fixtures, f32 token-exact; f16/bf16
+#    agreement reported) and the CPU parity test;
+# 2. with REMAKE_FIXTURES=1, first remakes the PyTorch fixtures from `gpt2rt synth` directories
+#    (tools/make_parity_fixtures.py) and checks against those instead;
+# 3. benchmarks the CUDA backend and Hugging Face eager on the same weights (tools/bench_cuda.sh;
+#    bench.tgz, turned into bench/results/ here by tools/bench_report.py) unless SKIP_BENCH=1;
+# 4. prints a short table last. Results land in $OUT.
+set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpt2rt-gpu-out}
 BIN=${GPT2RT_BIN:-carry/gpt2rt}
-PARITY=${GPT2RT_PARITY:-carry/parity}
-work=$(mktemp -d)
-mkdir -p "$OUT/fixtures"
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt" || true
+mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 python3 -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)' | tee -a "$OUT/gpu.txt"
-
 "$BIN" inspect --builtin tiny | tee "$OUT/inspect.txt"
-for cfg in tiny distilgpt2; do
-  "$BIN" synth --config "$cfg" --seed 0 --dtype f32 --out "$work/$cfg"
-done
-python3 tools/make_parity_fixtures.py tiny="$work/tiny" distilgpt2="$work/distilgpt2" --out "$OUT/fixtures" \
-  2>&1 | tee "$OUT/fixtures.log"
 
-parity=FAILED
-if GPT2RT_FIXTURES="$OUT/fixtures" "$PARITY" --test-threads 1 2>&1 | tee "$OUT/parity.log"; then parity=passed; fi
+if [ "${REMAKE_FIXTURES:-0}" = 1 ]; then
+  work=$(mktemp -d)
+  mkdir -p "$OUT/fixtures"
+  for cfg in tiny distilgpt2; do "$BIN" synth --config "$cfg" --seed 0 --dtype f32 --out "$work/$cfg"; done
+  python3 tools/make_parity_fixtures.py tiny="$work/tiny" distilgpt2="$work/distilgpt2" --out "$OUT/fixtures" \
+    2>&1 | tee "$OUT/fixtures.log"
+  export GPT2RT_FIXTURES="$OUT/fixtures"
+fi
+
+cuda=FAILED; parity=FAILED; bench=skipped
+carry/cuda --test-threads 1 --nocapture > "$OUT/cuda_tests.log" 2>&1 && cuda=passed
+cat "$OUT/cuda_tests.log"
+carry/parity --test-threads 1 > "$OUT/parity.log" 2>&1 && parity=passed
+tail -3 "$OUT/parity.log"
+if [ "${SKIP_BENCH:-0}" != 1 ]; then
+  bench=FAILED
+  bash tools/bench_cuda.sh "$OUT/bench" > "$OUT/bench.log" 2>&1 && bench=passed
+  tar czf "$OUT/bench.tgz" -C "$OUT/bench" . && rm -rf "$OUT/bench"
+fi
 
 echo
 echo "| check | result |"
 echo "|---|---|"
 echo "| GPU | $(head -1 "$OUT/gpu.txt") |"
-echo "| fixtures | $(ls "$OUT/fixtures" | tr '\n' ' ') |"
+echo "| CUDA tests (f32 parity vs transformers, f16/bf16 agreement) | $cuda |"
 echo "| CPU parity vs transformers fp32 | $parity |"
+echo "| benchmark | $bench |"
+grep -h "agree on" "$OUT/cuda_tests.log" || true
+grep -h "^hf" "$OUT/bench.log" || tail -5 "$OUT/bench.log"
+[ "$cuda" = passed ] && [ "$parity" = passed ] && [ "$bench" != FAILED ]

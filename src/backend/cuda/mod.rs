@@ -1,13 +1,20 @@
-//! The native CUDA backend. This build does not contain it yet; asking for it answers why, through
-//! the same calls a CUDA build uses, so hosts can be written once.
+//! The native CUDA backend, through the driver API only (`cudarc`, loaded at run time): kernels are
+//! compiled ahead into `kernels/gpt2rt.fatbin` and embedded, so a user's machine needs only the
+//! NVIDIA driver. Weights live on the device in f32, f16 or bf16; activations, the KV cache and every
+//! accumulation are f32. Per-sequence positions live on the device and advance there; each step is
+//! captured once per batch size as a CUDA graph and replayed.
 
-use crate::error::Result;
+#[cfg(not(feature = "cuda"))]
+mod imp {
+    use crate::error::Result;
 
-/// Why the CUDA backend cannot be used in this build (or `Ok` when it can).
-pub fn availability() -> Result<()> {
-    bail!(
-        BackendUnavailable,
-        "the cuda backend is not part of this build of gpt2rt {} (CPU reference only)",
-        env!("CARGO_PKG_VERSION")
-    )
+    /// This build has no CUDA backend.
+    pub fn availability() -> Result<()> {
+        bail!(BackendUnavailable, "this build of gpt2rt was compiled without the `cuda` feature")
+    }
 }
+
+#[cfg(feature = "cuda")]
+mod imp;
+
+pub use imp::*;

@@ -1,0 +1,938 @@
+//! The CUDA backend proper (feature `cuda`).
+
+use crate::backend::{Backend, BackendKind, BackendState, Profile};
+use crate::error::{Error, ErrorKind, Result};
+use crate::model::{DType, Model, ModelConfig};
+use crate::sampling::Sampler;
+use cudarc::driver::{result, sys};
+use half::{bf16, f16};
+use std::ffi::c_void;
+use std::sync::Arc;
+
+static FATBIN: &[u8] = include_bytes!("../../../kernels/gpt2rt.fatbin");
+
+/// Rows of a prefill processed per pass (bounds the activation buffers).
+const PREFILL_CHUNK: usize = 128;
+/// Rows up to which a matmul streams the weights GEMV-style; more rows use the tiled kernel.
+const GEMV_MAX_ROWS: usize = 8;
+/// Matmul blocks to aim for when choosing the split-K factor (about two per SM on an H100).
+const TARGET_BLOCKS: usize = 264;
+/// Threads per block of the attention kernel.
+const ATTENTION_THREADS: usize = 256;
+/// Threads per block of the matmul kernels (one output column each).
+const MATMUL_THREADS: usize = 256;
+
+fn driver_error(what: &str, e: result::DriverError) -> Error {
+    let name = e.error_name().ok().and_then(|n| n.to_str().ok()).unwrap_or("unknown CUDA error").to_string();
+    let kind = if e.0 == sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY { ErrorKind::OutOfMemory } else { ErrorKind::Device };
+    Error::new(kind, format!("{what}: {name}"))
+}
+
+trait Check<T> {
+    fn check(self, what: &str) -> Result<T>;
+}
+
+impl<T> Check<T> for std::result::Result<T, result::DriverError> {
+    fn check(self, what: &str) -> Result<T> {
+        self.map_err(|e| driver_error(what, e))
+    }
+}
+
+/// Checks that the CUDA backend can run on device 0: driver present and new enough, a GPU of
+/// compute capability 7.5 or newer.
+pub fn availability() -> Result<()> {
+    probe(0).map(|_| ())
+}
+
+struct Probe {
+    device: sys::CUdevice,
+    name: String,
+    capability: (i32, i32),
+}
+
+fn probe(ordinal: usize) -> Result<Probe> {
+    // SAFETY: only asks whether the driver library can be loaded.
+    if !unsafe { sys::is_culib_present() } {
+        bail!(BackendUnavailable, "cuda: no NVIDIA driver found (libcuda could not be loaded)");
+    }
+    result::init().map_err(|e| err!(BackendUnavailable, "cuda: the driver failed to initialise: {e:?}"))?;
+    let mut version = 0;
+    // SAFETY: writes one int.
+    unsafe { sys::cuDriverGetVersion(&mut version) }
+        .result()
+        .map_err(|e| err!(BackendUnavailable, "cuda: cannot read the driver version: {e:?}"))?;
+    if version < 13000 {
+        bail!(
+            BackendUnavailable,
+            "cuda: the driver supports CUDA {}.{}, the embedded kernels need 13.0 (driver 580 or newer)",
+            version / 1000,
+            version % 1000 / 10
+        );
+    }
+    let count = result::device::get_count().check("cuda: counting GPUs")?;
+    if count <= 0 {
+        bail!(BackendUnavailable, "cuda: the driver sees no NVIDIA GPU");
+    }
+    if ordinal >= count as usize {
+        bail!(BackendUnavailable, "cuda: device {ordinal} does not exist ({count} GPUs)");
+    }
+    let device = result::device::get(ordinal as i32).check("cuda: opening the device")?;
+    let attr = |a| unsafe { result::device::get_attribute(device, a) }.check("cuda: reading a device attribute");
+    let capability = (
+        attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?,
+        attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)?,
+    );
+    let name = result::device::get_name(device).unwrap_or_else(|_| "unknown GPU".into());
+    if capability < (7, 5) {
+        bail!(
+            BackendUnavailable,
+            "cuda: {name} has compute capability {}.{}; the kernels need 7.5 or newer",
+            capability.0,
+            capability.1
+        );
+    }
+    Ok(Probe { device, name, capability })
+}
+
+/// The kernels of the embedded module, by weight dtype where they read weights.
+struct Kernels {
+    embed: sys::CUfunction,
+    layer_norm: sys::CUfunction,
+    matmul_partial: sys::CUfunction,
+    matmul_tiled: sys::CUfunction,
+    matmul_finish: sys::CUfunction,
+    lm_head: sys::CUfunction,
+    attention: sys::CUfunction,
+    gather_rows: sys::CUfunction,
+    argmax: sys::CUfunction,
+    advance: sys::CUfunction,
+}
+
+/// A device context with the module loaded. Shared by the backend and its sessions.
+struct Device {
+    ctx: sys::CUcontext,
+    device: sys::CUdevice,
+    module: sys::CUmodule,
+    kernels: Kernels,
+    name: String,
+    capability: (i32, i32),
+}
+
+// SAFETY: CUDA contexts, modules and functions may be used from any thread once made current; every
+// entry point calls `bind()` first.
+unsafe impl Send for Device {}
+unsafe impl Sync for Device {}
+
+impl Device {
+    fn open(ordinal: usize, dtype: DType) -> Result<Arc<Self>> {
+        let probe = probe(ordinal)?;
+        // SAFETY: the device handle is valid (probe); the primary context is released in Drop.
+        let ctx = unsafe { result::primary_ctx::retain(probe.device) }.check("cuda: creating the context")?;
+        unsafe { result::ctx::set_current(ctx) }.check("cuda: binding the context")?;
+        // SAFETY: FATBIN is a complete fatbinary image embedded at compile time.
+        let module = unsafe { result::module::load_data(FATBIN.as_ptr().cast()) }.map_err(|e| {
+            err!(BackendUnavailable, "cuda: the driver cannot load the embedded kernels for this GPU: {e:?}")
+        })?;
+        let suffix = dtype.name();
+        let get = |name: &str| -> Result<sys::CUfunction> {
+            let cname = std::ffi::CString::new(name).expect("kernel names have no NUL");
+            // SAFETY: module is loaded; the name is NUL-terminated.
+            unsafe { result::module::get_function(module, cname) }
+                .map_err(|e| err!(Internal, "cuda: kernel {name} missing from the embedded module: {e:?}"))
+        };
+        let kernels = Kernels {
+            embed: get(&format!("embed_{suffix}"))?,
+            layer_norm: get(&format!("layer_norm_{suffix}"))?,
+            matmul_partial: get(&format!("matmul_partial_{suffix}"))?,
+            matmul_tiled: get(&format!("matmul_tiled_{suffix}"))?,
+            matmul_finish: get(&format!("matmul_finish_{suffix}"))?,
+            lm_head: get(&format!("lm_head_{suffix}"))?,
+            attention: get("attention")?,
+            gather_rows: get("gather_rows")?,
+            argmax: get("argmax")?,
+            advance: get("advance")?,
+        };
+        Ok(Arc::new(Self {
+            ctx,
+            device: probe.device,
+            module,
+            kernels,
+            name: probe.name,
+            capability: probe.capability,
+        }))
+    }
+
+    fn bind(&self) -> Result<()> {
+        // SAFETY: the context is alive as long as self.
+        unsafe { result::ctx::set_current(self.ctx) }.check("cuda: binding the context")
+    }
+}
+
+impl Drop for Device {
+    fn drop(&mut self) {
+        // SAFETY: nothing uses the module or context after the last Arc is gone.
+        unsafe {
+            let _ = result::ctx::set_current(self.ctx);
+            let _ = result::module::unload(self.module);
+            let _ = result::primary_ctx::release(self.device);
+        }
+    }
+}
+
+/// Device memory, freed on drop.
+struct DeviceBuffer {
+    device: Arc<Device>,
+    ptr: sys::CUdeviceptr,
+    bytes: usize,
+}
+
+impl DeviceBuffer {
+    fn new(device: &Arc<Device>, bytes: usize, what: &str) -> Result<Self> {
+        device.bind()?;
+        // SAFETY: plain allocation of at least one byte.
+        let ptr = unsafe { result::malloc_sync(bytes.max(1)) }
+            .map_err(|e| driver_error(&format!("cuda: allocating {} MiB for the {what}", bytes >> 20), e))?;
+        Ok(Self { device: device.clone(), ptr, bytes })
+    }
+
+    fn upload<T>(device: &Arc<Device>, data: &[T], what: &str) -> Result<Self> {
+        let buffer = Self::new(device, std::mem::size_of_val(data), what)?;
+        // SAFETY: the buffer holds exactly size_of_val(data) bytes.
+        unsafe { result::memcpy_htod_sync(buffer.ptr, data) }.check("cuda: uploading weights")?;
+        Ok(buffer)
+    }
+
+    /// Address of element `index` of a buffer of `T`.
+    fn at<T>(&self, index: usize) -> u64 {
+        debug_assert!(index * std::mem::size_of::<T>() <= self.bytes);
+        self.ptr + (index * std::mem::size_of::<T>()) as u64
+    }
+}
+
+impl Drop for DeviceBuffer {
+    fn drop(&mut self) {
+        // SAFETY: the pointer came from malloc_sync and is freed once; errors at teardown are moot.
+        unsafe {
+            let _ = self.device.bind();
+            let _ = result::free_sync(self.ptr);
+        }
+    }
+}
+
+/// Page-locked host memory for the copies that cross each step, freed on drop.
+struct PinnedBuffer<T> {
+    ptr: *mut T,
+    len: usize,
+    _device: Arc<Device>,
+}
+
+// SAFETY: plain host memory owned by this value.
+unsafe impl<T: Send> Send for PinnedBuffer<T> {}
+
+impl<T: Copy + Default> PinnedBuffer<T> {
+    fn new(device: &Arc<Device>, len: usize) -> Result<Self> {
+        device.bind()?;
+        let bytes = (len * std::mem::size_of::<T>()).max(1);
+        // SAFETY: allocation; the memory is initialised below.
+        let ptr = unsafe { result::malloc_host(bytes, sys::CU_MEMHOSTALLOC_PORTABLE) }
+            .check("cuda: allocating pinned host memory")? as *mut T;
+        for i in 0..len {
+            // SAFETY: in bounds of the allocation.
+            unsafe { ptr.add(i).write(T::default()) };
+        }
+        Ok(Self { ptr, len, _device: device.clone() })
+    }
+
+    fn as_slice(&self) -> &[T] {
+        // SAFETY: len initialised elements, owned by self.
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+    }
+
+    fn as_mut_slice(&mut self) -> &mut [T] {
+        // SAFETY: as above, and &mut self is exclusive.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
+    }
+}
+
+impl<T> Drop for PinnedBuffer<T> {
+    fn drop(&mut self) {
+        // SAFETY: allocated by malloc_host, freed once.
+        unsafe {
+            let _ = self._device.bind();
+            let _ = result::free_host(self.ptr.cast());
+        }
+    }
+}
+
+struct LayerBuffers {
+    ln_1_weight: DeviceBuffer,
+    ln_1_bias: DeviceBuffer,
+    attn_weight: DeviceBuffer,
+    attn_bias: DeviceBuffer,
+    attn_proj_weight: DeviceBuffer,
+    attn_proj_bias: DeviceBuffer,
+    ln_2_weight: DeviceBuffer,
+    ln_2_bias: DeviceBuffer,
+    fc_weight: DeviceBuffer,
+    fc_bias: DeviceBuffer,
+    mlp_proj_weight: DeviceBuffer,
+    mlp_proj_bias: DeviceBuffer,
+}
+
+struct DeviceWeights {
+    wte: DeviceBuffer,
+    wpe: DeviceBuffer,
+    layers: Vec<LayerBuffers>,
+    ln_f_weight: DeviceBuffer,
+    ln_f_bias: DeviceBuffer,
+    lm_head: Option<DeviceBuffer>,
+    bytes: usize,
+}
+
+fn upload_weights(device: &Arc<Device>, model: &Model, dtype: DType) -> Result<DeviceWeights> {
+    let mut bytes = 0;
+    let mut up = |values: &[f32]| -> Result<DeviceBuffer> {
+        let buffer = match dtype {
+            DType::F32 => DeviceBuffer::upload(device, values, "weights")?,
+            DType::F16 => {
+                let v: Vec<f16> = values.iter().map(|&x| f16::from_f32(x)).collect();
+                DeviceBuffer::upload(device, &v, "weights")?
+            }
+            DType::BF16 => {
+                let v: Vec<bf16> = values.iter().map(|&x| bf16::from_f32(x)).collect();
+                DeviceBuffer::upload(device, &v, "weights")?
+            }
+        };
+        bytes += buffer.bytes;
+        Ok(buffer)
+    };
+    let w = &model.weights;
+    let wte = up(&w.wte)?;
+    let wpe = up(&w.wpe)?;
+    let mut layers = Vec::with_capacity(w.layers.len());
+    for l in &w.layers {
+        layers.push(LayerBuffers {
+            ln_1_weight: up(&l.ln_1_weight)?,
+            ln_1_bias: up(&l.ln_1_bias)?,
+            attn_weight: up(&l.attn_weight)?,
+            attn_bias: up(&l.attn_bias)?,
+            attn_proj_weight: up(&l.attn_proj_weight)?,
+            attn_proj_bias: up(&l.attn_proj_bias)?,
+            ln_2_weight: up(&l.ln_2_weight)?,
+            ln_2_bias: up(&l.ln_2_bias)?,
+            fc_weight: up(&l.fc_weight)?,
+            fc_bias: up(&l.fc_bias)?,
+            mlp_proj_weight: up(&l.mlp_proj_weight)?,
+            mlp_proj_bias: up(&l.mlp_proj_bias)?,
+        });
+    }
+    let ln_f_weight = up(&w.ln_f_weight)?;
+    let ln_f_bias = up(&w.ln_f_bias)?;
+    let lm_head = w.lm_head.as_deref().map(&mut up).transpose()?;
+    Ok(DeviceWeights { wte, wpe, layers, ln_f_weight, ln_f_bias, lm_head, bytes })
+}
+
+/// The CUDA backend of an engine: the device and the weights on it.
+pub struct CudaBackend {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    device: Arc<Device>,
+    weights: DeviceWeights,
+    config: ModelConfig,
+    dtype: DType,
+}
+
+impl std::fmt::Debug for CudaBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.describe())
+    }
+}
+
+impl CudaBackend {
+    /// Uploads `model` to GPU `ordinal` in `dtype`.
+    pub fn new(model: &Model, ordinal: usize, dtype: DType) -> Result<Self> {
+        let device = Device::open(ordinal, dtype)?;
+        let weights = upload_weights(&device, model, dtype)?;
+        Ok(Self { shared: Arc::new(Shared { device, weights, config: model.config.clone(), dtype }) })
+    }
+}
+
+impl Backend for CudaBackend {
+    fn kind(&self) -> BackendKind {
+        BackendKind::Cuda
+    }
+
+    fn config(&self) -> &ModelConfig {
+        &self.shared.config
+    }
+
+    fn limits(&self) -> Profile {
+        Profile { max_batch: 256, max_seq: self.shared.config.n_positions }
+    }
+
+    fn describe(&self) -> String {
+        let d = &self.shared.device;
+        format!(
+            "cuda ({}, compute capability {}.{}, {} weights, {} MiB on the device)",
+            d.name,
+            d.capability.0,
+            d.capability.1,
+            self.shared.dtype,
+            self.shared.weights.bytes >> 20
+        )
+    }
+
+    fn new_state(&self, profile: Profile, kv_cache: bool) -> Result<Box<dyn BackendState>> {
+        Ok(Box::new(CudaState::new(self.shared.clone(), profile, kv_cache)?))
+    }
+}
+
+/// Kernel arguments, stored in fixed slots (no allocation per launch). Each slot is 8 bytes; the
+/// driver reads the parameter's own size from the front of its slot (little-endian).
+struct Args {
+    slots: [u64; 16],
+    n: usize,
+}
+
+impl Args {
+    fn new() -> Self {
+        Self { slots: [0; 16], n: 0 }
+    }
+    fn ptr(mut self, p: u64) -> Self {
+        self.slots[self.n] = p;
+        self.n += 1;
+        self
+    }
+    fn int(mut self, v: usize) -> Self {
+        self.slots[self.n] = v as i32 as u32 as u64;
+        self.n += 1;
+        self
+    }
+    fn float(mut self, v: f32) -> Self {
+        self.slots[self.n] = v.to_bits() as u64;
+        self.n += 1;
+        self
+    }
+}
+
+/// Split-K factor and k-range per split for a `[K, N]` weight.
+fn split_k(k: usize, n: usize) -> (usize, usize) {
+    let col_blocks = n.div_ceil(MATMUL_THREADS);
+    let splits = TARGET_BLOCKS.div_ceil(col_blocks).clamp(1, k.div_ceil(16));
+    let per_split = k.div_ceil(splits);
+    (k.div_ceil(per_split), per_split)
+}
+
+/// Largest `splits * N` over the model's matmuls: the partial buffer per row.
+fn partial_per_row(c: usize) -> usize {
+    [(c, 3 * c), (c, c), (c, 4 * c), (4 * c, c)].iter().map(|&(k, n)| split_k(k, n).0 * n).max().unwrap_or(0)
+}
+
+/// Device offsets (in ints) inside the session's int buffer.
+struct IntLayout {
+    tokens: usize,
+    row_seq: usize,
+    row_pos: usize,
+    last_rows: usize,
+    seq_len: usize,
+    iota: usize,
+    step_tokens: usize,
+    next: usize,
+    total: usize,
+}
+
+impl IntLayout {
+    fn new(b: usize, s: usize) -> Self {
+        let bs = b * s;
+        Self {
+            tokens: 0,
+            row_seq: bs,
+            row_pos: 2 * bs,
+            last_rows: 3 * bs,
+            seq_len: 3 * bs + b,
+            iota: 3 * bs + 2 * b,
+            step_tokens: 3 * bs + 3 * b,
+            next: 3 * bs + 4 * b,
+            total: 3 * bs + 5 * b,
+        }
+    }
+}
+
+struct CudaState {
+    shared: Arc<Shared>,
+    profile: Profile,
+    kv_cache: bool,
+    stream: sys::CUstream,
+    ints: DeviceBuffer,
+    layout: IntLayout,
+    k_cache: DeviceBuffer,
+    v_cache: DeviceBuffer,
+    x: DeviceBuffer,
+    xn: DeviceBuffer,
+    qkv: DeviceBuffer,
+    att: DeviceBuffer,
+    hidden4: DeviceBuffer,
+    partial: DeviceBuffer,
+    last_hidden: DeviceBuffer,
+    last_norm: DeviceBuffer,
+    logits: DeviceBuffer,
+    host_ints: PinnedBuffer<i32>,
+    host_logits: PinnedBuffer<f32>,
+    /// Tokens of every sequence so far (`[seq][pos]`), for the recompute path.
+    history: Vec<u32>,
+    lens: Vec<usize>,
+    batch: usize,
+    /// One captured step per batch size.
+    graphs: Vec<(usize, sys::CUgraphExec)>,
+}
+
+// SAFETY: the stream and graphs are owned by this state and only used through &mut self.
+unsafe impl Send for CudaState {}
+
+impl std::fmt::Debug for CudaState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "CudaState {{ profile: {:?}, kv_cache: {} }}", self.profile, self.kv_cache)
+    }
+}
+
+impl CudaState {
+    fn new(shared: Arc<Shared>, profile: Profile, kv_cache: bool) -> Result<Self> {
+        let d = &shared.device;
+        let cfg = &shared.config;
+        let (b, s, c, v) = (profile.max_batch, profile.max_seq, cfg.n_embd, cfg.vocab_size);
+        let rows = b.max(PREFILL_CHUNK.min(b * s));
+        let f = std::mem::size_of::<f32>();
+        let layout = IntLayout::new(b, s);
+        let kv_bytes = cfg.n_layer * b * s * c * f;
+        d.bind()?;
+        let stream =
+            result::stream::create(result::stream::StreamKind::NonBlocking).check("cuda: creating a stream")?;
+        let state = Self {
+            ints: DeviceBuffer::new(d, layout.total * 4, "token and position buffers")?,
+            k_cache: DeviceBuffer::new(d, kv_bytes, "KV cache")?,
+            v_cache: DeviceBuffer::new(d, kv_bytes, "KV cache")?,
+            x: DeviceBuffer::new(d, rows * c * f, "activations")?,
+            xn: DeviceBuffer::new(d, rows * c * f, "activations")?,
+            qkv: DeviceBuffer::new(d, rows * 3 * c * f, "activations")?,
+            att: DeviceBuffer::new(d, rows * c * f, "activations")?,
+            hidden4: DeviceBuffer::new(d, rows * 4 * c * f, "activations")?,
+            partial: DeviceBuffer::new(d, rows * partial_per_row(c) * f, "matmul partial sums")?,
+            last_hidden: DeviceBuffer::new(d, b * c * f, "activations")?,
+            last_norm: DeviceBuffer::new(d, b * c * f, "activations")?,
+            logits: DeviceBuffer::new(d, b * v * f, "logits")?,
+            host_ints: PinnedBuffer::new(d, layout.total)?,
+            host_logits: PinnedBuffer::new(d, b * v)?,
+            history: vec![0; b * s],
+            lens: vec![0; b],
+            batch: 0,
+            graphs: Vec::new(),
+            layout,
+            stream,
+            shared,
+            profile,
+            kv_cache,
+        };
+        // The identity row->sequence map used by steps.
+        let mut state = state;
+        let iota = state.layout.iota;
+        for i in 0..b {
+            state.host_ints.as_mut_slice()[iota + i] = i as i32;
+        }
+        state.upload_ints(iota, b)?;
+        state.sync()?;
+        Ok(state)
+    }
+
+    fn launch(&self, f: sys::CUfunction, grid: usize, block: usize, smem: usize, args: Args) -> Result<()> {
+        self.launch_grid(f, (grid, 1, 1), block, smem, args)
+    }
+
+    fn launch_grid(
+        &self,
+        f: sys::CUfunction,
+        grid: (usize, usize, usize),
+        block: usize,
+        smem: usize,
+        mut args: Args,
+    ) -> Result<()> {
+        let mut params = [std::ptr::null_mut::<c_void>(); 16];
+        for (p, slot) in params.iter_mut().zip(args.slots.iter_mut()).take(args.n) {
+            *p = (slot as *mut u64).cast();
+        }
+        // SAFETY: the arguments match the kernel's signature (each call site mirrors the .cu file)
+        // and every pointer is a live device buffer of this state or its engine.
+        unsafe {
+            result::launch_kernel(
+                f,
+                (grid.0 as u32, grid.1 as u32, grid.2 as u32),
+                (block as u32, 1, 1),
+                smem as u32,
+                self.stream,
+                &mut params[..args.n],
+            )
+        }
+        .check("cuda: launching a kernel")
+    }
+
+    fn upload_ints(&self, offset: usize, len: usize) -> Result<()> {
+        // SAFETY: the pinned source outlives the copy (synchronised before reuse), the range is in
+        // bounds of both buffers.
+        unsafe {
+            result::memcpy_htod_async(
+                self.ints.at::<i32>(offset),
+                &self.host_ints.as_slice()[offset..offset + len],
+                self.stream,
+            )
+        }
+        .check("cuda: copying tokens to the device")
+    }
+
+    fn sync(&self) -> Result<()> {
+        // SAFETY: the stream belongs to this state.
+        unsafe { result::stream::synchronize(self.stream) }.check("cuda: running the step")
+    }
+
+    /// `out[M, N] = in[M, K] @ w[K, N] + bias`, then `mode` (see matmul_finish in the .cu file).
+    #[allow(clippy::too_many_arguments)]
+    fn matmul(
+        &self,
+        input: u64,
+        m: usize,
+        k: usize,
+        w: &DeviceBuffer,
+        n: usize,
+        bias: &DeviceBuffer,
+        out: u64,
+        mode: usize,
+        kv: Option<(u64, u64, u64, u64)>,
+    ) -> Result<()> {
+        let kernels = &self.shared.device.kernels;
+        let (gemv_splits, _) = split_k(k, n);
+        let splits = if m <= GEMV_MAX_ROWS {
+            let (splits, per_split) = split_k(k, n);
+            let args = Args::new().ptr(input).int(m).int(k).ptr(w.ptr).int(n).ptr(self.partial.ptr).int(per_split);
+            self.launch_grid(kernels.matmul_partial, (n.div_ceil(MATMUL_THREADS), splits, 1), MATMUL_THREADS, 0, args)?;
+            splits
+        } else {
+            // Never more splits than the GEMV path, which sized the partial buffer.
+            let tiles = n.div_ceil(64) * m.div_ceil(64);
+            let wanted = TARGET_BLOCKS.div_ceil(tiles).clamp(1, gemv_splits.min(k.div_ceil(64)));
+            let per_split = k.div_ceil(wanted).next_multiple_of(16);
+            let splits = k.div_ceil(per_split);
+            let args = Args::new().ptr(input).int(m).int(k).ptr(w.ptr).int(n).ptr(self.partial.ptr).int(per_split);
+            self.launch_grid(kernels.matmul_tiled, (n.div_ceil(64), m.div_ceil(64), splits), 256, 0, args)?;
+            splits
+        };
+        let (kc, vc, rs, rp) = kv.unwrap_or((0, 0, 0, 0));
+        let args = Args::new()
+            .ptr(self.partial.ptr)
+            .int(splits)
+            .int(m)
+            .int(n)
+            .ptr(bias.ptr)
+            .ptr(out)
+            .int(mode)
+            .ptr(kc)
+            .ptr(vc)
+            .ptr(rs)
+            .ptr(rp)
+            .int(self.profile.max_seq);
+        self.launch_grid(kernels.matmul_finish, (n.div_ceil(32), m, 1), 256, 0, args)
+    }
+
+    /// Runs `n` rows through every block: tokens, sequence and position of row i at
+    /// `tokens[i]`, `row_seq[i]`, `row_pos[i]` (device addresses). Leaves the hidden states in x.
+    fn forward_rows(&self, tokens: u64, row_seq: u64, row_pos: u64, n: usize) -> Result<()> {
+        let cfg = &self.shared.config;
+        let k = &self.shared.device.kernels;
+        let w = &self.shared.weights;
+        let (c, s) = (cfg.n_embd, self.profile.max_seq);
+        let f = std::mem::size_of::<f32>();
+        let eps = cfg.layer_norm_epsilon;
+        self.launch(
+            k.embed,
+            n,
+            256,
+            0,
+            Args::new().ptr(tokens).ptr(row_pos).ptr(w.wte.ptr).ptr(w.wpe.ptr).ptr(self.x.ptr).int(c),
+        )?;
+        let layer_stride = self.profile.max_batch * s * c;
+        let smem = (s.max(ATTENTION_THREADS) + cfg.head_dim()) * f;
+        for (l, lw) in w.layers.iter().enumerate() {
+            let kc = self.k_cache.at::<f32>(l * layer_stride);
+            let vc = self.v_cache.at::<f32>(l * layer_stride);
+            let ln = |input: u64, g: &DeviceBuffer, b: &DeviceBuffer, out: u64| {
+                self.launch(
+                    k.layer_norm,
+                    n,
+                    256,
+                    0,
+                    Args::new().ptr(input).ptr(g.ptr).ptr(b.ptr).ptr(out).int(c).float(eps),
+                )
+            };
+            ln(self.x.ptr, &lw.ln_1_weight, &lw.ln_1_bias, self.xn.ptr)?;
+            self.matmul(
+                self.xn.ptr,
+                n,
+                c,
+                &lw.attn_weight,
+                3 * c,
+                &lw.attn_bias,
+                self.qkv.ptr,
+                3,
+                Some((kc, vc, row_seq, row_pos)),
+            )?;
+            let scale = 1.0 / (cfg.head_dim() as f32).sqrt();
+            self.launch(
+                k.attention,
+                n * cfg.n_head,
+                ATTENTION_THREADS,
+                smem,
+                Args::new()
+                    .ptr(self.qkv.ptr)
+                    .ptr(kc)
+                    .ptr(vc)
+                    .ptr(row_seq)
+                    .ptr(row_pos)
+                    .ptr(self.att.ptr)
+                    .int(c)
+                    .int(cfg.n_head)
+                    .int(s)
+                    .float(scale),
+            )?;
+            self.matmul(self.att.ptr, n, c, &lw.attn_proj_weight, c, &lw.attn_proj_bias, self.x.ptr, 2, None)?;
+            ln(self.x.ptr, &lw.ln_2_weight, &lw.ln_2_bias, self.xn.ptr)?;
+            self.matmul(self.xn.ptr, n, c, &lw.fc_weight, 4 * c, &lw.fc_bias, self.hidden4.ptr, 1, None)?;
+            self.matmul(self.hidden4.ptr, n, 4 * c, &lw.mlp_proj_weight, c, &lw.mlp_proj_bias, self.x.ptr, 2, None)?;
+        }
+        Ok(())
+    }
+
+    /// Final LayerNorm and LM head over `m` hidden rows at `hidden`, into the logits.
+    fn head(&self, hidden: u64, m: usize) -> Result<()> {
+        let cfg = &self.shared.config;
+        let k = &self.shared.device.kernels;
+        let w = &self.shared.weights;
+        let (c, v) = (cfg.n_embd, cfg.vocab_size);
+        self.launch(
+            k.layer_norm,
+            m,
+            256,
+            0,
+            Args::new()
+                .ptr(hidden)
+                .ptr(w.ln_f_weight.ptr)
+                .ptr(w.ln_f_bias.ptr)
+                .ptr(self.last_norm.ptr)
+                .int(c)
+                .float(cfg.layer_norm_epsilon),
+        )?;
+        let head = w.lm_head.as_ref().unwrap_or(&w.wte);
+        self.launch(
+            k.lm_head,
+            (v * 32).div_ceil(256),
+            256,
+            0,
+            Args::new().ptr(self.last_norm.ptr).int(m).ptr(head.ptr).int(v).int(c).ptr(self.logits.ptr),
+        )
+    }
+
+    /// Runs whole sequences from `self.history` (prefill, and every step of the recompute path).
+    fn run_history(&mut self) -> Result<()> {
+        let s = self.profile.max_seq;
+        let lay = &self.layout;
+        let (t_off, rs_off, rp_off, lr_off, sl_off) =
+            (lay.tokens, lay.row_seq, lay.row_pos, lay.last_rows, lay.seq_len);
+        let mut total = 0;
+        let host = self.host_ints.as_mut_slice();
+        for seq in 0..self.batch {
+            let len = self.lens[seq];
+            for p in 0..len {
+                host[t_off + total] = self.history[seq * s + p] as i32;
+                host[rs_off + total] = seq as i32;
+                host[rp_off + total] = p as i32;
+                total += 1;
+            }
+            host[lr_off + seq] = (total - 1) as i32;
+            host[sl_off + seq] = len as i32;
+        }
+        for (offset, len) in
+            [(t_off, total), (rs_off, total), (rp_off, total), (lr_off, self.batch), (sl_off, self.batch)]
+        {
+            self.upload_ints(offset, len)?;
+        }
+        let c = self.shared.config.n_embd;
+        let k = &self.shared.device.kernels;
+        let mut start = 0;
+        while start < total {
+            let n = PREFILL_CHUNK.min(total - start);
+            self.forward_rows(
+                self.ints.at::<i32>(t_off + start),
+                self.ints.at::<i32>(rs_off + start),
+                self.ints.at::<i32>(rp_off + start),
+                n,
+            )?;
+            self.launch(
+                k.gather_rows,
+                self.batch,
+                256,
+                0,
+                Args::new()
+                    .ptr(self.x.ptr)
+                    .ptr(self.ints.at::<i32>(lr_off))
+                    .int(start)
+                    .int(n)
+                    .ptr(self.last_hidden.ptr)
+                    .int(c),
+            )?;
+            start += n;
+        }
+        self.head(self.last_hidden.ptr, self.batch)?;
+        self.sync()
+    }
+
+    /// One KV-cache step for the current batch, on the stream (captured into a graph).
+    fn enqueue_step(&self) -> Result<()> {
+        let b = self.batch;
+        let lay = &self.layout;
+        self.forward_rows(
+            self.ints.at::<i32>(lay.step_tokens),
+            self.ints.at::<i32>(lay.iota),
+            self.ints.at::<i32>(lay.seq_len),
+            b,
+        )?;
+        self.head(self.x.ptr, b)?;
+        self.launch(
+            self.shared.device.kernels.advance,
+            1,
+            256.max(b.next_power_of_two()),
+            0,
+            Args::new().ptr(self.ints.at::<i32>(lay.seq_len)).int(b),
+        )
+    }
+
+    fn step_graph(&mut self) -> Result<sys::CUgraphExec> {
+        if let Some((_, exec)) = self.graphs.iter().find(|(b, _)| *b == self.batch) {
+            return Ok(*exec);
+        }
+        // SAFETY: capture of this state's own stream; the graph is destroyed in Drop.
+        unsafe {
+            result::stream::begin_capture(self.stream, sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)
+                .check("cuda: starting graph capture")?;
+            let enqueued = self.enqueue_step();
+            let graph = result::stream::end_capture(self.stream).check("cuda: ending graph capture")?;
+            enqueued?;
+            let exec = result::graph::instantiate(graph, sys::CUgraphInstantiate_flags(0));
+            let _ = result::graph::destroy(graph);
+            let exec = exec.check("cuda: instantiating the step graph")?;
+            self.graphs.push((self.batch, exec));
+            Ok(exec)
+        }
+    }
+}
+
+impl Drop for CudaState {
+    fn drop(&mut self) {
+        // SAFETY: the graphs and stream belong to this state; nothing runs on them any more.
+        unsafe {
+            let _ = self.shared.device.bind();
+            let _ = result::stream::synchronize(self.stream);
+            for (_, exec) in self.graphs.drain(..) {
+                let _ = result::graph::exec_destroy(exec);
+            }
+            let _ = result::stream::destroy(self.stream);
+        }
+    }
+}
+
+impl BackendState for CudaState {
+    fn prefill(&mut self, tokens: &[u32], lengths: &[usize]) -> Result<()> {
+        self.shared.device.bind()?;
+        let s = self.profile.max_seq;
+        let mut offset = 0;
+        for (seq, &len) in lengths.iter().enumerate() {
+            self.history[seq * s..][..len].copy_from_slice(&tokens[offset..offset + len]);
+            self.lens[seq] = len;
+            offset += len;
+        }
+        self.batch = lengths.len();
+        self.run_history()
+    }
+
+    fn step(&mut self, tokens: &[u32]) -> Result<()> {
+        self.shared.device.bind()?;
+        let s = self.profile.max_seq;
+        for (seq, &tok) in tokens.iter().enumerate() {
+            self.history[seq * s + self.lens[seq]] = tok;
+            self.lens[seq] += 1;
+        }
+        if !self.kv_cache {
+            return self.run_history();
+        }
+        let st = self.layout.step_tokens;
+        for (i, &t) in tokens.iter().enumerate() {
+            self.host_ints.as_mut_slice()[st + i] = t as i32;
+        }
+        self.upload_ints(st, tokens.len())?;
+        let exec = self.step_graph()?;
+        // SAFETY: the graph was captured on this stream with this state's buffers.
+        unsafe { result::graph::launch(exec, self.stream) }.check("cuda: launching the step graph")?;
+        self.sync()
+    }
+
+    fn read_logits(&mut self, out: &mut [f32]) -> Result<()> {
+        self.shared.device.bind()?;
+        let n = out.len();
+        // SAFETY: n <= batch * vocab floats in both buffers; synchronised before reading.
+        unsafe { result::memcpy_dtoh_async(&mut self.host_logits.as_mut_slice()[..n], self.logits.ptr, self.stream) }
+            .check("cuda: copying logits to the host")?;
+        self.sync()?;
+        out.copy_from_slice(&self.host_logits.as_slice()[..n]);
+        Ok(())
+    }
+
+    fn select(&mut self, sampler: &mut Sampler, out: &mut [u32]) -> Result<()> {
+        self.shared.device.bind()?;
+        let b = out.len();
+        let v = self.shared.config.vocab_size;
+        if !sampler.params().is_greedy() {
+            // Sampling with temperature / top-k / top-p runs on the host in this version: the
+            // logits of the batch cross once per step.
+            {
+                let dst = &mut self.host_logits.as_mut_slice()[..b * v];
+                // SAFETY: b * v floats in both buffers; synchronised below before reading.
+                unsafe { result::memcpy_dtoh_async(dst, self.logits.ptr, self.stream) }
+                    .check("cuda: copying logits to the host")?;
+            }
+            self.sync()?;
+            for (i, o) in out.iter_mut().enumerate() {
+                *o = sampler.select(i, &self.host_logits.as_slice()[i * v..][..v]);
+            }
+            return Ok(());
+        }
+        let next = self.layout.next;
+        self.launch(
+            self.shared.device.kernels.argmax,
+            b,
+            1024,
+            0,
+            Args::new().ptr(self.logits.ptr).int(v).ptr(self.ints.at::<i32>(next)),
+        )?;
+        // SAFETY: b ints in both buffers; synchronised before reading.
+        unsafe {
+            result::memcpy_dtoh_async(
+                &mut self.host_ints.as_mut_slice()[next..next + b],
+                self.ints.at::<i32>(next),
+                self.stream,
+            )
+        }
+        .check("cuda: copying token ids to the host")?;
+        self.sync()?;
+        for (o, &id) in out.iter_mut().zip(&self.host_ints.as_slice()[next..next + b]) {
+            *o = id as u32;
+        }
+        Ok(())
+    }
+}
