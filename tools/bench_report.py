@@ -1,0 +1,122 @@
+#!/usr/bin/env python3
+"""Turns the JSON that tools/bench_cuda.sh wrote on the GPU machine into bench/results/:
+a combined JSON, a markdown table (gpt2rt vs Hugging Face eager, same call, same weights) and a
+PNG plot of per-token latency vs batch and vs context with the memory-bandwidth floor drawn.
+
+Usage: bench_report.py RAW_DIR OUT_DIR
+"""
+
+import glob
+import json
+import os
+import sys
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+# Weights streamed once per step at ~3.0 TB/s (ARCHITECTURE.md): distilgpt2 ~325 MB in f32.
+FLOOR_US = {"f32": 110.0, "f16": 55.0, "bf16": 55.0}
+
+
+def load(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def main():
+    raw, out = sys.argv[1], sys.argv[2]
+    os.makedirs(out, exist_ok=True)
+    card = open(os.path.join(raw, "card.txt")).read().split("\n")
+    combined = {"card": card[0].strip(), "date": card[1].strip(), "gpt2rt": {}, "hf": {}}
+    for path in sorted(glob.glob(os.path.join(raw, "gpt2rt_*.json"))):
+        combined["gpt2rt"][os.path.basename(path)[len("gpt2rt_") : -5]] = load(path)
+    for path in sorted(glob.glob(os.path.join(raw, "hf_*.json"))):
+        combined["hf"][os.path.basename(path)[3:-5]] = load(path)
+    with open(os.path.join(out, "cuda_h100.json"), "w") as f:
+        json.dump(combined, f, indent=1)
+
+    def cell(rows, batch, new, prompt, kv=True):
+        for r in rows:
+            if r["batch"] == batch and r["new_tokens"] == new and r["prompt_len"] == prompt and r.get("kv_cache", True) == kv:
+                return r["e2e_median_ms"]
+        return None
+
+    lines = [
+        f"# CUDA backend benchmark: {combined['card']}, {combined['date']}",
+        "",
+        "Synthetic distilgpt2 weights (same directory for both), greedy, E2E median: from the host prompt to the",
+        "generated ids on the host. Hugging Face = transformers `generate` in eager mode with its KV cache, in the",
+        "same device call. Reproduce: `bash tools/gpu_bundle.sh`, then on the GPU machine `bash tools/gpu_check.sh`",
+        "(it runs tools/bench_cuda.sh), then `python3 tools/bench_report.py RAW_DIR bench/results`.",
+        "",
+        "## The study's grid (prompt 12 tokens)",
+        "",
+        "| dtype | batch | new tokens | gpt2rt KV on (ms) | gpt2rt KV off (ms) | HF eager (ms) | speed-up vs HF |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for dtype in ["f32", "f16"]:
+        ours = combined["gpt2rt"].get(f"grid_{dtype}", {}).get("results", [])
+        hf = combined["hf"].get(dtype, {}).get("results", [])
+        for batch in [1, 8, 16]:
+            for new in [8, 12, 16, 32]:
+                on, off, ref = cell(ours, batch, new, 12), cell(ours, batch, new, 12, False), cell(hf, batch, new, 12)
+                if on is None:
+                    continue
+                speed = f"{ref / on:.1f}x" if ref else "-"
+                lines.append(
+                    f"| {dtype} | {batch} | {new} | {on:.2f} | {off:.2f} | {ref:.2f} | {speed} |" if ref and off
+                    else f"| {dtype} | {batch} | {new} | {on:.2f} | - | - | - |"
+                )
+    lines += ["", "## Per-token latency, prompt 128, 128 new tokens (E2E / 128, prefill included)", "",
+              "| dtype | batch | gpt2rt (us/token) | HF eager (us/token) | floor (us/step, B=1) |", "|---|---:|---:|---:|---:|"]
+    for dtype in ["f32", "f16", "bf16"]:
+        ours = combined["gpt2rt"].get(f"batch_{dtype}", {}).get("results", [])
+        hf = combined["hf"].get(dtype, {}).get("results", [])
+        for batch in [1, 8, 16, 64]:
+            on, ref = cell(ours, batch, 128, 128), cell(hf, batch, 128, 128)
+            if on is None:
+                continue
+            ref_s = f"{ref * 1e3 / 128:.0f}" if ref else "-"
+            lines.append(f"| {dtype} | {batch} | {on * 1e3 / 128:.0f} | {ref_s} | {FLOOR_US[dtype]:.0f} |")
+    with open(os.path.join(out, "cuda_h100.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for dtype, style in [("f32", "o-"), ("f16", "s-"), ("bf16", "^-")]:
+        rows = combined["gpt2rt"].get(f"batch_{dtype}", {}).get("results", [])
+        pts = sorted((r["batch"], r["e2e_median_ms"] * 1e3 / r["new_tokens"]) for r in rows)
+        if pts:
+            ax1.plot([p[0] for p in pts], [p[1] for p in pts], style, label=f"gpt2rt {dtype}")
+        ctx = []
+        for path in glob.glob(os.path.join(raw, f"gpt2rt_ctx*_{dtype}.json")):
+            for r in load(path)["results"]:
+                ctx.append((r["prompt_len"] + r["new_tokens"] // 2, r["e2e_median_ms"] * 1e3 / r["new_tokens"]))
+        ctx.sort()
+        if ctx:
+            ax2.plot([p[0] for p in ctx], [p[1] for p in ctx], style, label=f"gpt2rt {dtype}")
+    for dtype in ["f32", "f16"]:
+        hf = [r for r in combined["hf"].get(dtype, {}).get("results", []) if r["prompt_len"] == 128]
+        pts = sorted((r["batch"], r["e2e_median_ms"] * 1e3 / r["new_tokens"]) for r in hf)
+        if pts:
+            ax1.plot([p[0] for p in pts], [p[1] for p in pts], "x--", label=f"HF eager {dtype}")
+    for ax in (ax1, ax2):
+        ax.axhline(FLOOR_US["f32"], color="gray", ls=":", label="floor f32 (B=1)")
+        ax.axhline(FLOOR_US["f16"], color="black", ls=":", label="floor f16/bf16 (B=1)")
+        ax.set_yscale("log")
+        ax.set_ylabel("us per token (E2E)")
+        ax.grid(True, which="both", alpha=0.3)
+    ax1.set_xscale("log", base=2)
+    ax1.set_xlabel("batch (prompt 128, 128 new tokens)")
+    ax2.set_xlabel("mean context length (batch 1, 128 new tokens)")
+    ax1.legend(fontsize=7)
+    ax2.legend(fontsize=7)
+    fig.suptitle(f"gpt2rt CUDA backend, synthetic distilgpt2, {combined['card']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "cuda_h100.png"), dpi=110)
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
