@@ -1,6 +1,10 @@
 #!/usr/bin/env bash
-# The whole test suite, runnable on a fresh Debian 12 machine (installs what it needs).
-# The README's test command and .ci/run both call this script.
+# The whole test suite, runnable on a fresh Debian 12 machine (installs what it needs with apt).
+# The README's test command and .ci/run both call this script. Sections:
+#   Rust (fmt, clippy, unit + integration tests incl. PyTorch parity), the embedded CUDA kernels'
+#   freshness, C/C++ (tools/test_c.sh), C#/Unity (tools/test_csharp.sh), Windows DLL under Wine
+#   (tools/test_windows.sh), and the GPU tests (skipped, and said so, where there is no GPU).
+# GPT2RT_SKIP_WINDOWS=1 skips the Windows cross-build (about 9 minutes on 2 cores).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -20,12 +24,33 @@ echo "== format and lints"
 cargo fmt --all -- --check
 cargo clippy --release --all-targets -- -D warnings
 
-echo "== tests (release: the parity tests run the real distilgpt2 shapes on the CPU)"
+echo "== embedded CUDA kernels match their sources"
+if [ "$(cat kernels/*.cu | sha256sum | cut -d' ' -f1)" != "$(cat kernels/gpt2rt.fatbin.sha256)" ]; then
+  echo "kernels/gpt2rt.fatbin is stale: run tools/build_kernels.sh and commit it" >&2
+  exit 1
+fi
+echo "fresh ($(cat kernels/gpt2rt.fatbin.sha256))"
+
+echo "== Rust tests (release: the parity tests run the real distilgpt2 shapes on the CPU)"
 cargo test --release -- --test-threads 2
+
+echo "== C and C++"
+bash tools/test_c.sh
+
+echo "== C# and Unity"
+bash tools/test_csharp.sh
+
+if [ "${GPT2RT_SKIP_WINDOWS:-0}" = 1 ]; then
+  echo "== Windows: skipped (GPT2RT_SKIP_WINDOWS=1)"
+else
+  echo "== Windows DLL under Wine"
+  bash tools/test_windows.sh
+fi
 
 echo "== GPU tests"
 if command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1; then
-  echo "a GPU is present: run tools/gpu_check.sh for the GPU parity check"
+  cargo test --release --test cuda -- --nocapture
 else
-  echo "GPU tests skipped: no NVIDIA GPU on this machine (they run on the GPU machine via tools/gpu_check.sh)"
+  cargo test --release --test cuda -- --nocapture 2>&1 | grep -E "skipped|test result" | sort -u
+  echo "GPU tests skipped: no NVIDIA GPU on this machine (tools/gpu_check.sh runs them on the GPU machine)"
 fi
