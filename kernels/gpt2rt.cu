@@ -12,6 +12,21 @@ __device__ __forceinline__ float to_f(float x) { return x; }
 __device__ __forceinline__ float to_f(__half x) { return __half2float(x); }
 __device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
 
+// Four consecutive weights (16-byte aligned for f32, 8-byte for f16/bf16) as floats.
+__device__ __forceinline__ float4 load4(const float* p) { return *reinterpret_cast<const float4*>(p); }
+__device__ __forceinline__ float4 load4(const __half* p) {
+    uint2 raw = *reinterpret_cast<const uint2*>(p);
+    float2 a = __half22float2(*reinterpret_cast<__half2*>(&raw.x));
+    float2 b = __half22float2(*reinterpret_cast<__half2*>(&raw.y));
+    return make_float4(a.x, a.y, b.x, b.y);
+}
+__device__ __forceinline__ float4 load4(const __nv_bfloat16* p) {
+    uint2 raw = *reinterpret_cast<const uint2*>(p);
+    float2 a = __bfloat1622float2(*reinterpret_cast<__nv_bfloat162*>(&raw.x));
+    float2 b = __bfloat1622float2(*reinterpret_cast<__nv_bfloat162*>(&raw.y));
+    return make_float4(a.x, a.y, b.x, b.y);
+}
+
 __device__ __forceinline__ float warp_sum(float v) {
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
     return v;
@@ -214,23 +229,37 @@ __device__ void matmul_finish(const float* partial, int splits, int M, int N, co
     }
 
 // logits[m, v] = dot(h[m, :], wte[v, :]); one warp per vocabulary row, 8 rows of h at a time.
+// Lanes read four consecutive weights at once when C is a multiple of 4 (GPT-2: 768).
 template <typename W>
 __device__ void lm_head(const float* h, int M, const W* wte, int V, int C, float* logits) {
     int warp = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
     int lane = threadIdx.x & 31;
     if (warp >= V) return;
     const W* row = wte + (size_t)warp * C;
+    bool vec = (C & 3) == 0;
     for (int m0 = 0; m0 < M; m0 += GEMV_ROWS) {
         int rows = min(GEMV_ROWS, M - m0);
         float acc[GEMV_ROWS];
 #pragma unroll
         for (int i = 0; i < GEMV_ROWS; i++) acc[i] = 0.0f;
-#pragma unroll 4
-        for (int c = lane; c < C; c += 32) {
-            float wv = to_f(row[c]);
+        if (vec) {
+#pragma unroll 2
+            for (int c = lane * 4; c < C; c += 128) {
+                float4 wv = load4(row + c);
 #pragma unroll
-            for (int i = 0; i < GEMV_ROWS; i++)
-                if (i < rows) acc[i] += h[(size_t)(m0 + i) * C + c] * wv;
+                for (int i = 0; i < GEMV_ROWS; i++)
+                    if (i < rows) {
+                        float4 hv = *reinterpret_cast<const float4*>(h + (size_t)(m0 + i) * C + c);
+                        acc[i] += hv.x * wv.x + hv.y * wv.y + hv.z * wv.z + hv.w * wv.w;
+                    }
+            }
+        } else {
+            for (int c = lane; c < C; c += 32) {
+                float wv = to_f(row[c]);
+#pragma unroll
+                for (int i = 0; i < GEMV_ROWS; i++)
+                    if (i < rows) acc[i] += h[(size_t)(m0 + i) * C + c] * wv;
+            }
         }
         for (int i = 0; i < rows; i++) {
             float s = warp_sum(acc[i]);
@@ -305,35 +334,60 @@ extern "C" __global__ void gather_rows(const float* x, const int* rows, int row_
     for (int c = threadIdx.x; c < C; c += blockDim.x) out[(size_t)b * C + c] = x[(size_t)r * C + c];
 }
 
-// next[b] = argmax(logits[b, :]) (first index on ties); one block per row.
-extern "C" __global__ void argmax(const float* logits, int V, int* next) {
-    __shared__ float best_v[1024];
-    __shared__ int best_i[1024];
-    const float* row = logits + (size_t)blockIdx.x * V;
+// Two-stage argmax (first index on ties). Stage 1: block (chunk, b) finds the best of its chunk of
+// row b into best_value/best_index[b * chunks + chunk]; stage 2: one block per row picks the best
+// chunk into next[b].
+__device__ __forceinline__ bool better(float v, int i, float bv, int bi) { return v > bv || (v == bv && i < bi); }
+
+__device__ void block_best(float& bv, int& bi) {
+    __shared__ float sv[32];
+    __shared__ int si[32];
+    for (int o = 16; o > 0; o >>= 1) {
+        float ov = __shfl_xor_sync(0xffffffffu, bv, o);
+        int oi = __shfl_xor_sync(0xffffffffu, bi, o);
+        if (better(ov, oi, bv, bi)) { bv = ov; bi = oi; }
+    }
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = (blockDim.x + 31) >> 5;
+    __syncthreads();
+    if (lane == 0) { sv[warp] = bv; si[warp] = bi; }
+    __syncthreads();
+    bv = lane < warps ? sv[lane] : -INFINITY;
+    bi = lane < warps ? si[lane] : 0x7fffffff;
+    for (int o = 16; o > 0; o >>= 1) {
+        float ov = __shfl_xor_sync(0xffffffffu, bv, o);
+        int oi = __shfl_xor_sync(0xffffffffu, bi, o);
+        if (better(ov, oi, bv, bi)) { bv = ov; bi = oi; }
+    }
+}
+
+extern "C" __global__ void argmax_partial(const float* logits, int V, int chunk, float* best_value, int* best_index) {
+    int b = blockIdx.y, chunks = gridDim.x;
+    const float* row = logits + (size_t)b * V;
+    int v0 = blockIdx.x * chunk, v1 = min(V, v0 + chunk);
     float bv = -INFINITY;
     int bi = 0x7fffffff;
-    for (int v = threadIdx.x; v < V; v += blockDim.x) {
+    for (int v = v0 + threadIdx.x; v < v1; v += blockDim.x) {
         float x = row[v];
-        if (x > bv) {
-            bv = x;
-            bi = v;
-        }
+        if (better(x, v, bv, bi)) { bv = x; bi = v; }
     }
-    best_v[threadIdx.x] = bv;
-    best_i[threadIdx.x] = bi;
-    __syncthreads();
-    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
-        if (threadIdx.x < s) {
-            float ov = best_v[threadIdx.x + s];
-            int oi = best_i[threadIdx.x + s];
-            if (ov > best_v[threadIdx.x] || (ov == best_v[threadIdx.x] && oi < best_i[threadIdx.x])) {
-                best_v[threadIdx.x] = ov;
-                best_i[threadIdx.x] = oi;
-            }
-        }
-        __syncthreads();
+    block_best(bv, bi);
+    if (threadIdx.x == 0) {
+        best_value[b * chunks + blockIdx.x] = bv;
+        best_index[b * chunks + blockIdx.x] = bi;
     }
-    if (threadIdx.x == 0) next[blockIdx.x] = best_i[0] == 0x7fffffff ? 0 : best_i[0];
+}
+
+extern "C" __global__ void argmax_final(const float* best_value, const int* best_index, int chunks, int* next) {
+    int b = blockIdx.x;
+    float bv = -INFINITY;
+    int bi = 0x7fffffff;
+    for (int c = threadIdx.x; c < chunks; c += blockDim.x)
+        if (better(best_value[b * chunks + c], best_index[b * chunks + c], bv, bi)) {
+            bv = best_value[b * chunks + c];
+            bi = best_index[b * chunks + c];
+        }
+    block_best(bv, bi);
+    if (threadIdx.x == 0) next[b] = bi == 0x7fffffff ? 0 : bi;
 }
 
 // seq_len[b] += 1 for every sequence of the batch: positions advance on the device.

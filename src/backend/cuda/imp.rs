@@ -16,7 +16,9 @@ const PREFILL_CHUNK: usize = 128;
 /// Rows up to which a matmul streams the weights GEMV-style; more rows use the tiled kernel.
 const GEMV_MAX_ROWS: usize = 8;
 /// Matmul blocks to aim for when choosing the split-K factor (about two per SM on an H100).
-const TARGET_BLOCKS: usize = 264;
+const TARGET_BLOCKS: usize = 528;
+/// Vocabulary entries per block in the first stage of the device argmax.
+const ARGMAX_CHUNK: usize = 2048;
 /// Threads per block of the attention kernel.
 const ATTENTION_THREADS: usize = 256;
 /// Threads per block of the matmul kernels (one output column each).
@@ -104,7 +106,8 @@ struct Kernels {
     lm_head: sys::CUfunction,
     attention: sys::CUfunction,
     gather_rows: sys::CUfunction,
-    argmax: sys::CUfunction,
+    argmax_partial: sys::CUfunction,
+    argmax_final: sys::CUfunction,
     advance: sys::CUfunction,
 }
 
@@ -149,7 +152,8 @@ impl Device {
             lm_head: get(&format!("lm_head_{suffix}"))?,
             attention: get("attention")?,
             gather_rows: get("gather_rows")?,
-            argmax: get("argmax")?,
+            argmax_partial: get("argmax_partial")?,
+            argmax_final: get("argmax_final")?,
             advance: get("advance")?,
         };
         Ok(Arc::new(Self {
@@ -871,6 +875,10 @@ impl BackendState for CudaState {
         if !self.kv_cache {
             return self.run_history();
         }
+        // The previous step's copy of the pinned tokens must be done before they are overwritten;
+        // in the usual step -> select loop the stream is already idle here. The step itself is not
+        // waited for: the next select / read_logits synchronises (and reports any device error).
+        self.sync()?;
         let st = self.layout.step_tokens;
         for (i, &t) in tokens.iter().enumerate() {
             self.host_ints.as_mut_slice()[st + i] = t as i32;
@@ -878,8 +886,7 @@ impl BackendState for CudaState {
         self.upload_ints(st, tokens.len())?;
         let exec = self.step_graph()?;
         // SAFETY: the graph was captured on this stream with this state's buffers.
-        unsafe { result::graph::launch(exec, self.stream) }.check("cuda: launching the step graph")?;
-        self.sync()
+        unsafe { result::graph::launch(exec, self.stream) }.check("cuda: launching the step graph")
     }
 
     fn read_logits(&mut self, out: &mut [f32]) -> Result<()> {
@@ -913,13 +920,14 @@ impl BackendState for CudaState {
             return Ok(());
         }
         let next = self.layout.next;
-        self.launch(
-            self.shared.device.kernels.argmax,
-            b,
-            1024,
-            0,
-            Args::new().ptr(self.logits.ptr).int(v).ptr(self.ints.at::<i32>(next)),
-        )?;
+        let kernels = &self.shared.device.kernels;
+        let chunks = v.div_ceil(ARGMAX_CHUNK);
+        // The partial bests reuse the matmul partial buffer (free between steps, same stream).
+        let (best_value, best_index) = (self.partial.ptr, self.partial.at::<f32>(b * chunks));
+        let args = Args::new().ptr(self.logits.ptr).int(v).int(ARGMAX_CHUNK).ptr(best_value).ptr(best_index);
+        self.launch_grid(kernels.argmax_partial, (chunks, b, 1), 256, 0, args)?;
+        let args = Args::new().ptr(best_value).ptr(best_index).int(chunks).ptr(self.ints.at::<i32>(next));
+        self.launch(kernels.argmax_final, b, 32, 0, args)?;
         // SAFETY: b ints in both buffers; synchronised before reading.
         unsafe {
             result::memcpy_dtoh_async(
