@@ -7,7 +7,7 @@
 //! Every element of every matmul is accumulated in a fixed order that does not depend on the
 //! thread count, so results are bit-identical across machines with the same `num_threads` or not.
 
-use super::{Backend, BackendKind, BackendState, Profile};
+use super::{Backend, BackendKind, BackendState, History, Profile};
 use crate::error::Result;
 use crate::model::{LayerWeights, Model, ModelConfig};
 use crate::sampling::Sampler;
@@ -81,9 +81,7 @@ struct CpuState {
     k_cache: Vec<f32>,
     v_cache: Vec<f32>,
     /// Tokens of each sequence so far (`[seq][pos]`), needed to recompute when the cache is off.
-    history: Vec<u32>,
-    lens: Vec<usize>,
-    batch: usize,
+    history: History,
     rows: Vec<RowMeta>,
     /// `(seq, row)` of the last row of each sequence in the current forward pass.
     last_rows: Vec<(u32, u32)>,
@@ -119,9 +117,7 @@ impl CpuState {
         Ok(Self {
             k_cache: zeroed(kv_len, "KV cache")?,
             v_cache: zeroed(kv_len, "KV cache")?,
-            history: vec![0; b * s],
-            lens: vec![0; b],
-            batch: 0,
+            history: History::new(profile),
             rows: vec![RowMeta::default(); rows_cap],
             last_rows: Vec::with_capacity(b),
             x: zeroed(rows_cap * c, "activations")?,
@@ -140,7 +136,7 @@ impl CpuState {
 
     /// Recomputes sequence `seq` from its history (`kv_cache = off`, and prefill).
     fn run_sequence(&mut self, seq: usize) {
-        let len = self.lens[seq];
+        let len = self.history.len(seq);
         for (p, meta) in self.rows[..len].iter_mut().enumerate() {
             *meta = RowMeta { seq: seq as u32, pos: p as u32 };
         }
@@ -163,7 +159,7 @@ impl CpuState {
         let c = cfg.n_embd;
         let rows = &self.rows[..n];
         for (r, meta) in rows.iter().enumerate() {
-            let tok = self.history[meta.seq as usize * self.profile.max_seq + meta.pos as usize] as usize;
+            let tok = self.history.token(meta.seq as usize, meta.pos as usize) as usize;
             let (te, pe) = (&w.wte[tok * c..][..c], &w.wpe[meta.pos as usize * c..][..c]);
             for ((x, a), b) in self.x[r * c..][..c].iter_mut().zip(te).zip(pe) {
                 *x = a + b;
@@ -253,39 +249,28 @@ impl CpuState {
 
 impl BackendState for CpuState {
     fn prefill(&mut self, tokens: &[u32], lengths: &[usize]) -> Result<()> {
-        let s = self.profile.max_seq;
-        let mut offset = 0;
-        for (seq, &len) in lengths.iter().enumerate() {
-            self.history[seq * s..][..len].copy_from_slice(&tokens[offset..offset + len]);
-            self.lens[seq] = len;
-            offset += len;
-        }
-        self.batch = lengths.len();
-        for seq in 0..self.batch {
+        self.history.store_prompts(tokens, lengths);
+        for seq in 0..self.history.batch() {
             self.run_sequence(seq);
         }
         Ok(())
     }
 
     fn step(&mut self, tokens: &[u32]) -> Result<()> {
-        let s = self.profile.max_seq;
-        for (seq, &tok) in tokens.iter().enumerate() {
-            self.history[seq * s + self.lens[seq]] = tok;
-            self.lens[seq] += 1;
-        }
+        self.history.append(tokens);
         if !self.kv_cache {
-            for seq in 0..self.batch {
+            for seq in 0..self.history.batch() {
                 self.run_sequence(seq);
             }
             return Ok(());
         }
         self.last_rows.clear();
-        for seq in 0..self.batch {
-            let pos = self.lens[seq] - 1;
+        for seq in 0..self.history.batch() {
+            let pos = self.history.len(seq) - 1;
             self.rows[seq] = RowMeta { seq: seq as u32, pos: pos as u32 };
             self.last_rows.push((seq as u32, seq as u32));
         }
-        self.forward(self.batch);
+        self.forward(self.history.batch());
         Ok(())
     }
 

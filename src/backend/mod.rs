@@ -80,3 +80,55 @@ pub trait BackendState: Send + fmt::Debug {
     /// Chooses the next token of every sequence of the current batch into `out`.
     fn select(&mut self, sampler: &mut Sampler, out: &mut [u32]) -> Result<()>;
 }
+
+/// The tokens of every sequence of a session's batch, `[seq][max_seq]`, and their lengths: what a
+/// backend needs to recompute a sequence (the `kv_cache = off` path) or to upload a prefill.
+#[derive(Debug)]
+pub(crate) struct History {
+    tokens: Vec<u32>,
+    lens: Vec<usize>,
+    batch: usize,
+    max_seq: usize,
+}
+
+impl History {
+    pub(crate) fn new(profile: Profile) -> Self {
+        Self {
+            tokens: vec![0; profile.max_batch * profile.max_seq],
+            lens: vec![0; profile.max_batch],
+            batch: 0,
+            max_seq: profile.max_seq,
+        }
+    }
+
+    /// Replaces the batch with these prompts (`tokens` back to back, `lengths` their sizes).
+    pub(crate) fn store_prompts(&mut self, tokens: &[u32], lengths: &[usize]) {
+        let mut offset = 0;
+        for (seq, &len) in lengths.iter().enumerate() {
+            self.tokens[seq * self.max_seq..][..len].copy_from_slice(&tokens[offset..offset + len]);
+            self.lens[seq] = len;
+            offset += len;
+        }
+        self.batch = lengths.len();
+    }
+
+    /// Appends one token to each sequence of the batch.
+    pub(crate) fn append(&mut self, tokens: &[u32]) {
+        for (seq, &tok) in tokens.iter().enumerate() {
+            self.tokens[seq * self.max_seq + self.lens[seq]] = tok;
+            self.lens[seq] += 1;
+        }
+    }
+
+    pub(crate) fn batch(&self) -> usize {
+        self.batch
+    }
+
+    pub(crate) fn len(&self, seq: usize) -> usize {
+        self.lens[seq]
+    }
+
+    pub(crate) fn token(&self, seq: usize, pos: usize) -> u32 {
+        self.tokens[seq * self.max_seq + pos]
+    }
+}

@@ -1,6 +1,6 @@
 //! The CUDA backend proper (feature `cuda`).
 
-use crate::backend::{Backend, BackendKind, BackendState, Profile};
+use crate::backend::{Backend, BackendKind, BackendState, History, Profile};
 use crate::error::{Error, ErrorKind, Result};
 use crate::model::{DType, Model, ModelConfig};
 use crate::sampling::Sampler;
@@ -485,9 +485,7 @@ struct CudaState {
     host_ints: PinnedBuffer<i32>,
     host_logits: PinnedBuffer<f32>,
     /// Tokens of every sequence so far (`[seq][pos]`), for the recompute path.
-    history: Vec<u32>,
-    lens: Vec<usize>,
-    batch: usize,
+    history: History,
     /// One captured step per batch size.
     graphs: Vec<(usize, sys::CUgraphExec)>,
 }
@@ -528,9 +526,7 @@ impl CudaState {
             logits: DeviceBuffer::new(d, b * v * f, "logits")?,
             host_ints: PinnedBuffer::new(d, layout.total)?,
             host_logits: PinnedBuffer::new(d, b * v)?,
-            history: vec![0; b * s],
-            lens: vec![0; b],
-            batch: 0,
+            history: History::new(profile),
             graphs: Vec::new(),
             layout,
             stream,
@@ -745,16 +741,15 @@ impl CudaState {
 
     /// Runs whole sequences from `self.history` (prefill, and every step of the recompute path).
     fn run_history(&mut self) -> Result<()> {
-        let s = self.profile.max_seq;
         let lay = &self.layout;
         let (t_off, rs_off, rp_off, lr_off, sl_off) =
             (lay.tokens, lay.row_seq, lay.row_pos, lay.last_rows, lay.seq_len);
         let mut total = 0;
         let host = self.host_ints.as_mut_slice();
-        for seq in 0..self.batch {
-            let len = self.lens[seq];
+        for seq in 0..self.history.batch() {
+            let len = self.history.len(seq);
             for p in 0..len {
-                host[t_off + total] = self.history[seq * s + p] as i32;
+                host[t_off + total] = self.history.token(seq, p) as i32;
                 host[rs_off + total] = seq as i32;
                 host[rp_off + total] = p as i32;
                 total += 1;
@@ -762,9 +757,13 @@ impl CudaState {
             host[lr_off + seq] = (total - 1) as i32;
             host[sl_off + seq] = len as i32;
         }
-        for (offset, len) in
-            [(t_off, total), (rs_off, total), (rp_off, total), (lr_off, self.batch), (sl_off, self.batch)]
-        {
+        for (offset, len) in [
+            (t_off, total),
+            (rs_off, total),
+            (rp_off, total),
+            (lr_off, self.history.batch()),
+            (sl_off, self.history.batch()),
+        ] {
             self.upload_ints(offset, len)?;
         }
         let c = self.shared.config.n_embd;
@@ -780,7 +779,7 @@ impl CudaState {
             )?;
             self.launch(
                 k.gather_rows,
-                self.batch,
+                self.history.batch(),
                 256,
                 0,
                 Args::new()
@@ -793,13 +792,13 @@ impl CudaState {
             )?;
             start += n;
         }
-        self.head(self.last_hidden.ptr, self.batch)?;
+        self.head(self.last_hidden.ptr, self.history.batch())?;
         self.sync()
     }
 
     /// One KV-cache step for the current batch, on the stream (captured into a graph).
     fn enqueue_step(&self) -> Result<()> {
-        let b = self.batch;
+        let b = self.history.batch();
         let lay = &self.layout;
         self.forward_rows(
             self.ints.at::<i32>(lay.step_tokens),
@@ -818,7 +817,7 @@ impl CudaState {
     }
 
     fn step_graph(&mut self) -> Result<sys::CUgraphExec> {
-        if let Some((_, exec)) = self.graphs.iter().find(|(b, _)| *b == self.batch) {
+        if let Some((_, exec)) = self.graphs.iter().find(|(b, _)| *b == self.history.batch()) {
             return Ok(*exec);
         }
         // SAFETY: capture of this state's own stream; the graph is destroyed in Drop.
@@ -831,7 +830,7 @@ impl CudaState {
             let exec = result::graph::instantiate(graph, sys::CUgraphInstantiate_flags(0));
             let _ = result::graph::destroy(graph);
             let exec = exec.check("cuda: instantiating the step graph")?;
-            self.graphs.push((self.batch, exec));
+            self.graphs.push((self.history.batch(), exec));
             Ok(exec)
         }
     }
@@ -854,24 +853,13 @@ impl Drop for CudaState {
 impl BackendState for CudaState {
     fn prefill(&mut self, tokens: &[u32], lengths: &[usize]) -> Result<()> {
         self.shared.device.bind()?;
-        let s = self.profile.max_seq;
-        let mut offset = 0;
-        for (seq, &len) in lengths.iter().enumerate() {
-            self.history[seq * s..][..len].copy_from_slice(&tokens[offset..offset + len]);
-            self.lens[seq] = len;
-            offset += len;
-        }
-        self.batch = lengths.len();
+        self.history.store_prompts(tokens, lengths);
         self.run_history()
     }
 
     fn step(&mut self, tokens: &[u32]) -> Result<()> {
         self.shared.device.bind()?;
-        let s = self.profile.max_seq;
-        for (seq, &tok) in tokens.iter().enumerate() {
-            self.history[seq * s + self.lens[seq]] = tok;
-            self.lens[seq] += 1;
-        }
+        self.history.append(tokens);
         if !self.kv_cache {
             return self.run_history();
         }
