@@ -271,6 +271,7 @@ int main(int argc, char **argv) {
   gpt2rt_engine_options eo;
   gpt2rt_session_options so;
   gpt2rt_generate_options go;
+  gpt2rt_sampling_options sampling;
   gpt2rt_model_info info;
   gpt2rt_engine *engine = NULL;
   gpt2rt_session *session = NULL;
@@ -284,7 +285,7 @@ int main(int argc, char **argv) {
   stream_state *stream = NULL;
   cancel_state cancel;
   int cancel_started = 0;
-  size_t n_prompt = 0, n_logits = 0, n_tokens = 0, text_len = 0, i;
+  size_t n_prompt = 0, n_logits = 0, n_tokens = 0, text_len = 0, batch = 0, i;
   uint32_t prompt_len;
 #ifdef _WIN32
   HANDLE thread = NULL;
@@ -351,17 +352,26 @@ int main(int argc, char **argv) {
   fprintf(stderr, "expected failure: %s: %s\n", gpt2rt_status_name(status), gpt2rt_last_error_message());
 
   /* 1. the manual loop: prefill, then read the logits, sample, step */
-  n_logits = so.max_batch * info.vocab_size;
+  CHECK(gpt2rt_session_batch(session, &batch));
+  EXPECT(batch == 0, "a new session has a batch of %u", (unsigned)batch);
+  CHECK(gpt2rt_session_prefill(session, prompt, n_prompt, &prompt_len, 1));
+  CHECK(gpt2rt_session_batch(session, &batch));
+  EXPECT(batch == 1, "the batch after prefilling one prompt is %u", (unsigned)batch);
+  /* (NULL, 0) asks read_logits for the floats it needs: batch * vocab */
+  status = gpt2rt_session_read_logits(session, NULL, 0, &n_logits);
+  EXPECT(status == GPT2RT_STATUS_BUFFER_TOO_SMALL && n_logits == batch * info.vocab_size,
+         "read_logits size query: %s, %u floats", gpt2rt_status_name(status), (unsigned)n_logits);
   logits = (float *)malloc(n_logits * sizeof *logits);
   EXPECT(logits != NULL, "out of memory");
-  CHECK(gpt2rt_session_prefill(session, prompt, n_prompt, &prompt_len, 1));
+  /* sampling options start from the library's defaults (greedy); an all-zero struct is invalid */
+  CHECK(gpt2rt_sampling_options_default(&sampling));
   for (i = 0; i < a.max_new_tokens; i++) {
     size_t written = 0, count = 0;
     int32_t next;
     CHECK(gpt2rt_session_read_logits(session, logits, n_logits, &written));
     EXPECT(written == info.vocab_size, "read_logits wrote %u floats, expected %u", (unsigned)written,
            (unsigned)info.vocab_size);
-    CHECK(gpt2rt_session_sample(session, NULL, &next, 1, &count));
+    CHECK(gpt2rt_session_sample(session, &sampling, &next, 1, &count));
     EXPECT(count == 1 && (size_t)next == argmax(logits, written), "greedy sample %d is not the argmax %u of the logits",
            (int)next, (unsigned)argmax(logits, written));
     loop_tokens[i] = next;
@@ -375,6 +385,7 @@ int main(int argc, char **argv) {
   if (stream->echo) fputs(a.prompt, stdout);
   CHECK(gpt2rt_generate_options_default(&go));
   go.max_new_tokens = a.max_new_tokens;
+  go.sampling = sampling; /* the defaults already are greedy; shown for where sampling goes */
   go.callback = on_token;
   go.user_data = stream;
   CHECK(gpt2rt_session_generate(session, a.prompt, strlen(a.prompt), &go, &n_tokens, &finish));
@@ -427,6 +438,20 @@ int main(int argc, char **argv) {
          (unsigned)n_tokens);
   fprintf(stderr, "cancelled from another thread after %u token(s) of %u\n", (unsigned)n_tokens,
           (unsigned)go.max_new_tokens);
+
+  /* 4. a cancel while no generation runs is kept: the next generation ends before its first step
+   * (and clears it), so the one after runs normally. */
+  CHECK(gpt2rt_session_cancel(session));
+  go.max_new_tokens = 4;
+  go.callback = NULL;
+  go.user_data = NULL;
+  CHECK(gpt2rt_session_generate(session, a.prompt, strlen(a.prompt), &go, &n_tokens, &finish));
+  EXPECT(finish == GPT2RT_FINISH_REASON_CANCELLED && n_tokens == 0,
+         "after an early cancel: finish reason %u, %u tokens (expected CANCELLED, 0)", (unsigned)finish,
+         (unsigned)n_tokens);
+  CHECK(gpt2rt_session_generate(session, a.prompt, strlen(a.prompt), &go, &n_tokens, &finish));
+  EXPECT(finish == GPT2RT_FINISH_REASON_LENGTH && n_tokens == 4,
+         "the generation after an early cancel: finish reason %u, %u tokens", (unsigned)finish, (unsigned)n_tokens);
 
   if (a.print_tokens) {
     for (i = 0; i < a.max_new_tokens; i++) printf(i ? " %d" : "%d", (int)loop_tokens[i]);

@@ -78,7 +78,7 @@ int run(const Args& args) {
 
   gpt2rt::Engine engine = load_engine(args);
   const gpt2rt_model_info info = engine.model_info();
-  std::cerr << engine.info();
+  std::cerr << engine.info() << "\n";
   const gpt2rt::Tokenizer tokenizer = engine.tokenizer();
   const std::vector<int32_t> prompt = tokenizer.encode(args.prompt);
   require(prompt.size() + args.max_new_tokens + 2 <= info.n_positions, "prompt + new tokens exceed the model");
@@ -107,10 +107,15 @@ int run(const Args& args) {
 
   // 1. the manual loop: prefill, then read the logits, sample, step
   std::vector<int32_t> loop_tokens;
+  std::vector<float> logits;  // reused: read_logits sizes it from the library's required size
+  const gpt2rt_sampling_options greedy = gpt2rt::default_sampling_options();
+  require(session.batch() == 0, "a new session has no batch");
   session.prefill(prompt);
+  require(session.batch() == 1, "the batch after prefilling one prompt is 1");
   for (std::size_t i = 0; i < args.max_new_tokens; ++i) {
-    const std::vector<float> logits = session.read_logits();
-    const std::vector<int32_t> next = session.sample();
+    session.read_logits(logits);
+    require(logits.size() == info.vocab_size, "read_logits gives batch * vocab floats");
+    const std::vector<int32_t> next = session.sample(greedy);
     const auto best = std::max_element(logits.begin(), logits.end()) - logits.begin();
     require(next.size() == 1 && next[0] == best, "greedy sample is not the argmax of the logits");
     loop_tokens.push_back(next[0]);
@@ -181,6 +186,18 @@ int run(const Args& args) {
   require(cancelled_result.finish == GPT2RT_FINISH_REASON_CANCELLED && cancelled_result.n_tokens <= 2,
           "cancel did not end the generation within one step");
   std::cerr << "cancelled from another thread after " << cancelled_result.n_tokens << " token(s)\n";
+
+  // 4. a cancel while no generation runs is kept: the next generation ends before its first step,
+  // and clears it, so the one after runs normally.
+  session.cancel();
+  options.max_new_tokens = 4;
+  options.on_token = nullptr;
+  const gpt2rt::GenerateResult early = session.generate(args.prompt, options);
+  require(early.finish == GPT2RT_FINISH_REASON_CANCELLED && early.n_tokens == 0,
+          "a cancel before generate did not end it before its first step");
+  const gpt2rt::GenerateResult after = session.generate(args.prompt, options);
+  require(after.finish == GPT2RT_FINISH_REASON_LENGTH && after.n_tokens == 4,
+          "the generation after an early cancel did not run normally");
 
   if (args.print_tokens) {
     for (std::size_t i = 0; i < loop_tokens.size(); ++i) std::cout << (i ? " " : "") << loop_tokens[i];

@@ -13,7 +13,6 @@
 
 #include "gpt2rt.h"
 
-#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <exception>
@@ -168,15 +167,17 @@ class Engine {
 // stop the generation.
 using TokenCallback = std::function<bool(std::size_t seq, int32_t token, std::string_view piece)>;
 
+// The library's sampling defaults (gpt2rt_sampling_options_default): greedy, i.e. temperature 0,
+// top_k 0, top_p 1, seed 0. Start from these: an all-zero struct is invalid (top_p must be in (0, 1]).
+inline gpt2rt_sampling_options default_sampling_options() {
+  gpt2rt_sampling_options options;
+  check(gpt2rt_sampling_options_default(&options));
+  return options;
+}
+
 struct GenerateOptions {
   std::size_t max_new_tokens = 32;
-  gpt2rt_sampling_options sampling = default_sampling();  // greedy
-
-  static gpt2rt_sampling_options default_sampling() {
-    gpt2rt_sampling_options options;
-    gpt2rt_sampling_options_default(&options);
-    return options;
-  }
+  gpt2rt_sampling_options sampling = default_sampling_options();  // greedy
   std::vector<int32_t> stop_tokens;
   TokenCallback on_token;
 };
@@ -224,33 +225,49 @@ class Session {
   // One token per sequence of the current batch.
   void step(const std::vector<int32_t>& tokens) { check(gpt2rt_session_step(get(), tokens.data(), tokens.size())); }
 
-  // Sequences in the current batch (0 before the first prefill).
+  // Sequences in the current batch (0 before the first prefill), as the library reports it: what
+  // step() expects and sample() returns. Set by prefill, generate (1) and generate_tokens.
   std::size_t batch() const {
     std::size_t n = 0;
     check(gpt2rt_session_batch(get(), &n));
     return n;
   }
 
-  // The last prefill/step's logits, [batch][vocab] row-major. Sized by the library's
-  // required-size convention: a (NULL, 0) call reports batch * vocab.
-  std::vector<float> read_logits() const {
+  // The last prefill/step's logits, [batch][vocab] row-major, into `logits`, resized to exactly
+  // batch * vocab. Sized by the library's required-size convention (BUFFER_TOO_SMALL reports the
+  // floats needed), so a vector reused across steps is not reallocated once it is large enough.
+  void read_logits(std::vector<float>& logits) const {
     std::size_t needed = 0;
-    gpt2rt_status status = gpt2rt_session_read_logits(get(), nullptr, 0, &needed);
-    if (status != GPT2RT_STATUS_BUFFER_TOO_SMALL) check(status);
-    std::vector<float> logits(needed);
-    std::size_t written = 0;
-    check(gpt2rt_session_read_logits(get(), logits.data(), logits.size(), &written));
-    logits.resize(written);
+    logits.resize(logits.capacity());
+    gpt2rt_status status = gpt2rt_session_read_logits(get(), logits.data(), logits.size(), &needed);
+    if (status == GPT2RT_STATUS_BUFFER_TOO_SMALL) {
+      logits.resize(needed);
+      status = gpt2rt_session_read_logits(get(), logits.data(), logits.size(), &needed);
+    }
+    check(status);
+    logits.resize(needed);
+  }
+  std::vector<float> read_logits() const {
+    std::vector<float> logits;
+    read_logits(logits);
     return logits;
   }
-  // Next token of each sequence; greedy when `sampling` is null.
+  // Next token of each sequence; greedy when `sampling` is null. A one-id guess: for a larger
+  // batch BUFFER_TOO_SMALL reports the batch size before anything is sampled, and the call is
+  // repeated with room for it.
   std::vector<int32_t> sample(const gpt2rt_sampling_options* sampling = nullptr) const {
-    std::vector<int32_t> next(std::max<std::size_t>(batch(), 1));
+    std::vector<int32_t> next(1);
     std::size_t count = 0;
-    check(gpt2rt_session_sample(get(), sampling, next.data(), next.size(), &count));
+    gpt2rt_status status = gpt2rt_session_sample(get(), sampling, next.data(), next.size(), &count);
+    if (status == GPT2RT_STATUS_BUFFER_TOO_SMALL && count > next.size()) {
+      next.resize(count);
+      status = gpt2rt_session_sample(get(), sampling, next.data(), next.size(), &count);
+    }
+    check(status);
     next.resize(count);
     return next;
   }
+  std::vector<int32_t> sample(const gpt2rt_sampling_options& sampling) const { return sample(&sampling); }
 
   GenerateResult generate(std::string_view prompt, const GenerateOptions& options) {
     gpt2rt_generate_options raw = to_raw(options);
@@ -296,7 +313,9 @@ class Session {
     return result;
   }
 
-  // Any thread, any time: the running generation ends within one step.
+  // Any thread, any time: the running generation ends within one step. A cancel while no
+  // generation runs is kept and ends the next generate/generate_tokens before its first step
+  // (CANCELLED, 0 tokens); a generation that passes its argument checks clears the request.
   void cancel() const { check(gpt2rt_session_cancel(get())); }
 
   gpt2rt_session* get() const noexcept { return handle_.get(); }

@@ -46,6 +46,7 @@ static class Tests
             Run("GenerateTokens with sampling equals the Rust CLI (seeded)", () => SampledMatchesCli(engine));
             Run("GenerateTokens on a ragged batch equals the Rust CLI", () => BatchMatchesCli(engine));
             Run("ReadLogits: size, argmax = greedy sample, caller buffer too small", () => Logits(engine));
+            Run("generate_tokens with NULL options = the defaults", () => GenerateTokensNullOptions(engine));
             Run("buffer too small handled inside the wrappers", () => BufferTooSmallInternally(engine));
             Run("token out of range", () => TokenOutOfRange(engine));
             Run("step / read_logits / sample before prefill", () => NotPrefilled(engine));
@@ -78,6 +79,18 @@ static class Tests
         Equal(24, Marshal.SizeOf(typeof(SamplingOptions)), "sampling options size");
         SamplingOptions greedy = SamplingOptions.Greedy;
         Equal(0f, greedy.Temperature, "default temperature (greedy)");
+        // gpt2rt_sampling_options_default: temperature 0, top_k 0, top_p 1, seed 0; the same as
+        // the sampling inside gpt2rt_generate_options_default.
+        SamplingOptions raw;
+        Equal(Gpt2RtStatus.Ok, Native.gpt2rt_sampling_options_default(out raw), "sampling_options_default status");
+        SamplingOptions d = SamplingOptions.Default;
+        Equal(0f, d.Temperature, "Default.Temperature");
+        Equal(0u, d.TopK, "Default.TopK");
+        Equal(1f, d.TopP, "Default.TopP");
+        Equal(0UL, d.Seed, "Default.Seed");
+        Equal(raw, d, "Default is the native default");
+        Equal(d, greedy, "Greedy is Default");
+        Equal(d, new GenerateOptions().Sampling, "GenerateOptions.Sampling starts from the same values");
         Equal(1f, greedy.TopP, "default top_p");
         var go = new GenerateOptions();
         Equal(32, go.MaxNewTokens, "default max_new_tokens");
@@ -149,6 +162,7 @@ static class Tests
         Equal(Backend.Cpu, info.Backend, "backend");
         True(info.MaxBatch >= 1 && info.MaxSeq >= 1, "limits");
         Contains(engine.Description, "cpu");
+        True(!engine.Description.EndsWith("\n"), "engine info no longer ends with a newline");
         Tokenizer tok = engine.Tokenizer;
         True(ReferenceEquals(tok, engine.Tokenizer), "the engine's tokenizer is cached");
         Equal(50257, tok.VocabSize, "tokenizer vocab");
@@ -287,12 +301,58 @@ static class Tests
             Gpt2RtStatus st = Native.gpt2rt_session_read_logits(Raw(s), null, UIntPtr.Zero, out written);
             Equal(Gpt2RtStatus.BufferTooSmall, st, "raw status");
             Equal((ulong)(2 * vocab), written.ToUInt64(), "read_logits reports the size it needs");
+            // Also with a real buffer one float short: the size is reported, the buffer untouched.
+            float[] shortBuf = Enumerable.Repeat(-7f, 2 * vocab - 1).ToArray();
+            written = new UIntPtr(12345);
+            st = Native.gpt2rt_session_read_logits(Raw(s), shortBuf, new UIntPtr((uint)shortBuf.Length), out written);
+            Equal(Gpt2RtStatus.BufferTooSmall, st, "raw status, one float short");
+            Equal((ulong)(2 * vocab), written.ToUInt64(), "size reported, one float short");
+            True(shortBuf.All(x => x == -7f), "a buffer that is too small is left untouched");
+            Equal(2 * vocab, s.LogitsSize, "LogitsSize");
+            // sample: BUFFER_TOO_SMALL reports the batch in out_count, before anything is sampled.
+            UIntPtr count = new UIntPtr(12345);
+            int[] one = { -1 };
+            st = Native.gpt2rt_session_sample_greedy(Raw(s), IntPtr.Zero, one, new UIntPtr(1), out count);
+            Equal(Gpt2RtStatus.BufferTooSmall, st, "sample into 1 slot for a batch of 2");
+            Equal(2UL, count.ToUInt64(), "sample reports the batch size");
+            Equal(-1, one[0], "sample's buffer untouched");
+            e = Throws<Gpt2RtException>(() => s.Sample(new int[1]));
+            Equal(Gpt2RtStatus.BufferTooSmall, e.Status, "Sample(int[1]) on a batch of 2");
+            SeqEqual(greedy, s.Sample(), "Sample() sized from the reported batch");
             UIntPtr batch;
             Equal(Gpt2RtStatus.Ok, Native.gpt2rt_session_batch(Raw(s), out batch), "session_batch");
             Equal(2UL, batch.ToUInt64(), "current batch");
+            Equal(2, s.Batch, "Session.Batch reads gpt2rt_session_batch");
+            s.Generate("Hi", Options(2));
+            Equal(1, s.Batch, "Generate leaves a batch of 1");
+            s.GenerateTokens(new[] { new[] { 1 }, new[] { 2, 3 } }, Options(2));
+            Equal(2, s.Batch, "GenerateTokens leaves its batch");
             SamplingOptions defaults = SamplingOptions.Greedy;
             Equal(0f, defaults.Temperature, "default temperature");
             Equal(1f, defaults.TopP, "default top_p");
+        }
+    }
+
+    static void GenerateTokensNullOptions(Engine engine)
+    {
+        var c = s_greedy[0];
+        int[] prompt = engine.Tokenizer.Encode(c.Key);
+        int maxNew = new GenerateOptions().MaxNewTokens; // the default, 32
+        using (Session s = engine.CreateSession(Profile(1, 0)))
+        {
+            int[] outTokens = new int[maxNew];
+            UIntPtr[] counts = new UIntPtr[1];
+            FinishReason finish;
+            Library.Check(Native.gpt2rt_session_generate_tokens_defaults(Raw(s), prompt, new UIntPtr((uint)prompt.Length),
+                new[] { (uint)prompt.Length }, new UIntPtr(1), IntPtr.Zero, outTokens, new UIntPtr((uint)outTokens.Length), counts, out finish));
+            Equal(FinishReason.Length, finish, "finish");
+            Equal((ulong)maxNew, counts[0].ToUInt64(), "default max_new_tokens produced");
+            SeqEqual(c.Value, outTokens.Take(c.Value.Length).ToArray(), "greedy: begins with the CLI's tokens");
+            SeqEqual(s.GenerateTokens(new[] { prompt }).Tokens[0], outTokens, "equals GenerateTokens with default options");
+            // The defaults need batch * 32 slots.
+            var e = Throws<Gpt2RtException>(() => Library.Check(Native.gpt2rt_session_generate_tokens_defaults(Raw(s), prompt,
+                new UIntPtr((uint)prompt.Length), new[] { (uint)prompt.Length }, new UIntPtr(1), IntPtr.Zero, new int[4], new UIntPtr(4), counts, out finish)));
+            Equal(Gpt2RtStatus.BufferTooSmall, e.Status, "NULL options still need batch * 32 slots");
         }
     }
 
@@ -350,6 +410,10 @@ static class Tests
         using (Session s = engine.CreateSession(Profile(1, 32)))
         {
             Equal(0, s.Batch, "no batch yet");
+            UIntPtr batch = new UIntPtr(12345);
+            Equal(Gpt2RtStatus.Ok, Native.gpt2rt_session_batch(Raw(s), out batch), "session_batch before prefill");
+            Equal(0UL, batch.ToUInt64(), "raw batch 0 before prefill");
+            Throws<Gpt2RtException>(() => { var n = s.LogitsSize; });
             var e = Throws<Gpt2RtException>(() => s.Step(1));
             Equal(Gpt2RtStatus.NotPrefilled, e.Status, "step");
             Contains(e.Message, "GPT2RT_STATUS_NOT_PREFILLED: ");
@@ -401,6 +465,9 @@ static class Tests
             var e = Throws<Gpt2RtException>(() => s.Sample(new SamplingOptions { Temperature = 1, TopP = 0 }));
             Equal(Gpt2RtStatus.InvalidArgument, e.Status, "top_p 0");
             Contains(e.NativeMessage, "top_p must be in (0, 1]");
+            e = Throws<Gpt2RtException>(() => s.Sample(default(SamplingOptions)));
+            Equal(Gpt2RtStatus.InvalidArgument, e.Status, "an all-zero SamplingOptions is invalid (top_p 0)");
+            Equal(1, s.Sample(SamplingOptions.Default).Length, "SamplingOptions.Default is valid");
             GenerateOptions o = Options(4);
             o.Sampling.Temperature = -1;
             e = Throws<Gpt2RtException>(() => s.Generate("Hi", o));
@@ -498,7 +565,19 @@ static class Tests
             GenerateResult early = s.Generate("Once upon a time", Options(4));
             Equal(FinishReason.Cancelled, early.FinishReason, "a cancel racing the start is not lost");
             Equal(0, early.TokenCount, "no token after an early cancel");
-            Equal(FinishReason.Length, s.Generate("Once upon a time", Options(4)).FinishReason, "next generation runs");
+            GenerateResult normal = s.Generate("Once upon a time", Options(4));
+            Equal(FinishReason.Length, normal.FinishReason, "next generation runs");
+            Equal(4, normal.TokenCount, "next generation produces its tokens");
+            // The same for GenerateTokens; prefill/step/sample in between neither run nor clear it.
+            s.Cancel();
+            s.Prefill(new[] { 1, 2, 3 });
+            s.Step(s.Sample()[0]);
+            GenerateTokensResult gt = s.GenerateTokens(new[] { new[] { 1, 2, 3 } }, Options(4));
+            Equal(FinishReason.Cancelled, gt.FinishReason, "GenerateTokens after an early cancel");
+            Equal(0, gt.Tokens[0].Length, "GenerateTokens: 0 tokens");
+            gt = s.GenerateTokens(new[] { new[] { 1, 2, 3 } }, Options(4));
+            Equal(FinishReason.Length, gt.FinishReason, "the GenerateTokens after runs");
+            Equal(4, gt.Tokens[0].Length, "with its tokens");
         }
     }
 

@@ -101,6 +101,8 @@ namespace Gpt2Rt
         [DllImport(Library, CallingConvention = Cdecl)] internal static extern Gpt2RtStatus gpt2rt_session_generate(IntPtr session, byte[] prompt, UIntPtr promptLen, ref NativeGenerateOptions options, out UIntPtr nTokens, out FinishReason finish);
         [DllImport(Library, CallingConvention = Cdecl)] internal static extern Gpt2RtStatus gpt2rt_session_generated_text(IntPtr session, [Out] byte[] buffer, UIntPtr capacity, out UIntPtr length);
         [DllImport(Library, CallingConvention = Cdecl)] internal static extern Gpt2RtStatus gpt2rt_session_generate_tokens(IntPtr session, int[] tokens, UIntPtr nTokens, uint[] lengths, UIntPtr batch, ref NativeGenerateOptions options, [Out] int[] outTokens, UIntPtr outCapacity, [Out] UIntPtr[] outCounts, out FinishReason finish);
+        // NULL options = the library's defaults (the same overloading as gpt2rt_session_sample_greedy).
+        [DllImport(Library, CallingConvention = Cdecl, EntryPoint = "gpt2rt_session_generate_tokens")] internal static extern Gpt2RtStatus gpt2rt_session_generate_tokens_defaults(IntPtr session, int[] tokens, UIntPtr nTokens, uint[] lengths, UIntPtr batch, IntPtr nullOptions, [Out] int[] outTokens, UIntPtr outCapacity, [Out] UIntPtr[] outCounts, out FinishReason finish);
         [DllImport(Library, CallingConvention = Cdecl)] internal static extern Gpt2RtStatus gpt2rt_session_cancel(IntPtr session);
 
         [DllImport(Library, CallingConvention = Cdecl)] internal static extern Gpt2RtStatus gpt2rt_tokenizer_create_gpt2(out IntPtr tokenizer);

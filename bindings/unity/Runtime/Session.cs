@@ -34,7 +34,6 @@ namespace Gpt2Rt
     public sealed class Session : IDisposable
     {
         readonly SessionHandle _handle;
-        volatile int _batch;
 
         [ThreadStatic] static int[] t_one;
 
@@ -42,8 +41,22 @@ namespace Gpt2Rt
         public int MaxBatch { get; private set; }
         public int MaxSeq { get; private set; }
         public int VocabSize { get; private set; }
-        /// <summary>Sequences in the current batch (0 before the first prefill).</summary>
-        public int Batch { get { return _batch; } }
+        /// <summary>
+        /// Sequences in the current batch (0 before the first prefill), as the library reports it
+        /// (gpt2rt_session_batch): what Step expects and Sample returns. Set by Prefill, Generate
+        /// (1) and GenerateTokens. Like every call, it throws SESSION_BUSY while another thread is
+        /// inside a call on this session.
+        /// </summary>
+        public int Batch
+        {
+            get
+            {
+                UIntPtr batch;
+                using (var h = Lease())
+                    Library.Check(Native.gpt2rt_session_batch(h.Ptr, out batch));
+                return Library.ToInt(batch);
+            }
+        }
 
         internal Session(SessionHandle handle, int vocabSize)
         {
@@ -89,7 +102,6 @@ namespace Gpt2Rt
                 throw new ArgumentNullException("lengths");
             using (var h = Lease())
                 Library.Check(Native.gpt2rt_session_prefill(h.Ptr, tokens, new UIntPtr((uint)tokens.Length), lengths, new UIntPtr((uint)lengths.Length)));
-            _batch = lengths.Length;
         }
 
         /// <summary>Appends one token to the single sequence of the batch (no allocation).</summary>
@@ -112,27 +124,32 @@ namespace Gpt2Rt
         /// <summary>The last prefill/step's logits, [Batch * VocabSize].</summary>
         public float[] ReadLogits()
         {
-            // The ABI does not report the size needed when this buffer is too small, so it is
-            // computed here from the batch this wrapper prefilled and the vocabulary.
-            float[] logits = new float[Math.Max(_batch, 1) * VocabSize];
-            UIntPtr written;
+            // The required-size convention: (NULL, 0) gives BUFFER_TOO_SMALL with the floats
+            // needed (batch * vocab), then one read into an array of exactly that size.
             using (var h = Lease())
             {
-                Gpt2RtStatus status = Native.gpt2rt_session_read_logits(h.Ptr, logits, new UIntPtr((uint)logits.Length), out written);
-                if (status == Gpt2RtStatus.BufferTooSmall)
+                UIntPtr needed;
+                Gpt2RtStatus status = Native.gpt2rt_session_read_logits(h.Ptr, null, UIntPtr.Zero, out needed);
+                if (status != Gpt2RtStatus.BufferTooSmall)
                 {
-                    logits = new float[MaxBatch * VocabSize];
-                    status = Native.gpt2rt_session_read_logits(h.Ptr, logits, new UIntPtr((uint)logits.Length), out written);
+                    Library.Check(status); // NOT_PREFILLED and the like throw here
+                    return new float[0];
                 }
-                Library.Check(status);
+                float[] logits = new float[Library.ToInt(needed)];
+                UIntPtr written;
+                Library.Check(Native.gpt2rt_session_read_logits(h.Ptr, logits, new UIntPtr((uint)logits.Length), out written));
+                int n = Library.ToInt(written);
+                if (n != logits.Length)
+                    Array.Resize(ref logits, n);
+                return logits;
             }
-            int n = Library.ToInt(written);
-            if (n != logits.Length)
-                Array.Resize(ref logits, n);
-            return logits;
         }
 
-        /// <summary>Copies the logits into <paramref name="destination"/>; returns the floats written.</summary>
+        /// <summary>
+        /// Copies the logits into <paramref name="destination"/>; returns the floats written (no
+        /// allocation). A destination smaller than Batch * VocabSize throws BUFFER_TOO_SMALL and
+        /// is left untouched; <see cref="LogitsSize"/> gives the size needed.
+        /// </summary>
         public int ReadLogits(float[] destination)
         {
             if (destination == null)
@@ -143,36 +160,78 @@ namespace Gpt2Rt
             return Library.ToInt(written);
         }
 
+        /// <summary>
+        /// The floats ReadLogits returns (Batch * VocabSize), as the library reports it through
+        /// the required-size convention of gpt2rt_session_read_logits; throws NOT_PREFILLED before
+        /// the first prefill.
+        /// </summary>
+        public int LogitsSize
+        {
+            get
+            {
+                UIntPtr needed;
+                using (var h = Lease())
+                {
+                    Gpt2RtStatus status = Native.gpt2rt_session_read_logits(h.Ptr, null, UIntPtr.Zero, out needed);
+                    if (status != Gpt2RtStatus.BufferTooSmall)
+                        Library.Check(status);
+                }
+                return Library.ToInt(needed);
+            }
+        }
+
         /// <summary>Chooses each sequence's next token (greedy when sampling is null).</summary>
         public int[] Sample(SamplingOptions? sampling = null)
         {
-            int[] ids = new int[Math.Max(MaxBatch, 1)];
-            int n = Sample(ids, sampling);
-            if (n != ids.Length)
-                Array.Resize(ref ids, n);
-            return ids;
+            // A one-id guess (the common batch); BUFFER_TOO_SMALL reports the batch size in
+            // out_count before anything is sampled, so the retry draws the same tokens.
+            int[] ids = new int[1];
+            using (var h = Lease())
+            {
+                int n;
+                Gpt2RtStatus status = SampleInto(h.Ptr, ids, sampling, out n);
+                if (status == Gpt2RtStatus.BufferTooSmall && n > ids.Length)
+                {
+                    ids = new int[n];
+                    status = SampleInto(h.Ptr, ids, sampling, out n);
+                }
+                Library.Check(status);
+                if (n != ids.Length)
+                    Array.Resize(ref ids, n);
+                return ids;
+            }
         }
 
-        /// <summary>Writes each sequence's next token to <paramref name="destination"/>; returns how many (no allocation).</summary>
+        static Gpt2RtStatus SampleInto(IntPtr session, int[] destination, SamplingOptions? sampling, out int count)
+        {
+            UIntPtr n;
+            UIntPtr capacity = new UIntPtr((uint)destination.Length);
+            Gpt2RtStatus status;
+            if (sampling.HasValue)
+            {
+                SamplingOptions s = sampling.Value;
+                status = Native.gpt2rt_session_sample(session, ref s, destination, capacity, out n);
+            }
+            else
+            {
+                status = Native.gpt2rt_session_sample_greedy(session, IntPtr.Zero, destination, capacity, out n);
+            }
+            count = status == Gpt2RtStatus.Ok || status == Gpt2RtStatus.BufferTooSmall ? Library.ToInt(n) : 0;
+            return status;
+        }
+
+        /// <summary>
+        /// Writes each sequence's next token to <paramref name="destination"/>; returns how many
+        /// (no allocation). Fewer than Batch slots throws BUFFER_TOO_SMALL, nothing sampled.
+        /// </summary>
         public int Sample(int[] destination, SamplingOptions? sampling = null)
         {
             if (destination == null)
                 throw new ArgumentNullException("destination");
-            UIntPtr count;
-            UIntPtr capacity = new UIntPtr((uint)destination.Length);
+            int count;
             using (var h = Lease())
-            {
-                if (sampling.HasValue)
-                {
-                    SamplingOptions s = sampling.Value;
-                    Library.Check(Native.gpt2rt_session_sample(h.Ptr, ref s, destination, capacity, out count));
-                }
-                else
-                {
-                    Library.Check(Native.gpt2rt_session_sample_greedy(h.Ptr, IntPtr.Zero, destination, capacity, out count));
-                }
-            }
-            return Library.ToInt(count);
+                Library.Check(SampleInto(h.Ptr, destination, sampling, out count));
+            return count;
         }
 
         /// <summary>
@@ -235,7 +294,6 @@ namespace Gpt2Rt
                         ref n, outTokens, new UIntPtr((uint)outTokens.Length), counts, out finish));
                 call.RethrowHandlerError();
             }
-            _batch = batch;
             var tokens = new int[batch][];
             for (int i = 0; i < batch; i++)
             {
@@ -247,7 +305,10 @@ namespace Gpt2Rt
 
         /// <summary>
         /// Asks the running generation to stop (it ends within one step with FinishReason.Cancelled).
-        /// Any thread, any time, also while another thread is inside a call on this session.
+        /// Any thread, any time, also while another thread is inside a call on this session. A
+        /// Cancel while no generation runs is kept: the next Generate/GenerateTokens ends before its
+        /// first step (Cancelled, 0 tokens), so a cancel racing with the start of a generation is
+        /// never lost. A generation that passes its argument checks clears the request when it returns.
         /// </summary>
         public void Cancel()
         {

@@ -73,7 +73,9 @@ namespace Gpt2Rt
 
     /// <summary>
     /// Sampling rules, the exact mirror of gpt2rt_sampling_options (no struct_size in C).
-    /// Temperature 0 is greedy.
+    /// Temperature 0 is greedy. Start from <see cref="Default"/>: <c>default(SamplingOptions)</c>
+    /// and <c>new SamplingOptions { ... }</c> leave TopP at 0, which the library refuses
+    /// (INVALID_ARGUMENT: top_p must be in (0, 1]).
     /// </summary>
     [StructLayout(LayoutKind.Sequential)]
     public struct SamplingOptions
@@ -83,15 +85,26 @@ namespace Gpt2Rt
         public float TopP;
         public ulong Seed;
 
-        /// <summary>The library's default (gpt2rt_sampling_options_default): greedy.</summary>
-        public static SamplingOptions Greedy
+        /// <summary>
+        /// The library's defaults (gpt2rt_sampling_options_default): greedy, i.e. temperature 0,
+        /// top_k 0, top_p 1, seed 0. Change fields on the copy:
+        /// <c>var s = SamplingOptions.Default; s.Temperature = 0.8f;</c>
+        /// </summary>
+        public static SamplingOptions Default
         {
             get
             {
+                Library.EnsureCompatible();
                 SamplingOptions options;
                 Library.Check(Native.gpt2rt_sampling_options_default(out options));
                 return options;
             }
+        }
+
+        /// <summary>Greedy decoding: the same as <see cref="Default"/>.</summary>
+        public static SamplingOptions Greedy
+        {
+            get { return Default; }
         }
     }
 
