@@ -373,8 +373,9 @@ gpt2rt_status gpt2rt_session_generate_tokens(const gpt2rt_session *session,
 // Asks the generation running on `session` to stop; it ends within one step with finish reason
 // `GPT2RT_FINISH_REASON_CANCELLED`. Safe from any thread, also while the session is busy. A
 // cancel that arrives while no generation runs is kept and cancels the next one before its
-// first step (so a cancel racing with the start of a generation is never lost); every generation
-// clears the request when it returns.
+// first step (so a cancel racing with the start of a generation is never lost). A generation that
+// gets past its argument checks clears the request when it returns; one refused before decoding
+// (bad options, invalid prompt, `GPT2RT_STATUS_SESSION_BUSY`) leaves it pending.
 gpt2rt_status gpt2rt_session_cancel(const gpt2rt_session *session);
 
 // The name of a status code as a static NUL-terminated string ("GPT2RT_STATUS_UNKNOWN" for a

@@ -237,8 +237,8 @@ impl Session {
     }
 
     /// A flag that, once set from any thread, ends the running generation within one step (or the
-    /// next one, before its first step, if none is running). Each generation clears it when it
-    /// returns.
+    /// next one, before its first step, if none is running). Each generation that passes its
+    /// argument checks clears it when it returns; one refused earlier leaves it pending.
     pub fn cancel_flag(&self) -> Arc<AtomicBool> {
         self.cancel.clone()
     }

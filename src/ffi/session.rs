@@ -542,8 +542,9 @@ pub unsafe extern "C" fn gpt2rt_session_generate_tokens(
 /// Asks the generation running on `session` to stop; it ends within one step with finish reason
 /// `GPT2RT_FINISH_REASON_CANCELLED`. Safe from any thread, also while the session is busy. A
 /// cancel that arrives while no generation runs is kept and cancels the next one before its
-/// first step (so a cancel racing with the start of a generation is never lost); every generation
-/// clears the request when it returns.
+/// first step (so a cancel racing with the start of a generation is never lost). A generation that
+/// gets past its argument checks clears the request when it returns; one refused before decoding
+/// (bad options, invalid prompt, `GPT2RT_STATUS_SESSION_BUSY`) leaves it pending.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn gpt2rt_session_cancel(session: *const gpt2rt_session) -> gpt2rt_status {
     guard(|| {
