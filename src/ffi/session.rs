@@ -205,15 +205,9 @@ pub unsafe extern "C" fn gpt2rt_session_step(
                     tokens.len()
                 );
             }
-            let mut ids = std::mem::take(&mut inner.ids);
-            let n = tokens.len();
-            let converted = tokens.iter().zip(ids.iter_mut()).enumerate().try_for_each(|(i, (&t, id))| {
-                *id = u32::try_from(t).map_err(|_| err!(TokenOutOfRange, "token id {t} at index {i} is negative"))?;
-                Ok(())
-            });
-            let result = converted.and_then(|()| inner.session.step(&ids[..n]));
-            inner.ids = ids;
-            result
+            // The prompt buffer holds max_batch * max_seq ids, so this conversion never allocates.
+            tokens_from_c(tokens, &mut inner.tokens)?;
+            inner.session.step(&inner.tokens)
         })
     })
 }
