@@ -37,6 +37,9 @@ __device__ __forceinline__ float warp_max(float v) {
     return v;
 }
 
+// Argmax order: larger value first, then the smaller index (first index on ties).
+__device__ __forceinline__ bool better(float v, int i, float bv, int bi) { return v > bv || (v == bv && i < bi); }
+
 // Sum (or max) over the block; every thread gets the result. `scratch` holds 32 floats.
 __device__ float block_sum(float v, float* scratch) {
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = (blockDim.x + 31) >> 5;
@@ -85,35 +88,12 @@ __device__ void layer_norm(const float* x, const W* gamma, const W* beta, float*
         out[(size_t)blockIdx.x * C + c] = (row[c] - mean) * inv * to_f(gamma[c]) + to_f(beta[c]);
 }
 
-// Split-K matrix product for any M: partial[split][m][n] = sum over this split's k of in[m,k] * w[k,n].
-// Block: 256 threads, one output column each (coalesced weight reads); grid (ceil(N/256), splits).
-// Rows are processed 8 at a time so the weights of a k-slice are read once per 8 rows.
 #define GEMV_ROWS 8
-template <typename W>
-__device__ void matmul_partial(const float* in, int M, int K, const W* w, int N, float* partial, int k_per_split) {
-    int n = blockIdx.x * blockDim.x + threadIdx.x;
-    int k0 = blockIdx.y * k_per_split;
-    int k1 = min(K, k0 + k_per_split);
-    if (n >= N) return;
-    for (int m0 = 0; m0 < M; m0 += GEMV_ROWS) {
-        int rows = min(GEMV_ROWS, M - m0);
-        float acc[GEMV_ROWS];
-#pragma unroll
-        for (int i = 0; i < GEMV_ROWS; i++) acc[i] = 0.0f;
-#pragma unroll 8
-        for (int k = k0; k < k1; k++) {
-            float wv = to_f(w[(size_t)k * N + n]);
-#pragma unroll
-            for (int i = 0; i < GEMV_ROWS; i++)
-                if (i < rows) acc[i] += in[(size_t)(m0 + i) * K + k] * wv;
-        }
-        for (int i = 0; i < rows; i++) partial[((size_t)blockIdx.y * M + m0 + i) * N + n] = acc[i];
-    }
-}
 
 // Split-K tiled matrix product for larger M (prefill, big batches): 64x64 output tiles, k in
-// slices of 16 staged through shared memory, 256 threads computing 4x4 outputs each.
-// Grid (ceil(N/64), ceil(M/64), splits); same partial layout as matmul_partial.
+// slices of 16 staged through shared memory, 256 threads computing 4x4 outputs each. The weights
+// are stored transposed, `w[N, K]` (see upload_weights), like every matmul weight on the device.
+// Grid (ceil(N/64), ceil(M/64), splits); partial[split][m][n] feeds matmul_finish.
 template <typename W>
 __device__ void matmul_tiled(const float* in, int M, int K, const W* w, int N, float* partial, int k_per_split) {
     __shared__ float a_tile[16][64 + 1];
@@ -132,9 +112,9 @@ __device__ void matmul_tiled(const float* in, int M, int K, const W* w, int N, f
             int r = i >> 4, kk = i & 15;
             int gm = m0 + r, gk = kb + kk;
             a_tile[kk][r] = (gm < M && gk < k1) ? in[(size_t)gm * K + gk] : 0.0f;
-            int kw = i >> 6, c = i & 63;
+            int c = i >> 4, kw = i & 15;
             int gk2 = kb + kw, gn = n0 + c;
-            w_tile[kw][c] = (gk2 < k1 && gn < N) ? to_f(w[(size_t)gk2 * N + gn]) : 0.0f;
+            w_tile[kw][c] = (gk2 < k1 && gn < N) ? to_f(w[(size_t)gn * K + gk2]) : 0.0f;
         }
         __syncthreads();
 #pragma unroll
@@ -204,16 +184,387 @@ __device__ void matmul_finish(const float* partial, int splits, int M, int N, co
     }
 }
 
+// ---- Decode path (at most GEMV_ROWS rows): one warp per output column, weights streamed once. ----
+//
+// Every matmul weight lives on the device transposed, `w[N, K]`, so the warp that owns output
+// column n reads one contiguous row of K weights with 16-byte loads and finishes the whole dot
+// product itself: no split-K partial sums, and bias, GELU, residual and the KV-cache append happen
+// in the same kernel. The input rows come from global memory, or from shared memory after a
+// LayerNorm computed in the kernel's prologue (each block normalises the few rows it needs).
+
+// VEC consecutive weights (16 bytes) as floats.
+template <typename W> struct Vec;
+// Loads keep the raw 16 bytes (4 registers) until the arithmetic needs them.
+template <> struct Vec<float> {
+    static constexpr int N = 4;
+    static __device__ __forceinline__ void convert(uint4 raw, float* out) {
+        out[0] = __uint_as_float(raw.x); out[1] = __uint_as_float(raw.y);
+        out[2] = __uint_as_float(raw.z); out[3] = __uint_as_float(raw.w);
+    }
+};
+template <> struct Vec<__half> {
+    static constexpr int N = 8;
+    static __device__ __forceinline__ void convert(uint4 raw, float* out) {
+        const __half2* h = reinterpret_cast<const __half2*>(&raw);
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            float2 f = __half22float2(h[i]);
+            out[2 * i] = f.x; out[2 * i + 1] = f.y;
+        }
+    }
+};
+template <> struct Vec<__nv_bfloat16> {
+    static constexpr int N = 8;
+    static __device__ __forceinline__ void convert(uint4 raw, float* out) {
+        const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&raw);
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            float2 f = __bfloat1622float2(h[i]);
+            out[2 * i] = f.x; out[2 * i + 1] = f.y;
+        }
+    }
+};
+
+// Programmatic dependent launch (sm_90+; the host enables it only there): a kernel launched with it
+// may start while the previous one finishes. It asks for its own dependents to be launched early
+// (pdl_trigger), streams the weights it needs (which no kernel writes), and only then waits for the
+// previous kernel's results (pdl_wait) before reading activations or writing anything.
+__device__ __forceinline__ void pdl_trigger() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+// A lane's share of one chunk of a weight row: GEMV_UNROLL 16-byte loads, all in flight at once,
+// kept raw (4 registers each) until the arithmetic needs them.
+#define GEMV_UNROLL 4
+template <typename W>
+struct Chunk {
+    uint4 v[GEMV_UNROLL];
+};
+
+// Loads the chunk starting at k0 of a row of `len` weights.
+template <typename W>
+__device__ __forceinline__ void load_chunk(const W* __restrict__ wrow, int k0, int len, Chunk<W>& c) {
+    constexpr int V = Vec<W>::N;
+    int lane = threadIdx.x & 31;
+#pragma unroll
+    for (int u = 0; u < GEMV_UNROLL; u++) {
+        int k = k0 + (u * 32 + lane) * V;
+        if (k < len) c.v[u] = *reinterpret_cast<const uint4*>(wrow + k);
+    }
+}
+
+// acc[m] += this lane's share of dot(x[m * stride + k0 ...], chunk) for m < M.
+template <typename W>
+__device__ __forceinline__ void fma_chunk(const Chunk<W>& c, const float* x, int M, int len, int stride, int k0,
+                                          float (&acc)[GEMV_ROWS]) {
+    constexpr int V = Vec<W>::N;
+    int lane = threadIdx.x & 31;
+#pragma unroll
+    for (int u = 0; u < GEMV_UNROLL; u++) {
+        int k = k0 + (u * 32 + lane) * V;
+        if (k >= len) continue;
+        float w[V];
+        Vec<W>::convert(c.v[u], w);
+#pragma unroll
+        for (int m = 0; m < GEMV_ROWS; m++) {
+            if (m >= M) break;
+            const float* xr = x + (size_t)m * stride + k;
+            float s = 0.0f;
+#pragma unroll
+            for (int j = 0; j < V; j += 4) {
+                float4 xv = *reinterpret_cast<const float4*>(xr + j);
+                s += xv.x * w[j] + xv.y * w[j + 1] + xv.z * w[j + 2] + xv.w * w[j + 3];
+            }
+            acc[m] += s;
+        }
+    }
+}
+
+// Whether rows of K weights take the vector path: K a multiple of the vector width, which also
+// makes every row 16-byte aligned. A scalar path serves other widths.
+template <typename W>
+__device__ __forceinline__ bool vector_rows(int K) { return K % Vec<W>::N == 0; }
+
+// acc[m] (this lane's share) += dot(x[m * stride ...], wrow) over `len` weights for m < M, given
+// the first chunk already loaded (vector path).
+template <typename W>
+__device__ __forceinline__ void dot_rows(const W* __restrict__ wrow, const Chunk<W>& first, const float* x, int M,
+                                         int len, int stride, bool vec, float (&acc)[GEMV_ROWS]) {
+    constexpr int step = 32 * Vec<W>::N * GEMV_UNROLL;
+    if (vec) {
+        fma_chunk<W>(first, x, M, len, stride, 0, acc);
+        for (int k0 = step; k0 < len; k0 += step) {
+            Chunk<W> c;
+            load_chunk<W>(wrow, k0, len, c);
+            fma_chunk<W>(c, x, M, len, stride, k0, acc);
+        }
+    } else {
+        int lane = threadIdx.x & 31;
+        for (int k = lane; k < len; k += 32) {
+            float wv = to_f(wrow[k]);
+#pragma unroll
+            for (int m = 0; m < GEMV_ROWS; m++)
+                if (m < M) acc[m] += x[(size_t)m * stride + k] * wv;
+        }
+    }
+}
+
+// Input prologue of the decode kernels. IN_PLAIN: rows read from `in` (global). IN_LN: rows of
+// `in` layer-normalised into shared memory. IN_EMBED_LN: rows embedded from tokens/positions
+// (block 0 also stores them to `x_out`, the residual stream), then normalised into shared memory.
+// IN_ATTN: rows combined from attention_decode's per-split partial results (`in`: the unnormalised
+// outputs, `att_ml`: each split's running max and sum; only splits below the row's context count),
+// into shared memory. Returns the rows to multiply. LayerNorm: one warp per row, two-pass mean and
+// variance in fp32.
+// Keys per block of attention_decode; the host passes the same value (ATTENTION_SPLIT in imp.rs).
+#define ATTENTION_SPLIT 64
+enum { IN_PLAIN = 0, IN_LN = 1, IN_EMBED_LN = 2, IN_ATTN = 3 };
+template <typename W, int IN>
+__device__ __forceinline__ const float* input_rows(const float* in, const int* tokens, const int* pos, const W* wte,
+                                                   const W* wpe, float* x_out, const W* gamma, const W* beta,
+                                                   float eps, int M, int K, float* smem, const float* att_ml,
+                                                   int splits, int H, int split_len) {
+    if (IN == IN_PLAIN) return in;
+    if (IN == IN_ATTN) {
+        int D = K / H;
+        for (int i = threadIdx.x; i < M * K; i += blockDim.x) {
+            int m = i / K, k = i % K, h = k / D;
+            int active = min(splits, pos[m] / split_len + 1);
+            const float* ml = att_ml + ((size_t)m * splits * H + h) * 2;
+            float mx = -INFINITY;
+            for (int sp = 0; sp < active; sp++) mx = fmaxf(mx, ml[(size_t)sp * H * 2]);
+            float num = 0.0f, den = 0.0f;
+            for (int sp = 0; sp < active; sp++) {
+                float w = __expf(ml[(size_t)sp * H * 2] - mx);
+                num += w * in[((size_t)m * splits + sp) * K + k];
+                den += w * ml[(size_t)sp * H * 2 + 1];
+            }
+            smem[i] = num / den;
+        }
+        __syncthreads();
+        return smem;
+    }
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    for (int m = warp; m < M; m += warps) {
+        float* row = smem + (size_t)m * K;
+        float s = 0.0f;
+        for (int k = lane; k < K; k += 32) {
+            float v = IN == IN_EMBED_LN ? to_f(wte[(size_t)tokens[m] * K + k]) + to_f(wpe[(size_t)pos[m] * K + k])
+                                        : in[(size_t)m * K + k];
+            row[k] = v;
+            s += v;
+            if (IN == IN_EMBED_LN && blockIdx.x == 0) x_out[(size_t)m * K + k] = v;
+        }
+        float mean = warp_sum(s) / K;
+        float var = 0.0f;
+        for (int k = lane; k < K; k += 32) {
+            float d = row[k] - mean;
+            var += d * d;
+        }
+        float inv = rsqrtf(warp_sum(var) / K + eps);
+        for (int k = lane; k < K; k += 32) row[k] = (row[k] - mean) * inv * to_f(gamma[k]) + to_f(beta[k]);
+    }
+    __syncthreads();
+    return smem;
+}
+
+// out[m, n] = epilogue(dot(x[m, :], w[n, :]) + bias[n]) for m < M <= GEMV_MAX_M. Each output column
+// belongs to `wpc` consecutive warps of a block (a power of two dividing the block's warps), each
+// streaming one share of the row, so every lane has at most a chunk or so of loads: the whole
+// weight matrix is requested at once, and read once, whatever M: the rows go by in groups of
+// GEMV_ROWS against the weights held in registers. The shares combine in a fixed order through
+// shared memory. Modes as matmul_finish: 0 store; 1 store gelu_new; 2 out += (residual); 3 store
+// and append the k/v columns to the KV cache at each row's (seq, pos). Dynamic shared memory:
+// M * K floats for every prologue but IN_PLAIN (those take M <= GEMV_ROWS).
+#define GEMV_MAX_M 64
+template <typename W, int IN>
+__device__ void gemv(const float* in, const int* tokens, const int* pos, const W* wte, const W* wpe, float* x_out,
+                     const W* gamma, const W* beta, float eps, int M, int K, const W* __restrict__ w, int N,
+                     const W* bias, float* out, int mode, float* k_cache, float* v_cache, const int* row_seq,
+                     int max_seq, const float* att_ml, int splits, int H, int wpc) {
+    extern __shared__ float gemv_smem[];
+    __shared__ float shares[32][GEMV_ROWS];
+    pdl_trigger();
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    int n = blockIdx.x * ((blockDim.x >> 5) / wpc) + warp / wpc;
+    int share = warp % wpc;
+    bool vec = vector_rows<W>(K);
+    // This warp's share of the row: [k_begin, k_begin + len), a multiple of the vector width.
+    int per = (K + wpc - 1) / wpc;
+    if (vec) per = (per + Vec<W>::N - 1) / Vec<W>::N * Vec<W>::N;
+    int k_begin = min(K, share * per), len = min(K, k_begin + per) - k_begin;
+    const W* wrow = w + (size_t)min(n, N - 1) * K + k_begin;
+    Chunk<W> first;
+    if (vec) load_chunk<W>(wrow, 0, len, first);
+    float bias_n = to_f(bias[min(n, N - 1)]);
+    bool owner = share == 0 && n < N;
+    pdl_wait();
+    float residual = mode == 2 && owner && lane < M ? out[(size_t)lane * N + n] : 0.0f;
+    const float* x = input_rows<W, IN>(in, tokens, pos, wte, wpe, x_out, gamma, beta, eps, M, K, gemv_smem, att_ml,
+                                       splits, H, ATTENTION_SPLIT);
+    for (int g0 = 0; g0 < M; g0 += GEMV_ROWS) {
+        int rows = min(GEMV_ROWS, M - g0);
+        float acc[GEMV_ROWS];
+#pragma unroll
+        for (int m = 0; m < GEMV_ROWS; m++) acc[m] = 0.0f;
+        dot_rows<W>(wrow, first, x + (size_t)g0 * K + k_begin, rows, len, K, vec, acc);
+#pragma unroll
+        for (int m = 0; m < GEMV_ROWS; m++) {
+            if (m >= rows) break;
+            float s = warp_sum(acc[m]);
+            if (lane == m) shares[warp][m] = s;
+        }
+        if (wpc > 1) __syncthreads();
+        if (owner && lane < rows) {
+            int m = g0 + lane;
+            float v = 0.0f;
+            for (int i = 0; i < wpc; i++) v += shares[warp + i][lane];
+            v += bias_n;
+            size_t i = (size_t)m * N + n;
+            if (mode == 1) v = gelu_new(v);
+            if (mode == 2) {
+                out[i] = (g0 == 0 ? residual : out[i]) + v;
+            } else {
+                out[i] = v;
+                if (mode == 3) {
+                    int C = N / 3;
+                    if (n >= C) {
+                        size_t at = ((size_t)row_seq[m] * max_seq + pos[m]) * C + (n % C);
+                        if (n < 2 * C) k_cache[at] = v; else v_cache[at] = v;
+                    }
+                }
+            }
+        }
+        if (wpc > 1) __syncthreads();
+    }
+}
+
+// Combines attention_decode's per-split results into att[m, :] (the IN_ATTN prologue, for batches
+// too large for the fused one); one block per row.
+extern "C" __global__ void attention_combine(const float* part, const float* att_ml, const int* pos, int splits, int C,
+                                             int H, float* att) {
+    pdl_trigger();
+    pdl_wait();
+    int m = blockIdx.x, D = C / H;
+    int active = min(splits, pos[m] / ATTENTION_SPLIT + 1);
+    for (int k = threadIdx.x; k < C; k += blockDim.x) {
+        const float* ml = att_ml + ((size_t)m * splits * H + k / D) * 2;
+        float mx = -INFINITY;
+        for (int sp = 0; sp < active; sp++) mx = fmaxf(mx, ml[(size_t)sp * H * 2]);
+        float num = 0.0f, den = 0.0f;
+        for (int sp = 0; sp < active; sp++) {
+            float w = __expf(ml[(size_t)sp * H * 2] - mx);
+            num += w * part[((size_t)m * splits + sp) * C + k];
+            den += w * ml[(size_t)sp * H * 2 + 1];
+        }
+        att[(size_t)m * C + k] = num / den;
+    }
+}
+
+// Final LayerNorm (IN_LN, M <= GEMV_ROWS; or rows already normalised, IN_PLAIN) + LM head + the
+// first stage of the greedy argmax, for M <= GEMV_MAX_M rows. logits[m, v] = dot(x[m, :], wte[v, :]);
+// each warp walks vocabulary rows with a grid stride, each row's weights read once for all M rows.
+// Block b stores the best (value, index) of each row into best_value/best_index[m * gridDim.x + b]
+// (first index on ties); argmax_final picks among them. When `seq_len` is not NULL, block 0 then
+// advances the positions of the M sequences (the step's last kernel). Dynamic shared memory: M * C
+// floats for IN_LN.
+template <typename W, int IN>
+__device__ void lm_head_fused(const float* h, const W* gamma, const W* beta, float eps, int M, const W* __restrict__ wte,
+                              int V, int C, float* logits, float* best_value, int* best_index, int* seq_len) {
+    extern __shared__ float gemv_smem[];
+    __shared__ float warp_value[8][GEMV_MAX_M];
+    __shared__ int warp_index[8][GEMV_MAX_M];
+    constexpr int GROUPS = GEMV_MAX_M / GEMV_ROWS;
+    pdl_trigger();
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    int v0 = blockIdx.x * warps + warp;
+    bool vec = vector_rows<W>(C);
+    Chunk<W> next;
+    if (vec && v0 < V) load_chunk<W>(wte + (size_t)v0 * C, 0, C, next);
+    pdl_wait();
+    const float* x =
+        input_rows<W, IN>(h, nullptr, nullptr, nullptr, nullptr, nullptr, gamma, beta, eps, M, C, gemv_smem, nullptr, 1, 1, 1);
+    float bv[GROUPS];
+    int bi[GROUPS];
+#pragma unroll
+    for (int g = 0; g < GROUPS; g++) { bv[g] = -INFINITY; bi[g] = 0x7fffffff; }
+    for (int v = v0; v < V; v += gridDim.x * warps) {
+        Chunk<W> first = next;
+        // Start the next row's loads before this row's arithmetic.
+        int vn = v + gridDim.x * warps;
+        if (vec && vn < V) load_chunk<W>(wte + (size_t)vn * C, 0, C, next);
+#pragma unroll
+        for (int g = 0; g < GROUPS; g++) {
+            int g0 = g * GEMV_ROWS;
+            if (g0 >= M) break;
+            int rows = min(GEMV_ROWS, M - g0);
+            float acc[GEMV_ROWS];
+#pragma unroll
+            for (int m = 0; m < GEMV_ROWS; m++) acc[m] = 0.0f;
+            dot_rows<W>(wte + (size_t)v * C, first, x + (size_t)g0 * C, rows, C, C, vec, acc);
+            float mine = 0.0f;
+#pragma unroll
+            for (int m = 0; m < GEMV_ROWS; m++) {
+                if (m >= rows) break;
+                float s = warp_sum(acc[m]);
+                if (lane == m) mine = s;
+            }
+            if (lane < rows) {
+                logits[(size_t)(g0 + lane) * V + v] = mine;
+                if (better(mine, v, bv[g], bi[g])) { bv[g] = mine; bi[g] = v; }
+            }
+        }
+    }
+#pragma unroll
+    for (int g = 0; g < GROUPS; g++) {
+        int m = g * GEMV_ROWS + lane;
+        if (lane < GEMV_ROWS && m < M) {
+            warp_value[warp][m] = bv[g];
+            warp_index[warp][m] = bi[g];
+        }
+    }
+    __syncthreads();
+    for (int m = threadIdx.x; m < M; m += blockDim.x) {
+        float best = -INFINITY;
+        int at = 0x7fffffff;
+        for (int w = 0; w < warps; w++)
+            if (better(warp_value[w][m], warp_index[w][m], best, at)) { best = warp_value[w][m]; at = warp_index[w][m]; }
+        best_value[m * gridDim.x + blockIdx.x] = best;
+        best_index[m * gridDim.x + blockIdx.x] = at;
+        if (seq_len != nullptr && blockIdx.x == 0) seq_len[m] += 1;
+    }
+}
+
+#define GEMV_KERNEL(W, S, NAME, IN)                                                                               \
+    extern "C" __global__ void gemv_##NAME##_##S(const float* in, const int* tokens, const int* pos, const W* wte,  \
+                                                 const W* wpe, float* x_out, const W* g, const W* b, float eps,    \
+                                                 int M, int K, const W* w, int N, const W* bias, float* out,       \
+                                                 int mode, float* kc, float* vc, const int* rs, int max_seq,       \
+                                                 const float* att_ml, int splits, int H, int wpc) {               \
+        gemv<W, IN>(in, tokens, pos, wte, wpe, x_out, g, b, eps, M, K, w, N, bias, out, mode, kc, vc, rs,         \
+                    max_seq, att_ml, splits, H, wpc);                                                             \
+    }
+
+#define LM_HEAD_KERNEL(W, S, NAME, IN)                                                                            \
+    extern "C" __global__ void lm_head_##NAME##_##S(const float* h, const W* g, const W* b, float eps, int M,      \
+                                                  const W* wte, int V, int C, float* logits, float* bv, int* bi,   \
+                                                  int* seq_len) {                                                 \
+        lm_head_fused<W, IN>(h, g, b, eps, M, wte, V, C, logits, bv, bi, seq_len);                                \
+    }
+
 #define INSTANTIATE(W, S)                                                                                         \
     extern "C" __global__ void embed_##S(const int* t, const int* p, const W* wte, const W* wpe, float* x, int C) { \
         embed<W>(t, p, wte, wpe, x, C);                                                                           \
     }                                                                                                             \
     extern "C" __global__ void layer_norm_##S(const float* x, const W* g, const W* b, float* o, int C, float eps) { \
         layer_norm<W>(x, g, b, o, C, eps);                                                                        \
-    }                                                                                                             \
-    extern "C" __global__ void matmul_partial_##S(const float* in, int M, int K, const W* w, int N, float* part,  \
-                                                  int kps) {                                                      \
-        matmul_partial<W>(in, M, K, w, N, part, kps);                                                             \
     }                                                                                                             \
     extern "C" __global__ void matmul_tiled_##S(const float* in, int M, int K, const W* w, int N, float* part,    \
                                                 int kps) {                                                        \
@@ -226,7 +577,13 @@ __device__ void matmul_finish(const float* partial, int splits, int M, int N, co
     }                                                                                                             \
     extern "C" __global__ void lm_head_##S(const float* h, int M, const W* wte, int V, int C, float* logits) {    \
         lm_head<W>(h, M, wte, V, C, logits);                                                                      \
-    }
+    }                                                                                                             \
+    GEMV_KERNEL(W, S, plain, IN_PLAIN)                                                                            \
+    GEMV_KERNEL(W, S, ln, IN_LN)                                                                                  \
+    GEMV_KERNEL(W, S, embed_ln, IN_EMBED_LN)                                                                      \
+    GEMV_KERNEL(W, S, attn, IN_ATTN)                                                                              \
+    LM_HEAD_KERNEL(W, S, ln, IN_LN)                                                                               \
+    LM_HEAD_KERNEL(W, S, plain, IN_PLAIN)
 
 // logits[m, v] = dot(h[m, :], wte[v, :]); one warp per vocabulary row, 8 rows of h at a time.
 // Lanes read four consecutive weights at once when C is a multiple of 4 (GPT-2: 768).
@@ -278,6 +635,8 @@ extern "C" __global__ void attention(const float* qkv, const float* k_cache, con
                                      const int* row_pos, float* out, int C, int H, int max_seq, float scale) {
     extern __shared__ float smem[];
     __shared__ float scratch[32];
+    pdl_trigger();
+    pdl_wait();
     int r = blockIdx.x / H, h = blockIdx.x % H;
     int D = C / H;
     int ctx = row_pos[r] + 1;
@@ -326,6 +685,83 @@ extern "C" __global__ void attention(const float* qkv, const float* k_cache, con
     }
 }
 
+// Decode attention, split across blocks: block (split, head, row) covers the row's keys
+// [split * split_len, (split + 1) * split_len) below its context, with an online softmax per warp
+// (one key per warp at a time, lanes across the head dimension, coalesced). It stores the
+// unnormalised output (part[row][split][C]) and its running max and sum (ml[row][split][head][2]);
+// the next matmul's prologue (IN_ATTN) combines the splits. Splits past the context store an empty
+// result. Head dimension at most 256.
+#define ATT_MAX_DL 8
+extern "C" __global__ void attention_decode(const float* qkv, const float* k_cache, const float* v_cache,
+                                            const int* row_seq, const int* row_pos, float* part, float* ml, int C,
+                                            int H, int max_seq, float scale, int split_len) {
+    __shared__ float warp_m[32], warp_l[32];
+    __shared__ float warp_acc[8][256];
+    pdl_trigger();
+    int split = blockIdx.x, h = blockIdx.y, r = blockIdx.z, splits = gridDim.x;
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    int D = C / H;
+    pdl_wait();
+    int ctx = row_pos[r] + 1;
+    int t0 = split * split_len, t1 = min(ctx, t0 + split_len);
+    float q[ATT_MAX_DL], acc[ATT_MAX_DL];
+#pragma unroll
+    for (int i = 0; i < ATT_MAX_DL; i++) {
+        int d = lane + 32 * i;
+        q[i] = d < D ? qkv[(size_t)r * 3 * C + h * D + d] * scale : 0.0f;
+        acc[i] = 0.0f;
+    }
+    float mx = -INFINITY, l = 0.0f;
+    const float* keys = k_cache + (size_t)row_seq[r] * max_seq * C + h * D;
+    const float* values = v_cache + (size_t)row_seq[r] * max_seq * C + h * D;
+#pragma unroll 2
+    for (int t = t0 + warp; t < t1; t += warps) {
+        const float* key = keys + (size_t)t * C;
+        const float* val = values + (size_t)t * C;
+        float kv[ATT_MAX_DL], vv[ATT_MAX_DL];
+#pragma unroll
+        for (int i = 0; i < ATT_MAX_DL; i++) {
+            int d = lane + 32 * i;
+            kv[i] = d < D ? key[d] : 0.0f;
+            vv[i] = d < D ? val[d] : 0.0f;
+        }
+        float sc = 0.0f;
+#pragma unroll
+        for (int i = 0; i < ATT_MAX_DL; i++) sc += q[i] * kv[i];
+        sc = warp_sum(sc);
+        float mn = fmaxf(mx, sc);
+        float a = __expf(mx - mn), p = __expf(sc - mn);
+        l = l * a + p;
+#pragma unroll
+        for (int i = 0; i < ATT_MAX_DL; i++) acc[i] = acc[i] * a + p * vv[i];
+        mx = mn;
+    }
+    if (lane == 0) { warp_m[warp] = mx; warp_l[warp] = l; }
+    __syncthreads();
+    float bm = -INFINITY;
+    for (int w = 0; w < warps; w++) bm = fmaxf(bm, warp_m[w]);
+    float f = mx == -INFINITY ? 0.0f : __expf(mx - bm);
+#pragma unroll
+    for (int i = 0; i < ATT_MAX_DL; i++) {
+        int d = lane + 32 * i;
+        if (d < D) warp_acc[warp][d] = acc[i] * f;
+    }
+    __syncthreads();
+    float* out_ml = ml + (((size_t)r * splits + split) * H + h) * 2;
+    float* out = part + ((size_t)r * splits + split) * C + h * D;
+    for (int d = threadIdx.x; d < D; d += blockDim.x) {
+        float total = 0.0f;
+        for (int w = 0; w < warps; w++) total += warp_acc[w][d];
+        out[d] = total;
+    }
+    if (threadIdx.x == 0) {
+        float total = 0.0f;
+        for (int w = 0; w < warps; w++) total += warp_m[w] == -INFINITY ? 0.0f : warp_l[w] * __expf(warp_m[w] - bm);
+        out_ml[0] = bm;
+        out_ml[1] = total;
+    }
+}
+
 // out[b, :] = x[rows[b] - row_offset, :] for rows inside [row_offset, row_offset + n_rows).
 extern "C" __global__ void gather_rows(const float* x, const int* rows, int row_offset, int n_rows, float* out, int C) {
     int b = blockIdx.x;
@@ -337,7 +773,6 @@ extern "C" __global__ void gather_rows(const float* x, const int* rows, int row_
 // Two-stage argmax (first index on ties). Stage 1: block (chunk, b) finds the best of its chunk of
 // row b into best_value/best_index[b * chunks + chunk]; stage 2: one block per row picks the best
 // chunk into next[b].
-__device__ __forceinline__ bool better(float v, int i, float bv, int bi) { return v > bv || (v == bv && i < bi); }
 
 __device__ void block_best(float& bv, int& bi) {
     __shared__ float sv[32];

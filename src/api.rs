@@ -236,6 +236,18 @@ impl Session {
         self.decoder.select(params, out)
     }
 
+    /// Times the forward passes on the device (CUDA events) from now on; `take_device_ms` reads
+    /// the total. A no-op on the CPU backend.
+    pub fn set_device_timing(&mut self, on: bool) -> Result<()> {
+        self.decoder.set_device_timing(on)
+    }
+
+    /// Device time of the forward passes since the last call, in ms (kernels only: no launch,
+    /// copy or host time); `None` on backends that do not measure it.
+    pub fn take_device_ms(&mut self) -> Option<f64> {
+        self.decoder.take_device_ms()
+    }
+
     /// A flag that, once set from any thread, ends the running generation within one step (or the
     /// next one, before its first step, if none is running). Each generation that passes its
     /// argument checks clears it when it returns; one refused earlier leaves it pending.

@@ -232,6 +232,16 @@ impl Decoder {
     /// Chooses the next token of every sequence under `params` and writes them to the front of
     /// `out`. Each sequence's random stream restarts from `params.seed` after a prefill or when
     /// `params` change, and continues across calls otherwise.
+    /// See [`BackendState::set_device_timing`].
+    pub fn set_device_timing(&mut self, on: bool) -> Result<()> {
+        self.state.set_device_timing(on)
+    }
+
+    /// See [`BackendState::take_device_ms`].
+    pub fn take_device_ms(&mut self) -> Option<f64> {
+        self.state.take_device_ms()
+    }
+
     pub fn select(&mut self, params: &SamplingParams, out: &mut [u32]) -> Result<usize> {
         params.validate()?;
         if self.lens.is_empty() {

@@ -13,13 +13,15 @@ if [ -z "$NVCC" ]; then
   fi
 fi
 "$NVCC" --version | tail -2
-# SASS for Turing, Ampere (A100, consumer), Ada and Hopper, plus compute_75 PTX for anything newer.
+# SASS for Turing, Ampere (A100, consumer), Ada and Hopper, plus PTX for anything newer: compute_90
+# (which keeps the programmatic-dependent-launch waits the host enables on 9.0+) and compute_75.
 "$NVCC" -fatbin -O3 -std=c++17 \
   -gencode arch=compute_75,code=sm_75 \
   -gencode arch=compute_80,code=sm_80 \
   -gencode arch=compute_86,code=sm_86 \
   -gencode arch=compute_89,code=sm_89 \
   -gencode arch=compute_90,code=sm_90 \
+  -gencode arch=compute_90,code=compute_90 \
   -gencode arch=compute_75,code=compute_75 \
   -o kernels/gpt2rt.fatbin kernels/gpt2rt.cu
 cat kernels/*.cu | sha256sum | cut -d' ' -f1 > kernels/gpt2rt.fatbin.sha256

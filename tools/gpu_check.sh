@@ -17,6 +17,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpt2rt-gpu-out}
 BIN=${GPT2RT_BIN:-carry/gpt2rt}
 mkdir -p "$OUT"
+[ -f carry/bins.tar.xz ] && tar -C carry -xJf carry/bins.tar.xz
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 python3 -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)' | tee -a "$OUT/gpu.txt"
 "$BIN" inspect --builtin tiny | tee "$OUT/inspect.txt"

@@ -79,6 +79,16 @@ pub trait BackendState: Send + fmt::Debug {
     fn read_logits(&mut self, out: &mut [f32]) -> Result<()>;
     /// Chooses the next token of every sequence of the current batch into `out`.
     fn select(&mut self, sampler: &mut Sampler, out: &mut [u32]) -> Result<()>;
+    /// Turns on (or off) timing of the forward passes on the device. Backends without a device
+    /// ignore it.
+    fn set_device_timing(&mut self, _on: bool) -> Result<()> {
+        Ok(())
+    }
+    /// Device time of the forward passes (prefills and steps) since the last call, in ms: the
+    /// kernels only, without launches, copies or host work. `None` where not measured.
+    fn take_device_ms(&mut self) -> Option<f64> {
+        None
+    }
 }
 
 /// The tokens of every sequence of a session's batch, `[seq][max_seq]`, and their lengths: what a

@@ -288,15 +288,21 @@ fn bench(args: BenchArgs) -> gpt2rt::Result<()> {
                 max_seq: args.prompt_len + max_new,
                 kv_cache: kv,
             })?;
+            // Kernel-only time beside E2E, where the backend measures it (CUDA events).
+            session.set_device_timing(true)?;
             for &new_tokens in &args.new_tokens {
                 let params = GenerateParams { max_new_tokens: new_tokens, ..GenerateParams::default() };
                 let mut times = Vec::with_capacity(args.reps);
+                let mut device_times = Vec::with_capacity(args.reps);
                 for rep in 0..=args.reps {
+                    session.take_device_ms();
                     let start = Instant::now();
                     session.generate_tokens(&tokens, &lengths, &params, &mut |_, _, _| true)?;
                     let ms = start.elapsed().as_secs_f64() * 1e3;
+                    let device_ms = session.take_device_ms();
                     if rep > 0 {
                         times.push(ms);
+                        device_times.extend(device_ms);
                     }
                     bar.inc(1);
                     bar.set_message(format!(
@@ -305,7 +311,9 @@ fn bench(args: BenchArgs) -> gpt2rt::Result<()> {
                     ));
                 }
                 let med = median(&mut times);
+                let device_med = (!device_times.is_empty()).then(|| median(&mut device_times));
                 rows.push(serde_json::json!({
+                    "device_median_ms": device_med,
                     "batch": batch,
                     "new_tokens": new_tokens,
                     "prompt_len": args.prompt_len,
@@ -321,7 +329,7 @@ fn bench(args: BenchArgs) -> gpt2rt::Result<()> {
     bar.finish_and_clear();
     let info = engine.info();
     let mut md = format!(
-        "E2E decode latency, median of {} runs (prefill of a {}-token prompt + all steps + token copies)\n\n{}\n| batch | new tokens | KV on (ms) | KV off (ms) | KV on tokens/s |\n|---:|---:|---:|---:|---:|\n",
+        "E2E decode latency, median of {} runs (prefill of a {}-token prompt + all steps + token copies); kernels: device time of the forward passes alone (CUDA events), where measured\n\n{}\n| batch | new tokens | KV on (ms) | KV on, kernels (ms) | KV off (ms) | KV on tokens/s |\n|---:|---:|---:|---:|---:|---:|\n",
         args.reps,
         args.prompt_len,
         info.lines().map(|l| format!("- {l}\n")).collect::<String>()
@@ -334,8 +342,9 @@ fn bench(args: BenchArgs) -> gpt2rt::Result<()> {
             let on = find(true).expect("every cell was measured with the KV cache");
             let off =
                 find(false).map_or("-".to_string(), |r| format!("{:.2}", r["e2e_median_ms"].as_f64().unwrap_or(0.0)));
+            let kernels = on["device_median_ms"].as_f64().map_or("-".to_string(), |ms| format!("{ms:.2}"));
             md.push_str(&format!(
-                "| {batch} | {new_tokens} | {:.2} | {off} | {:.0} |\n",
+                "| {batch} | {new_tokens} | {:.2} | {kernels} | {off} | {:.0} |\n",
                 on["e2e_median_ms"].as_f64().unwrap_or(0.0),
                 on["tokens_per_s"].as_f64().unwrap_or(0.0)
             ));
