@@ -28,7 +28,8 @@ use std::fmt;
 use std::path::Path;
 use std::sync::{Arc, Mutex, OnceLock};
 
-/// The shim's functions (`shim.cpp`).
+/// The shim's functions (`shim.cpp`): imports, not part of gpt2rt's C ABI.
+/// cbindgen:ignore
 mod shim {
     use std::ffi::{c_char, c_void};
 
