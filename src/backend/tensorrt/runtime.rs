@@ -106,6 +106,11 @@ unsafe extern "C" fn trt_log(_user: *mut c_void, severity: i32, message: *const 
     });
 }
 
+/// Forgets what TensorRT logged before, so a failure is only ever explained by its own message.
+fn clear_trt_error() {
+    TRT_ERROR.with(|e| e.borrow_mut().clear());
+}
+
 /// An error for a failed TensorRT call, with what TensorRT logged about it.
 fn trt_error(kind: ErrorKind, what: impl fmt::Display) -> Error {
     let reason = TRT_ERROR.with(|e| std::mem::take(&mut *e.borrow_mut()));
@@ -344,6 +349,7 @@ impl TrtBackend {
             Error::new(kind, format!("engine file {}: {e}", path.display()))
         })?;
         let gpu = Gpu::open(device)?;
+        clear_trt_error();
         // SAFETY: the runtime is live for the process; TensorRT copies what it needs from `bytes`.
         let engine = unsafe { shim::gpt2rt_trt_engine_deserialize(trt.runtime, bytes.as_ptr().cast(), bytes.len()) };
         if engine.is_null() {
@@ -543,6 +549,7 @@ impl TrtState {
                 result::malloc_host(res.host_logits_len, 0).check("allocating pinned logits staging")?.cast();
         }
         res.stream = result::stream::create(result::stream::StreamKind::NonBlocking).check("creating a stream")?;
+        clear_trt_error();
         {
             let _guard = shared.create_lock.lock().unwrap_or_else(|e| e.into_inner());
             // SAFETY: a live engine; the context is destroyed in Resources::drop.
@@ -632,6 +639,7 @@ impl TrtState {
         }
         l.check_call(&shared.meta, profile, &shapes)?;
         shared.gpu.bind()?;
+        clear_trt_error();
         let stream = self.res.stream;
         // SAFETY: host_inputs holds host_inputs_len bytes, the arena's input region as many.
         unsafe {
