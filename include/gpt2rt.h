@@ -148,7 +148,9 @@ typedef void (*gpt2rt_log_callback)(void *user_data,
 typedef struct {
   // `sizeof(gpt2rt_engine_options)`, set by the default function.
   size_t struct_size;
-  // UTF-8 path of a Hugging Face GPT-2 directory; NULL/0 = the built-in synthetic model.
+  // UTF-8 path of a Hugging Face GPT-2 directory; NULL/0 = the built-in synthetic model. With
+  // `backend` = tensorrt: the path of a serialized TensorRT engine file (`config.json` and
+  // `tokenizer.json` next to it are used when present).
   const char *model_dir;
   size_t model_dir_len;
   // A `gpt2rt_backend` value (default: auto).

@@ -29,6 +29,11 @@ pub struct EngineOptions {
     pub dtype: Option<DType>,
     /// CPU worker threads; 0 = one per core.
     pub num_threads: usize,
+    /// A serialized TensorRT engine (`.engine`/`.plan`) for the tensorrt backend (`auto` then means
+    /// tensorrt). `config.json` and `tokenizer.json` are taken from `model_dir` when it is a
+    /// directory, else from the engine's directory, when present. With the tensorrt backend, a
+    /// `model_dir` that names a file is taken as the engine file (how the C ABI passes it).
+    pub engine_file: Option<PathBuf>,
 }
 
 impl Default for EngineOptions {
@@ -41,6 +46,7 @@ impl Default for EngineOptions {
             device: 0,
             dtype: None,
             num_threads: 0,
+            engine_file: None,
         }
     }
 }
@@ -87,6 +93,13 @@ impl Engine {
     }
 
     pub fn load(options: &EngineOptions) -> Result<Self> {
+        let engine_file = options
+            .engine_file
+            .clone()
+            .or_else(|| options.model_dir.clone().filter(|p| options.backend == BackendKind::TensorRt && p.is_file()));
+        if let Some(file) = engine_file {
+            return Self::load_tensorrt(options, &file);
+        }
         let mut notes = Vec::new();
         let (model, tokenizer) = match &options.model_dir {
             Some(dir) => {
@@ -110,7 +123,10 @@ impl Engine {
             BackendKind::Cuda => cuda_backend(&model, options)?,
             BackendKind::TensorRt => {
                 tensorrt::availability()?;
-                unreachable!("availability() fails in a build without the tensorrt backend")
+                bail!(
+                    InvalidArgument,
+                    "the tensorrt backend runs a serialized engine: give its file (--engine, or model_dir naming the .engine file); build one with `gpt2rt trt-command`"
+                )
             }
             BackendKind::Auto => match cuda_backend(&model, options) {
                 Ok(backend) => backend,
@@ -130,6 +146,50 @@ impl Engine {
             }
         }
         Ok(Self(Arc::new(EngineInner { backend, tokenizer, model_source, source_dtype, notes })))
+    }
+
+    /// A serialized TensorRT engine with its optional `config.json` and `tokenizer.json`.
+    fn load_tensorrt(options: &EngineOptions, file: &std::path::Path) -> Result<Self> {
+        if !matches!(options.backend, BackendKind::TensorRt | BackendKind::Auto) {
+            bail!(
+                InvalidArgument,
+                "{} is an engine file, which only the tensorrt backend runs (asked: {})",
+                file.display(),
+                options.backend
+            );
+        }
+        let mut notes = Vec::new();
+        let dir = tensorrt::sidecar_dir(file, options.model_dir.as_deref());
+        let config_path = dir.join("config.json");
+        let config = if config_path.is_file() {
+            let text = std::fs::read_to_string(&config_path).map_err(|e| err!(Io, "{}: {e}", config_path.display()))?;
+            Some(ModelConfig::from_json(&text).map_err(|e| e.context(config_path.display()))?)
+        } else {
+            notes.push(format!("no config.json in {}: model shapes come from the engine", dir.display()));
+            None
+        };
+        let backend = tensorrt::load(file, config, options.device)?;
+        let tok_path = dir.join("tokenizer.json");
+        let tokenizer = if tok_path.is_file() {
+            Tokenizer::from_file(&tok_path)?
+        } else {
+            notes.push(format!("no tokenizer.json in {}: using the built-in GPT-2 tokenizer", dir.display()));
+            Tokenizer::gpt2()?
+        };
+        if backend.config().vocab_size > tokenizer.vocab_size() {
+            notes.push(format!(
+                "the engine's vocabulary ({}) is larger than the tokenizer's ({})",
+                backend.config().vocab_size,
+                tokenizer.vocab_size()
+            ));
+        }
+        Ok(Self(Arc::new(EngineInner {
+            backend,
+            tokenizer,
+            model_source: file.display().to_string(),
+            source_dtype: DType::F32,
+            notes,
+        })))
     }
 
     pub fn config(&self) -> &ModelConfig {

@@ -2,9 +2,12 @@
 # The whole test suite, runnable on a fresh Debian 12 machine (installs what it needs with apt).
 # The README's test command and .ci/run both call this script. Sections:
 #   Rust (fmt, clippy, unit + integration tests incl. PyTorch parity), the embedded CUDA kernels'
-#   freshness, C/C++ (tools/test_c.sh), C#/Unity (tools/test_csharp.sh), Windows DLL under Wine
+#   freshness, the ONNX export validated with ONNX Runtime (tools/test_onnx.sh), the TensorRT shim
+#   compile check (tools/check_tensorrt_shim.sh: skipped without TensorRT headers), C/C++
+#   (tools/test_c.sh), C#/Unity (tools/test_csharp.sh), Windows DLL under Wine
 #   (tools/test_windows.sh), and the GPU tests (skipped, and said so, where there is no GPU).
-# GPT2RT_SKIP_WINDOWS=1 skips the Windows cross-build (about 9 minutes on 2 cores).
+# GPT2RT_SKIP_WINDOWS=1 skips the Windows cross-build (about 9 minutes on 2 cores);
+# GPT2RT_SKIP_ONNX=1 skips the ONNX export check (it installs onnx and onnxruntime into a venv).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -33,6 +36,12 @@ echo "fresh ($(cat kernels/gpt2rt.fatbin.sha256))"
 
 echo "== Rust tests (release: the parity tests run the real distilgpt2 shapes on the CPU)"
 cargo test --release -- --test-threads 2
+
+echo "== ONNX export (tools/export_onnx.py) against the CPU backend, with ONNX Runtime"
+bash tools/test_onnx.sh
+
+echo "== TensorRT shim compile check"
+bash tools/check_tensorrt_shim.sh
 
 echo "== C and C++"
 bash tools/test_c.sh

@@ -27,6 +27,35 @@ enum Command {
     Inspect(EngineArgs),
     /// Time end-to-end decoding over the original study's grid (batch x new tokens, KV on/off).
     Bench(BenchArgs),
+    /// Print the trtexec command that builds a TensorRT engine gpt2rt can run from an ONNX file
+    /// written by tools/export_onnx.py, with profiles covering prompt + generated tokens.
+    #[command(name = "trt-command")]
+    TrtRecipe(TrtCommandArgs),
+}
+
+#[derive(Args)]
+struct TrtCommandArgs {
+    /// The ONNX model (from tools/export_onnx.py: with or without past KV inputs).
+    #[arg(long)]
+    onnx: PathBuf,
+    /// Largest batch the engine must take.
+    #[arg(long)]
+    max_batch: usize,
+    /// Longest sequence (prompt + generated tokens) the engine must take.
+    #[arg(long)]
+    max_seq: usize,
+    /// Build in FP16 with every LayerNorm kept in FP32 (an fp16 ONNX is built strongly typed).
+    #[arg(long)]
+    fp16: bool,
+    /// Batch size TensorRT tunes its kernels for.
+    #[arg(long, default_value_t = 1)]
+    opt_batch: usize,
+    /// Sequence / past length TensorRT tunes for (default: max-seq / 2).
+    #[arg(long)]
+    opt_seq: Option<usize>,
+    /// Where trtexec saves the engine (default: the ONNX path with .engine).
+    #[arg(long)]
+    engine_out: Option<PathBuf>,
 }
 
 #[derive(Args, Clone)]
@@ -49,6 +78,10 @@ struct EngineArgs {
     /// CPU worker threads (0 = one per core).
     #[arg(long, default_value_t = 0)]
     threads: usize,
+    /// A serialized TensorRT engine (runs on the tensorrt backend; config.json and tokenizer.json
+    /// are taken from --model or from the engine's directory when present).
+    #[arg(long)]
+    engine: Option<PathBuf>,
 }
 
 impl EngineArgs {
@@ -61,6 +94,7 @@ impl EngineArgs {
             device: self.device,
             dtype: self.dtype.as_deref().map(DType::parse).transpose()?,
             num_threads: self.threads,
+            engine_file: self.engine.clone(),
         })
     }
 }
@@ -92,6 +126,10 @@ struct GenerateArgs {
     /// Print the generated token ids, one line per sequence, instead of text.
     #[arg(long)]
     print_tokens: bool,
+    /// Write a JSON record here: each sequence's prompt ids and generated ids, and the full logits
+    /// after the prefill and after the last step (what tools/export_onnx.py --validate compares).
+    #[arg(long)]
+    json: Option<PathBuf>,
     /// Prompts; default "Hello, my name is".
     prompts: Vec<String>,
 }
@@ -144,6 +182,7 @@ fn main() -> ExitCode {
         Command::Synth(args) => synth(args),
         Command::Inspect(args) => inspect(args),
         Command::Bench(args) => bench(args),
+        Command::TrtRecipe(args) => trt_command(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -187,6 +226,9 @@ fn generate(args: GenerateArgs) -> gpt2rt::Result<()> {
         stop_tokens: args.stop_tokens.clone(),
     };
     let tokens: Vec<u32> = encoded.concat();
+    if let Some(path) = &args.json {
+        return generate_json(&mut session, &encoded, &params, path);
+    }
     let streaming = prompts.len() == 1 && !args.print_tokens;
     let mut stdout = std::io::stdout().lock();
     if streaming {
@@ -224,6 +266,71 @@ fn generate(args: GenerateArgs) -> gpt2rt::Result<()> {
         prompts.len(),
         produced as f64 / elapsed,
         out.finish_reason
+    );
+    Ok(())
+}
+
+/// `generate --json`: the same decode through the session's verbs, recording the logits of the
+/// prefill and of the last step (stop tokens are not applied: every sequence runs to the end).
+fn generate_json(
+    session: &mut gpt2rt::Session,
+    prompts: &[Vec<u32>],
+    params: &GenerateParams,
+    path: &std::path::Path,
+) -> gpt2rt::Result<()> {
+    let vocab = session.engine().config().vocab_size;
+    let batch = prompts.len();
+    let lengths: Vec<usize> = prompts.iter().map(Vec::len).collect();
+    session.prefill(&prompts.concat(), &lengths)?;
+    let mut logits = vec![0.0f32; batch * vocab];
+    session.read_logits(&mut logits)?;
+    let prefill_logits = logits.clone();
+    let mut generated = vec![Vec::new(); batch];
+    let mut next = vec![0u32; batch];
+    for produced in 0..params.max_new_tokens {
+        if produced > 0 {
+            session.step(&next)?;
+            session.read_logits(&mut logits)?;
+        }
+        session.select(&params.sampling, &mut next)?;
+        for (seq, &t) in next.iter().enumerate() {
+            generated[seq].push(t);
+        }
+    }
+    let rows = |l: &[f32]| l.chunks(vocab).map(<[f32]>::to_vec).collect::<Vec<_>>();
+    let doc = serde_json::json!({
+        "backend": session.engine().backend_kind().name(),
+        "vocab_size": vocab,
+        "prompts": prompts,
+        "tokens": generated,
+        "prefill_logits": rows(&prefill_logits),
+        "last_logits": rows(&logits),
+    });
+    std::fs::write(path, serde_json::to_string(&doc).unwrap_or_default())
+        .map_err(|e| gpt2rt::Error::new(gpt2rt::ErrorKind::Io, format!("{}: {e}", path.display())))?;
+    eprintln!("wrote {}", path.display());
+    Ok(())
+}
+
+fn trt_command(args: TrtCommandArgs) -> gpt2rt::Result<()> {
+    use gpt2rt::backend::tensorrt::{onnx::OnnxModel, recipe};
+    let model = OnnxModel::read(&args.onnx)?;
+    let recipe = recipe::plan(
+        &model,
+        &recipe::RecipeOptions {
+            onnx: args.onnx.display().to_string(),
+            engine: args.engine_out.map(|p| p.display().to_string()),
+            max_batch: args.max_batch,
+            max_seq: args.max_seq,
+            opt_batch: args.opt_batch,
+            opt_seq: args.opt_seq,
+            fp16: args.fp16,
+        },
+    )?;
+    print!("{}", recipe.text);
+    println!(
+        "# then check it: gpt2rt inspect --engine {0} && gpt2rt generate --engine {0} --print-tokens --max-new-tokens 16 \"Hello, my name is\" (compare with --backend cpu --model <the HF directory>)",
+        recipe.engine
     );
     Ok(())
 }

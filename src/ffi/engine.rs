@@ -33,7 +33,9 @@ pub enum gpt2rt_backend {
 pub struct gpt2rt_engine_options {
     /// `sizeof(gpt2rt_engine_options)`, set by the default function.
     pub struct_size: usize,
-    /// UTF-8 path of a Hugging Face GPT-2 directory; NULL/0 = the built-in synthetic model.
+    /// UTF-8 path of a Hugging Face GPT-2 directory; NULL/0 = the built-in synthetic model. With
+    /// `backend` = tensorrt: the path of a serialized TensorRT engine file (`config.json` and
+    /// `tokenizer.json` next to it are used when present).
     pub model_dir: *const c_char,
     pub model_dir_len: usize,
     /// A `gpt2rt_backend` value (default: auto).
