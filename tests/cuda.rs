@@ -47,6 +47,18 @@ fn cuda_half_precision_agreement_is_reported() {
             "cuda {dtype} vs PyTorch fp32 (distilgpt2): greedy tokens agree on {agree}/{total} positions before the first divergence; max relative prefill logit difference {worst:.2e}"
         );
         assert!(worst < 5e-2, "{dtype}: logits too far from fp32 ({worst})");
+        // PyTorch in the same precision (CUDA, weights cast after loading), where that fixture exists.
+        let same = format!("distilgpt2_{dtype}");
+        if let Some(reference) = optional_fixture(&same) {
+            let (agree, total, worst) = agreement(&engine, &reference);
+            let device = reference["reference"]["device"].as_str().unwrap_or("?");
+            println!(
+                "cuda {dtype} vs PyTorch {dtype} on {device} (distilgpt2): greedy tokens agree on {agree}/{total} positions before the first divergence; max relative prefill logit difference {worst:.2e}"
+            );
+            assert!(worst < 5e-2, "{dtype}: logits too far from PyTorch {dtype} ({worst})");
+        } else {
+            println!("cuda {dtype}: no parity_{same}.json fixture, same-precision comparison skipped");
+        }
     }
 }
 

@@ -10,9 +10,11 @@ attention, CPU, no TF32 anywhere) decodes greedily, one prompt at a time with it
 - the greedy tokens of every prompt of every case,
 - a subset of the logits (every 13th entry plus the top 64) after prefill and at the last step.
 
-Usage: make_parity_fixtures.py NAME=DIR [NAME=DIR ...] --out FIXTURE_DIR
+Usage: make_parity_fixtures.py NAME=DIR [NAME=DIR ...] --out FIXTURE_DIR [--dtype D --device DEV]
 where DIR was written by `gpt2rt synth --config NAME --seed 0 --dtype f32 --out DIR`;
-writes FIXTURE_DIR/parity_NAME.json.
+writes FIXTURE_DIR/parity_NAME.json. With --dtype float16 or bfloat16 (and --device cuda: the
+precision PyTorch users decode in) the weights are cast after loading and the file is
+parity_NAME_f16.json / parity_NAME_bf16.json: the same-precision reference for gpt2rt's half modes.
 """
 
 import argparse
@@ -57,7 +59,8 @@ def logit_subset(logits):
 
 @torch.no_grad()
 def greedy(model, ids, new_tokens):
-    out = model(input_ids=torch.tensor([ids]), use_cache=True)
+    device = next(model.parameters()).device
+    out = model(input_ids=torch.tensor([ids], device=device), use_cache=True)
     past = out.past_key_values
     logits = out.logits[0, -1].float()
     prefill_logits = logits.clone()
@@ -67,7 +70,7 @@ def greedy(model, ids, new_tokens):
         tokens.append(t)
         if i == new_tokens - 1:
             break
-        out = model(input_ids=torch.tensor([[t]]), past_key_values=past, use_cache=True)
+        out = model(input_ids=torch.tensor([[t]], device=device), past_key_values=past, use_cache=True)
         past = out.past_key_values
         logits = out.logits[0, -1].float()
     return tokens, prefill_logits, logits
@@ -77,7 +80,10 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("models", nargs="+", help="NAME=DIR")
     parser.add_argument("--out", required=True)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
+    suffix = {"float32": "", "float16": "_f16", "bfloat16": "_bf16"}[args.dtype]
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     torch.set_num_threads(max(1, os.cpu_count() or 1))
@@ -90,7 +96,7 @@ def main():
         missing = [k for k in info["missing_keys"] if not k.startswith("lm_head")]
         if missing or info["unexpected_keys"] or info["mismatched_keys"]:
             raise SystemExit(f"{directory}: transformers did not load every weight: {info}")
-        model.eval()
+        model = model.to(device=args.device, dtype=getattr(torch, args.dtype)).eval()
         tok = Tokenizer.from_file(os.path.join(directory, "tokenizer.json"))
         prompt_ids = [tok.encode(p).ids for p in PROMPTS]
         cases = []
@@ -113,13 +119,13 @@ def main():
                 "torch": torch.__version__,
                 "transformers": transformers.__version__,
                 "python": platform.python_version(),
-                "device": "cpu",
-                "dtype": "float32",
+                "device": args.device if args.device == "cpu" else torch.cuda.get_device_name(),
+                "dtype": args.dtype,
                 "attn_implementation": "eager",
             },
             "cases": cases,
         }
-        path = os.path.join(args.out, f"parity_{name}.json")
+        path = os.path.join(args.out, f"parity_{name}{suffix}.json")
         with open(path, "w") as f:
             json.dump(fixture, f, separators=(",", ":"))
         print(f"wrote {path} ({os.path.getsize(path)} bytes)", flush=True)

@@ -5,13 +5,23 @@
 use gpt2rt::{BackendKind, DType, Engine, EngineOptions, GenerateParams, Preset, SessionOptions};
 use serde_json::Value;
 
-pub fn fixture(name: &str) -> Value {
+fn fixture_path(name: &str) -> String {
     // GPT2RT_FIXTURES lets the GPU machine check fixtures it just made, before they are committed.
     let dir =
         std::env::var("GPT2RT_FIXTURES").unwrap_or_else(|_| format!("{}/tests/fixtures", env!("CARGO_MANIFEST_DIR")));
-    let path = format!("{dir}/parity_{name}.json");
+    format!("{dir}/parity_{name}.json")
+}
+
+pub fn fixture(name: &str) -> Value {
+    let path = fixture_path(name);
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
     serde_json::from_str(&text).unwrap()
+}
+
+/// A fixture that may not exist (the same-precision references are made on the GPU machine).
+pub fn optional_fixture(name: &str) -> Option<Value> {
+    let text = std::fs::read_to_string(fixture_path(name)).ok()?;
+    Some(serde_json::from_str(&text).unwrap())
 }
 
 pub fn engine(fx: &Value, backend: BackendKind, dtype: Option<DType>) -> gpt2rt::Result<Engine> {
