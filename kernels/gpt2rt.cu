@@ -384,6 +384,28 @@ __device__ __forceinline__ const float* input_rows(const float* in, const int* t
 // and append the k/v columns to the KV cache at each row's (seq, pos). Dynamic shared memory:
 // M * K floats for every prologue but IN_PLAIN (those take M <= GEMV_ROWS).
 #define GEMV_MAX_M 64
+
+// The decode matmuls' epilogue for output (m, n) = v (bias included); `residual` is the old out
+// value in mode 2.
+__device__ __forceinline__ void gemv_store(float v, int m, int n, int N, int mode, float residual, float* out,
+                                           float* k_cache, float* v_cache, const int* row_seq, const int* pos,
+                                           int max_seq) {
+    size_t i = (size_t)m * N + n;
+    if (mode == 1) v = gelu_new(v);
+    if (mode == 2) {
+        out[i] = residual + v;
+        return;
+    }
+    out[i] = v;
+    if (mode == 3) {
+        int C = N / 3;
+        if (n >= C) {
+            size_t at = ((size_t)row_seq[m] * max_seq + pos[m]) * C + (n % C);
+            if (n < 2 * C) k_cache[at] = v; else v_cache[at] = v;
+        }
+    }
+}
+
 template <typename W, int IN>
 __device__ void gemv(const float* in, const int* tokens, const int* pos, const W* wte, const W* wpe, float* x_out,
                      const W* gamma, const W* beta, float eps, int M, int K, const W* __restrict__ w, int N,
@@ -426,24 +448,81 @@ __device__ void gemv(const float* in, const int* tokens, const int* pos, const W
             int m = g0 + lane;
             float v = 0.0f;
             for (int i = 0; i < wpc; i++) v += shares[warp + i][lane];
-            v += bias_n;
-            size_t i = (size_t)m * N + n;
-            if (mode == 1) v = gelu_new(v);
-            if (mode == 2) {
-                out[i] = (g0 == 0 ? residual : out[i]) + v;
-            } else {
-                out[i] = v;
-                if (mode == 3) {
-                    int C = N / 3;
-                    if (n >= C) {
-                        size_t at = ((size_t)row_seq[m] * max_seq + pos[m]) * C + (n % C);
-                        if (n < 2 * C) k_cache[at] = v; else v_cache[at] = v;
-                    }
-                }
-            }
+            float r = mode == 2 ? (g0 == 0 ? residual : out[(size_t)m * N + n]) : 0.0f;
+            gemv_store(v + bias_n, m, n, N, mode, r, out, k_cache, v_cache, row_seq, pos, max_seq);
         }
         if (wpc > 1) __syncthreads();
     }
+}
+
+// gemv for 2..GEMV_ROWS rows: each warp owns GEMV_COLS adjacent output columns over the same share
+// of K, so every input value it loads serves GEMV_COLS weights (the rows' loads, not the weights,
+// bound the one-column kernel once there are several rows). Needs the vector path and each
+// warp's share within one chunk (the host checks). Lane c * GEMV_ROWS + m finishes (m, n0 + c).
+#define GEMV_COLS 4
+template <typename W, int IN>
+__device__ void gemv_cols(const float* in, const int* tokens, const int* pos, const W* wte, const W* wpe,
+                          float* x_out, const W* gamma, const W* beta, float eps, int M, int K,
+                          const W* __restrict__ w, int N, const W* bias, float* out, int mode, float* k_cache,
+                          float* v_cache, const int* row_seq, int max_seq, const float* att_ml, int splits, int H,
+                          int wpc) {
+    constexpr int V = Vec<W>::N;
+    extern __shared__ float gemv_smem[];
+    __shared__ float shares[8][GEMV_COLS][GEMV_ROWS];
+    pdl_trigger();
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    int n0 = (blockIdx.x * ((blockDim.x >> 5) / wpc) + warp / wpc) * GEMV_COLS;
+    int share = warp % wpc;
+    int per = ((K + wpc - 1) / wpc + V - 1) / V * V;
+    int k_begin = min(K, share * per), len = min(K, k_begin + per) - k_begin;
+    Chunk<W> first[GEMV_COLS];
+#pragma unroll
+    for (int c = 0; c < GEMV_COLS; c++) load_chunk<W>(w + (size_t)min(n0 + c, N - 1) * K + k_begin, 0, len, first[c]);
+    int my_c = lane / GEMV_ROWS, my_m = lane % GEMV_ROWS, my_n = n0 + my_c;
+    float bias_n = to_f(bias[min(my_n, N - 1)]);
+    bool owner = share == 0 && my_n < N && my_m < M;
+    pdl_wait();
+    float residual = mode == 2 && owner ? out[(size_t)my_m * N + my_n] : 0.0f;
+    const float* x = input_rows<W, IN>(in, tokens, pos, wte, wpe, x_out, gamma, beta, eps, M, K, gemv_smem, att_ml,
+                                       splits, H, ATTENTION_SPLIT);
+    float acc[GEMV_COLS][GEMV_ROWS];
+#pragma unroll
+    for (int c = 0; c < GEMV_COLS; c++)
+#pragma unroll
+        for (int m = 0; m < GEMV_ROWS; m++) acc[c][m] = 0.0f;
+#pragma unroll
+    for (int u = 0; u < GEMV_UNROLL; u++) {
+        int k = (u * 32 + lane) * V;
+        if (k >= len) continue;
+        float wv[GEMV_COLS][V];
+#pragma unroll
+        for (int c = 0; c < GEMV_COLS; c++) Vec<W>::convert(first[c].v[u], wv[c]);
+#pragma unroll
+        for (int m = 0; m < GEMV_ROWS; m++) {
+            if (m >= M) break;
+            const float* xr = x + (size_t)m * K + k_begin + k;
+#pragma unroll
+            for (int j = 0; j < V; j += 4) {
+                float4 xv = *reinterpret_cast<const float4*>(xr + j);
+#pragma unroll
+                for (int c = 0; c < GEMV_COLS; c++)
+                    acc[c][m] += xv.x * wv[c][j] + xv.y * wv[c][j + 1] + xv.z * wv[c][j + 2] + xv.w * wv[c][j + 3];
+            }
+        }
+    }
+#pragma unroll
+    for (int c = 0; c < GEMV_COLS; c++)
+#pragma unroll
+        for (int m = 0; m < GEMV_ROWS; m++) {
+            if (m >= M) break;
+            float s = warp_sum(acc[c][m]);
+            if (lane == 0) shares[warp][c][m] = s;
+        }
+    __syncthreads();
+    if (!owner) return;
+    float v = 0.0f;
+    for (int i = 0; i < wpc; i++) v += shares[warp + i][my_c][my_m];
+    gemv_store(v + bias_n, my_m, my_n, N, mode, residual, out, k_cache, v_cache, row_seq, pos, max_seq);
 }
 
 // Combines attention_decode's per-split results into att[m, :] (the IN_ATTN prologue, for batches
@@ -559,6 +638,15 @@ __device__ void lm_head_fused(const float* h, const W* gamma, const W* beta, flo
         lm_head_fused<W, IN>(h, g, b, eps, M, wte, V, C, logits, bv, bi, seq_len);                                \
     }
 
+#define GEMV_COLS_KERNEL(W, S, NAME, IN)                                                                          \
+    extern "C" __global__ void gemv_cols_##NAME##_##S(                                                            \
+        const float* in, const int* tokens, const int* pos, const W* wte, const W* wpe, float* x_out, const W* g,  \
+        const W* b, float eps, int M, int K, const W* w, int N, const W* bias, float* out, int mode, float* kc,    \
+        float* vc, const int* rs, int max_seq, const float* att_ml, int splits, int H, int wpc) {                  \
+        gemv_cols<W, IN>(in, tokens, pos, wte, wpe, x_out, g, b, eps, M, K, w, N, bias, out, mode, kc, vc, rs,    \
+                         max_seq, att_ml, splits, H, wpc);                                                        \
+    }
+
 #define INSTANTIATE(W, S)                                                                                         \
     extern "C" __global__ void embed_##S(const int* t, const int* p, const W* wte, const W* wpe, float* x, int C) { \
         embed<W>(t, p, wte, wpe, x, C);                                                                           \
@@ -582,6 +670,10 @@ __device__ void lm_head_fused(const float* h, const W* gamma, const W* beta, flo
     GEMV_KERNEL(W, S, ln, IN_LN)                                                                                  \
     GEMV_KERNEL(W, S, embed_ln, IN_EMBED_LN)                                                                      \
     GEMV_KERNEL(W, S, attn, IN_ATTN)                                                                              \
+    GEMV_COLS_KERNEL(W, S, plain, IN_PLAIN)                                                                       \
+    GEMV_COLS_KERNEL(W, S, ln, IN_LN)                                                                             \
+    GEMV_COLS_KERNEL(W, S, embed_ln, IN_EMBED_LN)                                                                 \
+    GEMV_COLS_KERNEL(W, S, attn, IN_ATTN)                                                                         \
     LM_HEAD_KERNEL(W, S, ln, IN_LN)                                                                               \
     LM_HEAD_KERNEL(W, S, plain, IN_PLAIN)
 

@@ -23,6 +23,8 @@ const GEMV_MAX_M: usize = 64;
 /// 48.3 tiled, batch 16 61.9 vs 54.1, batch 64 225.9 vs 101.3. The decode kernels stream the
 /// weights once but spend fp32 CUDA-core work per row; past a group of rows the tiled kernel wins.
 const DECODE_ROWS: usize = GEMV_MAX_ROWS;
+/// Output columns a warp of the several-row GEMV kernels owns (GEMV_COLS in the .cu file).
+const GEMV_COLS: usize = 4;
 /// Threads per block of the GEMV kernels (each output column owned by 1, 2, 4 or 8 warps).
 const GEMV_THREADS: usize = 256;
 /// Blocks of the fused LM head (each a grid-stride share of the vocabulary and one partial argmax).
@@ -122,6 +124,8 @@ struct Kernels {
     gemv_ln: sys::CUfunction,
     gemv_embed_ln: sys::CUfunction,
     gemv_attn: sys::CUfunction,
+    /// The same four prologues, GEMV_COLS columns a warp (2..=GEMV_ROWS rows).
+    gemv_cols: [sys::CUfunction; 4],
     attention_decode: sys::CUfunction,
     lm_head_ln: sys::CUfunction,
     lm_head_plain: sys::CUfunction,
@@ -175,6 +179,12 @@ impl Device {
             gemv_ln: get(&format!("gemv_ln_{suffix}"))?,
             gemv_embed_ln: get(&format!("gemv_embed_ln_{suffix}"))?,
             gemv_attn: get(&format!("gemv_attn_{suffix}"))?,
+            gemv_cols: [
+                get(&format!("gemv_cols_plain_{suffix}"))?,
+                get(&format!("gemv_cols_ln_{suffix}"))?,
+                get(&format!("gemv_cols_embed_ln_{suffix}"))?,
+                get(&format!("gemv_cols_attn_{suffix}"))?,
+            ],
             attention_decode: get("attention_decode")?,
             lm_head_ln: get(&format!("lm_head_ln_{suffix}"))?,
             lm_head_plain: get(&format!("lm_head_plain_{suffix}"))?,
@@ -826,11 +836,11 @@ impl CudaState {
         let eps = self.shared.config.layer_norm_epsilon;
         let (kc, vc, row_seq, row_pos) = kv;
         let wt = &self.shared.weights;
-        let (f, x, tokens, g, b, smem) = match input {
-            GemvInput::Plain(x) => (kernels.gemv_plain, x, 0, 0, 0, 0),
-            GemvInput::Norm(x, g, b) => (kernels.gemv_ln, x, 0, g.ptr, b.ptr, m * k * 4),
-            GemvInput::EmbedNorm(tokens, g, b) => (kernels.gemv_embed_ln, 0, tokens, g.ptr, b.ptr, m * k * 4),
-            GemvInput::Attention => (kernels.gemv_attn, self.att_part.ptr, 0, 0, 0, m * k * 4),
+        let (f, x, tokens, g, b, smem, which) = match input {
+            GemvInput::Plain(x) => (kernels.gemv_plain, x, 0, 0, 0, 0, 0),
+            GemvInput::Norm(x, g, b) => (kernels.gemv_ln, x, 0, g.ptr, b.ptr, m * k * 4, 1),
+            GemvInput::EmbedNorm(tokens, g, b) => (kernels.gemv_embed_ln, 0, tokens, g.ptr, b.ptr, m * k * 4, 2),
+            GemvInput::Attention => (kernels.gemv_attn, self.att_part.ptr, 0, 0, 0, m * k * 4, 3),
         };
         let args = Args::new()
             .ptr(x)
@@ -857,9 +867,15 @@ impl CudaState {
             .int(self.attention_splits())
             .int(self.shared.config.n_head);
         // Warps per output column: enough that each streams about one chunk (4 x 16 bytes per lane).
-        let chunk = 32 * 4 * (16 / self.shared.dtype.size());
+        let vector = 16 / self.shared.dtype.size();
+        let chunk = 32 * 4 * vector;
         let wpc = k.div_ceil(chunk).next_power_of_two().min(GEMV_THREADS / 32);
         let columns_per_block = GEMV_THREADS / 32 / wpc;
+        // Several rows: GEMV_COLS columns a warp, where its share of each row is one chunk.
+        if (2..=GEMV_MAX_ROWS).contains(&m) && k % vector == 0 && k.div_ceil(wpc).next_multiple_of(vector) <= chunk {
+            let blocks = n.div_ceil(columns_per_block * GEMV_COLS);
+            return self.launch_overlapped(kernels.gemv_cols[which], blocks, GEMV_THREADS, smem, args.int(wpc));
+        }
         self.launch_overlapped(f, n.div_ceil(columns_per_block), GEMV_THREADS, smem, args.int(wpc))
     }
 
