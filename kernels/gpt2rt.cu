@@ -202,27 +202,25 @@ template <> struct Vec<float> {
         out[2] = __uint_as_float(raw.z); out[3] = __uint_as_float(raw.w);
     }
 };
+__device__ __forceinline__ float2 pair_to_f(__half2 p) { return __half22float2(p); }
+__device__ __forceinline__ float2 pair_to_f(__nv_bfloat162 p) { return __bfloat1622float2(p); }
+// Eight 16-bit weights (as pairs of type P) as floats.
+template <typename P>
+__device__ __forceinline__ void convert_pairs(uint4 raw, float* out) {
+    const P* h = reinterpret_cast<const P*>(&raw);
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        float2 f = pair_to_f(h[i]);
+        out[2 * i] = f.x; out[2 * i + 1] = f.y;
+    }
+}
 template <> struct Vec<__half> {
     static constexpr int N = 8;
-    static __device__ __forceinline__ void convert(uint4 raw, float* out) {
-        const __half2* h = reinterpret_cast<const __half2*>(&raw);
-#pragma unroll
-        for (int i = 0; i < 4; i++) {
-            float2 f = __half22float2(h[i]);
-            out[2 * i] = f.x; out[2 * i + 1] = f.y;
-        }
-    }
+    static __device__ __forceinline__ void convert(uint4 raw, float* out) { convert_pairs<__half2>(raw, out); }
 };
 template <> struct Vec<__nv_bfloat16> {
     static constexpr int N = 8;
-    static __device__ __forceinline__ void convert(uint4 raw, float* out) {
-        const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&raw);
-#pragma unroll
-        for (int i = 0; i < 4; i++) {
-            float2 f = __bfloat1622float2(h[i]);
-            out[2 * i] = f.x; out[2 * i + 1] = f.y;
-        }
-    }
+    static __device__ __forceinline__ void convert(uint4 raw, float* out) { convert_pairs<__nv_bfloat162>(raw, out); }
 };
 
 // Programmatic dependent launch (sm_90+; the host enables it only there): a kernel launched with it

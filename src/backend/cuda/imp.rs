@@ -761,7 +761,7 @@ impl CudaState {
     }
 
     /// `out[M, N] = in[M, K] @ w + bias` (w stored `[N, K]`), then `mode` (see matmul_finish in the
-    /// .cu file): the tiled split-K path for more than GEMV_MAX_ROWS rows.
+    /// .cu file): the tiled split-K path, for row counts past the decode path.
     #[allow(clippy::too_many_arguments)]
     fn matmul(
         &self,
@@ -817,8 +817,9 @@ impl CudaState {
         m <= GEMV_MAX_ROWS && m * self.shared.config.n_embd * 4 <= DEFAULT_SMEM
     }
 
-    /// One decode-path matmul (see `gemv` in the .cu file): `m <= GEMV_MAX_ROWS` rows, one warp per
-    /// output column, the input prologue `input` and the epilogue `mode` fused.
+    /// One decode-path matmul (see `gemv` and `gemv_cols` in the .cu file): `m <= GEMV_MAX_M` rows,
+    /// one output column a warp (or GEMV_COLS for 2..=GEMV_MAX_ROWS rows), the input prologue
+    /// `input` and the epilogue `mode` fused.
     #[allow(clippy::too_many_arguments)]
     fn gemv(
         &self,
