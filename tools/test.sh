@@ -3,7 +3,8 @@
 # The README's test command and .ci/run both call this script. Sections:
 #   Rust (fmt, clippy, unit + integration tests incl. PyTorch parity), the embedded CUDA kernels'
 #   freshness, C/C++ (tools/test_c.sh), C#/Unity (tools/test_csharp.sh), Windows DLL under Wine
-#   (tools/test_windows.sh), and the GPU tests (skipped, and said so, where there is no GPU).
+#   (tools/test_windows.sh), and the GPU tests (skipped, and said so, where there is no GPU); a short
+#   run of each fuzz target (tools/fuzz.sh smoke; GPT2RT_FUZZ_SECONDS sets its length, default 20).
 # GPT2RT_SKIP_WINDOWS=1 skips the Windows cross-build (about 9 minutes on 2 cores).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -33,6 +34,9 @@ echo "fresh ($(cat kernels/gpt2rt.fatbin.sha256))"
 
 echo "== Rust tests (release: the parity tests run the real distilgpt2 shapes on the CPU)"
 cargo test --release -- --test-threads 2
+
+echo "== fuzz smoke: each cargo-fuzz target for ${GPT2RT_FUZZ_SECONDS:-20} s (skipped without nightly; long runs: tools/fuzz.sh long)"
+bash tools/fuzz.sh smoke "${GPT2RT_FUZZ_SECONDS:-20}"
 
 echo "== C and C++"
 bash tools/test_c.sh
