@@ -135,8 +135,9 @@ fn one_session_hammered_from_two_threads_answers_busy_and_stays_correct() {
         let want = want.clone();
         std::thread::spawn(move || {
             start.wait();
+            // Until this thread has run 30 generations itself: the other one is trying meanwhile.
             let (mut ok, mut busy) = (0, 0);
-            for _ in 0..150 {
+            while ok < 30 {
                 match generate(s, "Two threads, one session", NEW_TOKENS) {
                     Ok(tokens) => {
                         assert_eq!(tokens, want, "a generation that ran was disturbed by the other thread");
@@ -149,15 +150,13 @@ fn one_session_hammered_from_two_threads_answers_busy_and_stays_correct() {
                 let st = unsafe { gpt2rt_session_batch(s.0, &mut batch) };
                 assert!(matches!(st, gpt2rt_status::Ok | gpt2rt_status::SessionBusy), "{st:?}");
             }
-            (ok, busy)
+            busy
         })
     };
     let (a, b) = (hammer(0), hammer(1));
-    let ((ok_a, busy_a), (ok_b, busy_b)) = (a.join().unwrap(), b.join().unwrap());
-    assert_eq!(ok_a + busy_a + ok_b + busy_b, 300);
-    assert!(ok_a + ok_b > 0);
-    // Overlap is likely but scheduling decides; the statuses above are what must hold.
-    eprintln!("two threads on one session: {} ran, {} answered SESSION_BUSY", ok_a + ok_b, busy_a + busy_b);
+    let busy = a.join().unwrap() + b.join().unwrap();
+    // Overlap is near certain but scheduling decides; the statuses above are what must hold.
+    eprintln!("two threads on one session: 60 generations ran, {busy} calls answered SESSION_BUSY");
     assert_eq!(generate(s, "Two threads, one session", NEW_TOKENS).unwrap(), want, "still usable");
     unsafe {
         gpt2rt_session_destroy(s.0);
