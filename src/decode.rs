@@ -273,8 +273,10 @@ impl Decoder {
     ) -> Result<GenerateOutput> {
         params.sampling.validate()?;
         self.check_tokens(&params.stop_tokens)?;
-        if let Some((i, l)) =
-            lengths.iter().enumerate().find(|(_, l)| **l + params.max_new_tokens > self.profile.max_seq)
+        if let Some((i, l)) = lengths
+            .iter()
+            .enumerate()
+            .find(|(_, l)| l.checked_add(params.max_new_tokens).is_none_or(|total| total > self.profile.max_seq))
         {
             bail!(
                 SequenceExceedsProfile,

@@ -11,6 +11,7 @@ pub mod backend;
 pub mod decode;
 pub mod ffi;
 pub mod log;
+pub mod memory;
 pub mod model;
 pub mod sampling;
 pub mod tokenizer;

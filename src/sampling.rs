@@ -102,6 +102,11 @@ impl Sampler {
         }
         let vocab = row.len();
         let inv_t = 1.0 / p.temperature;
+        if !inv_t.is_finite() {
+            // A temperature so small that 1/t overflows f32 is greedy in the limit (and would
+            // otherwise make 0 * inf = NaN probabilities).
+            return argmax(row);
+        }
         let order = &mut self.order[..vocab];
         for (i, o) in order.iter_mut().enumerate() {
             *o = i as u32;
@@ -196,6 +201,16 @@ mod tests {
         };
         assert_eq!(draw(0), draw(0));
         assert_ne!(draw(0), draw(1));
+    }
+
+    #[test]
+    fn a_vanishing_temperature_is_greedy() {
+        let row = [0.5, 3.0, -1.0, 2.0];
+        let mut s = Sampler::new(1, row.len());
+        for temperature in [1e-39, f32::MIN_POSITIVE, 1e-45] {
+            s.set_params(SamplingParams { temperature, top_k: 0, top_p: 0.5, seed: 3 });
+            assert!((0..50).all(|_| s.select(0, &row) == 1), "temperature {temperature}");
+        }
     }
 
     #[test]

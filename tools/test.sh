@@ -3,7 +3,8 @@
 # The README's test command and .ci/run both call this script. Sections:
 #   Rust (fmt, clippy, unit + integration tests incl. PyTorch parity), the embedded CUDA kernels'
 #   freshness, the ONNX export validated with ONNX Runtime (tools/test_onnx.sh), the TensorRT shim
-#   compile check (tools/check_tensorrt_shim.sh: skipped without TensorRT headers), C/C++
+#   compile check (tools/check_tensorrt_shim.sh: skipped without TensorRT headers), a short run of
+#   each fuzz target (tools/fuzz.sh smoke; GPT2RT_FUZZ_SECONDS sets its length, default 20), C/C++
 #   (tools/test_c.sh), C#/Unity (tools/test_csharp.sh), Windows DLL under Wine
 #   (tools/test_windows.sh), and the GPU tests (skipped, and said so, where there is no GPU).
 # GPT2RT_SKIP_WINDOWS=1 skips the Windows cross-build (about 9 minutes on 2 cores);
@@ -42,6 +43,9 @@ bash tools/test_onnx.sh
 
 echo "== TensorRT shim compile check"
 bash tools/check_tensorrt_shim.sh
+
+echo "== fuzz smoke: each cargo-fuzz target for ${GPT2RT_FUZZ_SECONDS:-20} s (skipped without nightly; long runs: tools/fuzz.sh long)"
+bash tools/fuzz.sh smoke "${GPT2RT_FUZZ_SECONDS:-20}"
 
 echo "== C and C++"
 bash tools/test_c.sh

@@ -9,6 +9,7 @@
 
 use super::{Backend, BackendKind, BackendState, History, Profile};
 use crate::error::Result;
+use crate::memory::{ensure_host_memory, human};
 use crate::model::{LayerWeights, Model, ModelConfig};
 use crate::sampling::Sampler;
 use rayon::prelude::*;
@@ -98,15 +99,37 @@ struct CpuState {
 fn zeroed(len: usize, what: &str) -> Result<Vec<f32>> {
     let mut v = Vec::new();
     v.try_reserve_exact(len)
-        .map_err(|_| err!(OutOfMemory, "cannot allocate {} MiB for the {what}", (len * 4) >> 20))?;
+        .map_err(|_| err!(OutOfMemory, "cannot allocate {} for the {what}", human(len as u128 * 4)))?;
     v.resize(len, 0.0);
     Ok(v)
+}
+
+/// Host bytes of a CPU session of `profile`: every buffer [`CpuState`] allocates, plus what the
+/// decoder and the C ABI keep per session (token histories, sampler scratch). Computed in 128 bits,
+/// so no profile can overflow it.
+fn session_bytes(cfg: &ModelConfig, profile: Profile) -> (u128, u128) {
+    let (l, c, v) = (cfg.n_layer as u128, cfg.n_embd as u128, cfg.vocab_size as u128);
+    let (b, s) = (profile.max_batch as u128, profile.max_seq as u128);
+    let rows = b.max(s);
+    let kv = 2 * l * b * s * c * 4;
+    // x, xn, att (c each), qkv (3c), hidden4 (4c); scores; last hidden states and logits.
+    let activations = (rows * 10 * c + rows * s + b * c + b * v) * 4;
+    // Row metadata; the tokens of each sequence (backend history and the C ABI's prompt buffer);
+    // the sampler's order and probabilities.
+    let bookkeeping = rows * 8 + 2 * b * s * 4 + 8 * v;
+    (kv + activations + bookkeeping, kv)
 }
 
 impl CpuState {
     fn new(shared: Arc<Shared>, profile: Profile, kv_cache: bool) -> Result<Self> {
         let cfg = &shared.model.config;
         let (b, s, c) = (profile.max_batch, profile.max_seq, cfg.n_embd);
+        let (needed, kv) = session_bytes(cfg, profile);
+        let what = format!("a CPU session of max_batch {b} x max_seq {s} (KV cache {})", human(kv));
+        if needed > isize::MAX as u128 {
+            bail!(OutOfMemory, "{what} needs {}, more than this platform can address", human(needed));
+        }
+        ensure_host_memory(needed, &what)?;
         let rows_cap = b.max(s);
         let kv_len = cfg
             .n_layer
@@ -434,6 +457,18 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn session_size_counts_every_buffer() {
+        // distilgpt2 at the CPU limits: 6 layers x 256 x 1024 x 768 x 2 (K and V) x 4 bytes.
+        let cfg = crate::model::Preset::DistilGpt2.config();
+        let (total, kv) = session_bytes(&cfg, Profile { max_batch: 256, max_seq: 1024 });
+        assert_eq!(kv, 9_663_676_416);
+        assert!(total > kv && total < kv + (100 << 20), "{total}");
+        // What an 8 GiB machine answers.
+        let e = crate::memory::check_host_memory(total, Some(8 << 30), &"s").unwrap_err();
+        assert_eq!(e.kind(), crate::ErrorKind::OutOfMemory);
     }
 
     #[test]

@@ -62,11 +62,17 @@ impl ModelConfig {
         self.n_embd / self.n_head
     }
 
-    /// Number of parameters with lm_head tied to wte.
+    /// Number of parameters with lm_head tied to wte (saturating at `usize::MAX`).
     pub fn param_count(&self) -> usize {
-        let c = self.n_embd;
+        usize::try_from(self.param_count_wide()).unwrap_or(usize::MAX)
+    }
+
+    /// Number of parameters with lm_head tied to wte, in 128 bits: a config that claims a huge model
+    /// must be refused, not overflow while its size is computed.
+    pub(crate) fn param_count_wide(&self) -> u128 {
+        let c = self.n_embd as u128;
         let per_layer = 2 * c + (c * 3 * c + 3 * c) + (c * c + c) + 2 * c + (c * 4 * c + 4 * c) + (4 * c * c + c);
-        self.vocab_size * c + self.n_positions * c + self.n_layer * per_layer + 2 * c
+        (self.vocab_size as u128 + self.n_positions as u128) * c + self.n_layer as u128 * per_layer + 2 * c
     }
 
     /// Checks the invariants every backend relies on.
@@ -103,8 +109,8 @@ impl ModelConfig {
                 self.layer_norm_epsilon
             );
         }
-        if (self.param_count() as u128) * 4 > 1u128 << 40 {
-            bail!(InvalidConfig, "config.json: model of {} parameters is too large", self.param_count());
+        if self.param_count_wide() * 4 > 1u128 << 40 {
+            bail!(InvalidConfig, "config.json: model of {} parameters is too large", self.param_count_wide());
         }
         Ok(())
     }
@@ -227,5 +233,17 @@ mod tests {
         assert_eq!(ModelConfig::from_json("{").unwrap_err().kind(), ErrorKind::InvalidConfig);
         let zero = r#"{"n_layer":0,"n_embd":64,"n_head":4,"n_positions":8,"vocab_size":10}"#;
         assert!(ModelConfig::from_json(zero).unwrap_err().message().contains("n_layer"));
+    }
+
+    #[test]
+    fn a_config_whose_size_overflows_64_bits_is_refused_not_wrapped() {
+        // n_layer * per-layer parameters is about 2^75: it used to overflow (a panic with overflow
+        // checks, a wrapped and possibly accepted size without).
+        let huge = r#"{"n_layer":16777216,"n_embd":16777216,"n_head":65536,"n_positions":1,"vocab_size":1}"#;
+        let e = ModelConfig::from_json(huge).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::InvalidConfig);
+        assert!(e.message().contains("too large"), "{e}");
+        let config = ModelConfig { n_layer: 1 << 24, n_embd: 1 << 24, n_head: 1 << 16, ..Preset::Tiny.config() };
+        assert_eq!(config.param_count(), usize::MAX);
     }
 }

@@ -2,6 +2,7 @@
 
 use super::{DType, LayerWeights, Model, ModelConfig, Weights, named_tensors};
 use crate::error::Result;
+use crate::memory::ensure_host_memory;
 use half::{bf16, f16};
 use safetensors::{Dtype as StDtype, SafeTensors, tensor::TensorView};
 use std::collections::HashMap;
@@ -26,6 +27,20 @@ pub fn load_dir(dir: &Path) -> Result<Model> {
         .map_err(|_| err!(InvalidConfig, "{}: not UTF-8", dir.join("config.json").display()))?;
     let config = ModelConfig::from_json(&config_text).map_err(|e| e.context(dir.join("config.json").display()))?;
     let st_path = dir.join("model.safetensors");
+    // Sizes first, from the file's metadata: a config that does not fit the file, or a model that
+    // does not fit in memory, fails before the file is read.
+    let file_len = std::fs::metadata(&st_path)
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => err!(FileNotFound, "{} not found", st_path.display()),
+            _ => err!(Io, "cannot read {}: {e}", st_path.display()),
+        })?
+        .len();
+    ensure_file_fits_config(&config, file_len as u128).map_err(|e| e.context(st_path.display()))?;
+    let params = config.param_count_wide();
+    ensure_host_memory(
+        file_len as u128 + 4 * params,
+        &format_args!("loading {} ({params} parameters, held as f32)", st_path.display()),
+    )?;
     let bytes = read_file(&st_path)?;
     let (weights, source_dtype) = load_safetensors(&config, &bytes).map_err(|e| e.context(st_path.display()))?;
     Ok(Model { config, weights, source_dtype, source: dir.display().to_string() })
@@ -37,6 +52,7 @@ pub fn load_dir(dir: &Path) -> Result<Model> {
 /// shapes) before any tensor is converted, so a header that claims more data than exists fails
 /// without allocating for it.
 pub fn load_safetensors(config: &ModelConfig, bytes: &[u8]) -> Result<(Weights, DType)> {
+    ensure_file_fits_config(config, bytes.len() as u128)?;
     let st = SafeTensors::deserialize(bytes).map_err(|e| err!(ModelFormat, "not a valid safetensors file: {e}"))?;
     let tensors: HashMap<String, TensorView<'_>> = st.tensors().into_iter().collect();
     let prefix = if tensors.contains_key("transformer.wte.weight") { "transformer." } else { "" };
@@ -89,6 +105,21 @@ pub fn load_safetensors(config: &ModelConfig, bytes: &[u8]) -> Result<(Weights, 
     };
     let weights = Weights { wte, wpe, layers, ln_f_weight, ln_f_bias, lm_head };
     Ok((weights, source_dtype))
+}
+
+/// A file of `len` bytes cannot hold the weights `config` describes when it is smaller than their
+/// size at 2 bytes per parameter (f16/bf16, the smallest dtype loaded): refused with `ModelFormat`
+/// before anything is parsed or allocated for the config's sake.
+fn ensure_file_fits_config(config: &ModelConfig, len: u128) -> Result<()> {
+    let needed = config.param_count_wide() * 2;
+    if len < needed {
+        bail!(
+            ModelFormat,
+            "the file has {len} bytes, but config.json describes a model of {} parameters, which needs at least {needed} bytes (f16/bf16): config.json and the weights do not match",
+            config.param_count_wide()
+        );
+    }
+    Ok(())
 }
 
 fn to_f32(view: &TensorView<'_>) -> Result<Vec<f32>> {
@@ -241,6 +272,18 @@ mod tests {
         let e = load_safetensors(&config, &full[..full.len() - 10]).unwrap_err();
         assert_eq!(e.kind(), ErrorKind::ModelFormat, "{e}");
         assert_eq!(load_safetensors(&config, &[1, 2, 3]).unwrap_err().kind(), ErrorKind::ModelFormat);
+    }
+
+    #[test]
+    fn a_config_claiming_a_huge_model_fails_against_a_small_file_before_allocating() {
+        // GPT-2 XL's shape (1.5 billion parameters) against a 4 KiB file.
+        let config = ModelConfig { n_layer: 48, n_embd: 1600, n_head: 25, n_positions: 1024, ..Preset::Tiny.config() };
+        let e = load_safetensors(&config, &[0; 4096]).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::ModelFormat);
+        assert!(e.message().contains("4096 bytes") && e.message().contains("do not match"), "{e}");
+        // n_layer = 2^24 would have reserved 2^24 layer slots (4.8 GB) before looking at the file.
+        let config = ModelConfig { n_layer: 1 << 24, n_embd: 8, n_head: 2, n_positions: 8, vocab_size: 16, ..config };
+        assert_eq!(load_safetensors(&config, &[0; 64]).unwrap_err().kind(), ErrorKind::ModelFormat);
     }
 
     #[test]
