@@ -196,7 +196,10 @@ typedef struct {
   uint32_t kv_cache;
 } gpt2rt_session_options;
 
-// Sampling rules for `gpt2rt_session_sample` and generation.
+// Sampling rules for `gpt2rt_session_sample` and generation. Tokens rank by logit (then smaller
+// id); the first `top_k` are kept, then the shortest ranked prefix reaching `top_p` of their
+// probability; the draw walks the kept tokens in id order. Every backend follows these rules with
+// the same per-sequence random streams, on the device where there is one.
 typedef struct {
   // 0 = greedy (argmax); otherwise logits are divided by it before softmax.
   float temperature;

@@ -920,3 +920,170 @@ extern "C" __global__ void advance(int* seq_len, int batch) {
     int b = blockIdx.x * blockDim.x + threadIdx.x;
     if (b < batch) seq_len[b] += 1;
 }
+
+// ---- Sampling on the device: temperature, top-k, top-p (the rules of Sampler::choose) ----
+// Tokens rank by logit, larger first, then by smaller id. A token's rank key packs that order into
+// one 64-bit integer (the float's ordered bits above, the inverted id below), so "the top k" and
+// "the shortest ranked prefix whose probability reaches top_p" are thresholds on the key, found by
+// radix descent 8 bits a pass, with no sort. Probabilities exp((l - max) / T) are computed in fp32
+// and summed as 40-bit fixed-point integers, so no sum depends on the order of the atomics: the
+// same logits and draw always give the same token. The draw then walks the kept tokens in id order
+// (a prefix sum) and returns the first whose running sum exceeds u times the kept total.
+#define SAMPLE_THREADS 1024
+
+__device__ __forceinline__ unsigned long long rank_key(float l, int i) {
+    unsigned int bits = __float_as_uint(l);
+    bits ^= (bits & 0x80000000u) ? 0xffffffffu : 0x80000000u;  // the order of f32::total_cmp
+    return ((unsigned long long)bits << 32) | (unsigned int)~(unsigned int)i;
+}
+
+__device__ __forceinline__ unsigned long long fixed_mass(float l, float max, float inv_t) {
+    return (unsigned long long)((double)expf((l - max) * inv_t) * 1099511627776.0);  // 2^40
+}
+
+// Inclusive sum over the block of one u64 per thread (`scratch`: 32 entries); also returns the
+// block total in `total`.
+__device__ unsigned long long block_scan(unsigned long long v, unsigned long long* scratch, unsigned long long& total) {
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = (blockDim.x + 31) >> 5;
+    for (int o = 1; o < 32; o <<= 1) {
+        unsigned long long t = __shfl_up_sync(0xffffffffu, v, o);
+        if (lane >= o) v += t;
+    }
+    __syncthreads();
+    if (lane == 31) scratch[warp] = v;
+    __syncthreads();
+    if (warp == 0) {
+        unsigned long long w = lane < warps ? scratch[lane] : 0;
+        for (int o = 1; o < 32; o <<= 1) {
+            unsigned long long t = __shfl_up_sync(0xffffffffu, w, o);
+            if (lane >= o) w += t;
+        }
+        scratch[lane] = w;
+    }
+    __syncthreads();
+    total = scratch[warps - 1];
+    return v + (warp > 0 ? scratch[warp - 1] : 0);
+}
+
+// The key T for which the tokens ranked at or above T (among those with key >= floor) weigh at
+// least `need` and those ranked strictly above T weigh less: weight 1 a token (MASS false: T is the
+// need-th best) or its fixed-point probability (MASS true: T closes the nucleus). `need` must not
+// exceed the total weight. A digit whose whole bucket is needed ends the descent early (its lower
+// digits are then 0, which keeps the same tokens). Every thread returns T.
+template <bool MASS>
+__device__ unsigned long long rank_threshold(const float* row, int V, float max, float inv_t, unsigned long long floor,
+                                             unsigned long long need, unsigned long long* hist,
+                                             unsigned long long* state) {
+    unsigned long long prefix = 0, mask = 0;
+    for (int shift = 56; shift >= 0; shift -= 8) {
+        for (int d = threadIdx.x; d < 256; d += blockDim.x) hist[d] = 0;
+        __syncthreads();
+        for (int i = threadIdx.x; i < V; i += blockDim.x) {
+            float l = row[i];
+            unsigned long long key = rank_key(l, i);
+            if (key >= floor && (key & mask) == prefix) {
+                unsigned long long w = MASS ? fixed_mass(l, max, inv_t) : 1ull;
+                if (w) atomicAdd(&hist[(key >> shift) & 255], w);
+            }
+        }
+        __syncthreads();
+        if (threadIdx.x < 32) {
+            // Lane j owns buckets 255 - 8j down to 248 - 8j: higher keys first.
+            int lane = threadIdx.x;
+            if (lane == 0) {
+                state[0] = prefix;
+                state[1] = need;
+                state[2] = 1;
+            }
+            __syncwarp();
+            unsigned long long mine = 0;
+            for (int j = 0; j < 8; j++) mine += hist[255 - 8 * lane - j];
+            unsigned long long incl = mine;
+            for (int o = 1; o < 32; o <<= 1) {
+                unsigned long long t = __shfl_up_sync(0xffffffffu, incl, o);
+                if (lane >= o) incl += t;
+            }
+            unsigned int hit = __ballot_sync(0xffffffffu, incl >= need);
+            if (hit && lane == __ffs(hit) - 1) {
+                unsigned long long above = incl - mine;
+                for (int j = 0; j < 8; j++) {
+                    int d = 255 - 8 * lane - j;
+                    if (above + hist[d] >= need) {
+                        state[0] = prefix | ((unsigned long long)d << shift);
+                        state[1] = need - above;
+                        state[2] = hist[d] == need - above;
+                        break;
+                    }
+                    above += hist[d];
+                }
+            }
+        }
+        __syncthreads();
+        prefix = state[0];
+        need = state[1];
+        bool done = state[2] != 0;
+        mask |= 255ull << shift;
+        __syncthreads();
+        if (done) break;
+    }
+    return prefix;
+}
+
+// One block of SAMPLE_THREADS per sequence b: next[b] from logits row b and the uniform draw
+// uniforms[b] (drawn on the host from the sequence's seeded stream). top_k 0 (or >= V) and
+// top_p >= 1 disable those filters. inv_t = 1 / temperature, finite (the host sends greedy and
+// vanishing temperatures to the argmax).
+extern "C" __global__ void sample_rows(const float* logits, int V, const float* uniforms, float inv_t, int top_k,
+                                       float top_p, int* next) {
+    __shared__ unsigned long long hist[256];
+    __shared__ unsigned long long state[3];
+    __shared__ unsigned long long scratch[32];
+    __shared__ int chosen;
+    int b = blockIdx.x;
+    const float* row = logits + (size_t)b * V;
+    float max = -INFINITY;
+    int best = 0x7fffffff;
+    for (int i = threadIdx.x; i < V; i += blockDim.x)
+        if (better(row[i], i, max, best)) {
+            max = row[i];
+            best = i;
+        }
+    block_best(max, best);
+    unsigned long long floor = 0;
+    if (top_k > 0 && top_k < V) floor = rank_threshold<false>(row, V, max, inv_t, 0, top_k, hist, state);
+    if (top_p < 1.0f) {
+        unsigned long long mass = 0, total;
+        for (int i = threadIdx.x; i < V; i += blockDim.x)
+            if (rank_key(row[i], i) >= floor) mass += fixed_mass(row[i], max, inv_t);
+        block_scan(mass, scratch, total);
+        unsigned long long need = (unsigned long long)ceil((double)top_p * (double)total);
+        if (need == 0) need = 1;
+        if (need <= total) {
+            unsigned long long t = rank_threshold<true>(row, V, max, inv_t, floor, need, hist, state);
+            floor = t > floor ? t : floor;
+        }
+    }
+    // The draw, in id order: thread t holds a contiguous chunk of ids.
+    int chunk = (V + blockDim.x - 1) / blockDim.x;
+    int i0 = min(V, (int)threadIdx.x * chunk), i1 = min(V, i0 + chunk);
+    unsigned long long mine = 0, total;
+    for (int i = i0; i < i1; i++)
+        if (rank_key(row[i], i) >= floor) mine += fixed_mass(row[i], max, inv_t);
+    unsigned long long before = block_scan(mine, scratch, total) - mine;
+    unsigned long long target = (unsigned long long)((double)uniforms[b] * (double)total);
+    if (threadIdx.x == 0) chosen = best == 0x7fffffff ? 0 : best;  // only if every mass is 0
+    __syncthreads();
+    if (mine > 0 && before <= target && target < before + mine) {
+        unsigned long long acc = before;
+        for (int i = i0; i < i1; i++)
+            if (rank_key(row[i], i) >= floor) {
+                acc += fixed_mass(row[i], max, inv_t);
+                if (acc > target) {
+                    chosen = i;
+                    break;
+                }
+            }
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) next[b] = chosen;
+}

@@ -96,17 +96,38 @@ impl Sampler {
 
     /// Chooses the next token of sequence `b` from its logits row.
     pub fn select(&mut self, b: usize, row: &[f32]) -> u32 {
-        let p = self.params;
-        if p.is_greedy() {
-            return argmax(row);
+        match self.draw(b) {
+            Some(u) => self.choose(row, u),
+            None => argmax(row),
         }
+    }
+
+    /// The uniform draw in [0, 1) that sequence `b`'s next token uses, advancing its stream; `None`
+    /// when the rules are greedy (nothing is drawn then). Device backends call this and run
+    /// [`Sampler::choose`]'s rules in a kernel, so a seed gives the same tokens on every backend.
+    pub fn draw(&mut self, b: usize) -> Option<f32> {
+        let p = self.params;
+        // A temperature so small that 1/t overflows f32 is greedy in the limit (and would otherwise
+        // make 0 * inf = NaN probabilities).
+        if p.is_greedy() || !(1.0 / p.temperature).is_finite() {
+            return None;
+        }
+        Some(self.rngs[b].next_f32())
+    }
+
+    /// Chooses a token from `row` with the uniform draw `u`, by the rules every backend follows:
+    /// 1. rank the tokens by logit, larger first, then by smaller id;
+    /// 2. keep the first `top_k` of that ranking (0: all), then the shortest prefix of what is kept
+    ///    whose probability (softmax of `logit / temperature`) reaches `top_p` of the kept total;
+    /// 3. walk the kept tokens in id order, accumulating probability, and return the first one at
+    ///    which the running sum exceeds `u` times the kept total.
+    ///
+    /// Step 3 walks in id order, not rank order, so a device needs no sort: steps 1-2 are thresholds
+    /// on the rank, and step 3 is a prefix sum.
+    pub fn choose(&mut self, row: &[f32], u: f32) -> u32 {
+        let p = self.params;
         let vocab = row.len();
         let inv_t = 1.0 / p.temperature;
-        if !inv_t.is_finite() {
-            // A temperature so small that 1/t overflows f32 is greedy in the limit (and would
-            // otherwise make 0 * inf = NaN probabilities).
-            return argmax(row);
-        }
         let order = &mut self.order[..vocab];
         for (i, o) in order.iter_mut().enumerate() {
             *o = i as u32;
@@ -117,40 +138,44 @@ impl Sampler {
             order.select_nth_unstable_by(p.top_k - 1, desc);
             kept = p.top_k;
         }
-        let sorted_needed = p.top_p < 1.0;
-        if sorted_needed {
-            order[..kept].sort_unstable_by(desc);
-        }
         let max = order[..kept].iter().map(|&i| row[i as usize]).fold(f32::NEG_INFINITY, f32::max);
-        let probs = &mut self.probs[..kept];
-        let mut total = 0.0f64;
-        for (pr, &i) in probs.iter_mut().zip(order.iter()) {
-            *pr = ((row[i as usize] - max) * inv_t).exp();
-            total += *pr as f64;
-        }
-        if sorted_needed {
-            // Keep the smallest prefix whose probability reaches top_p (at least one token).
+        let prob = |i: u32| ((row[i as usize] - max) * inv_t).exp();
+        if p.top_p < 1.0 {
+            // The shortest prefix of the ranking whose probability reaches top_p (at least one).
+            order[..kept].sort_unstable_by(desc);
+            let probs = &mut self.probs[..kept];
+            let mut total = 0.0f64;
+            for (pr, &i) in probs.iter_mut().zip(order.iter()) {
+                *pr = prob(i);
+                total += *pr as f64;
+            }
+            let need = p.top_p as f64 * total;
             let mut cumulative = 0.0f64;
-            let mut cut = kept;
             for (n, pr) in probs.iter().enumerate() {
-                cumulative += *pr as f64 / total;
-                if cumulative >= p.top_p as f64 {
-                    cut = n + 1;
+                cumulative += *pr as f64;
+                if cumulative >= need {
+                    kept = n + 1;
                     break;
                 }
             }
-            kept = cut;
-            total = probs[..kept].iter().map(|&x| x as f64).sum();
         }
-        let target = self.rngs[b].next_f32() as f64 * total;
+        let order = &mut self.order[..kept];
+        order.sort_unstable();
+        let probs = &mut self.probs[..kept];
+        let mut total = 0.0f64;
+        for (pr, &i) in probs.iter_mut().zip(order.iter()) {
+            *pr = prob(i);
+            total += *pr as f64;
+        }
+        let target = u as f64 * total;
         let mut acc = 0.0f64;
-        for (n, pr) in self.probs[..kept].iter().enumerate() {
+        for (pr, &i) in probs.iter().zip(order.iter()) {
             acc += *pr as f64;
             if acc > target {
-                return self.order[n];
+                return i;
             }
         }
-        self.order[kept - 1]
+        order[kept - 1]
     }
 }
 
@@ -188,6 +213,42 @@ mod tests {
         s.set_params(SamplingParams { temperature: 1.0, top_k: 0, top_p: 1.0, seed: 1 });
         let ones = (0..20_000).filter(|_| s.select(0, &flat) == 1).count();
         assert!((ones as f64 / 20_000.0 - 0.75).abs() < 0.02, "{ones}");
+    }
+
+    #[test]
+    fn the_draw_walks_the_kept_tokens_in_id_order() {
+        // Probabilities at temperature 1: ids 0..4 with logits ln(1), ln(4), ln(2), ln(3), ln(0.5).
+        let row: Vec<f32> = [1.0f32, 4.0, 2.0, 3.0, 0.5].iter().map(|p| p.ln()).collect();
+        let mut s = Sampler::new(1, row.len());
+        s.set_params(SamplingParams { temperature: 1.0, top_k: 0, top_p: 1.0, seed: 0 });
+        // Total 10.5; cumulative in id order: 1, 5, 7, 10, 10.5.
+        let at = |s: &mut Sampler, u: f32| s.choose(&row, u);
+        assert_eq!(at(&mut s, 0.0), 0);
+        assert_eq!(at(&mut s, 0.9 / 10.5), 0);
+        assert_eq!(at(&mut s, 1.1 / 10.5), 1);
+        assert_eq!(at(&mut s, 6.9 / 10.5), 2);
+        assert_eq!(at(&mut s, 9.9 / 10.5), 3);
+        assert_eq!(at(&mut s, 10.4 / 10.5), 4);
+        // top_k = 2 keeps ids 1 and 3 (mass 4 + 3): id 1 below 4/7, id 3 above.
+        s.set_params(SamplingParams { temperature: 1.0, top_k: 2, top_p: 1.0, seed: 0 });
+        assert_eq!(at(&mut s, 0.0), 1);
+        assert_eq!(at(&mut s, 3.9 / 7.0), 1);
+        assert_eq!(at(&mut s, 4.1 / 7.0), 3);
+        assert_eq!(at(&mut s, 0.999), 3);
+        // top_p = 0.6 of 10.5 = 6.3: the ranking 1 (4), 3 (3) reaches 7 >= 6.3, so ids 1 and 3.
+        s.set_params(SamplingParams { temperature: 1.0, top_k: 0, top_p: 0.6, seed: 0 });
+        assert_eq!(at(&mut s, 4.1 / 7.0), 3);
+        assert_eq!(at(&mut s, 3.9 / 7.0), 1);
+        // top_p = 0.95 of 10.5 = 9.975: 4 + 3 + 2 = 9 falls short, + 1 (id 0) = 10 reaches it.
+        s.set_params(SamplingParams { temperature: 1.0, top_k: 0, top_p: 0.95, seed: 0 });
+        assert_eq!(at(&mut s, 0.0), 0);
+        assert_eq!(at(&mut s, 0.9999), 3);
+        // Ties rank the smaller id first: top_k = 1 of two equal logits is the first.
+        let tie = [2.0f32, 7.0, 7.0, 1.0];
+        s.set_params(SamplingParams { temperature: 1.0, top_k: 2, top_p: 1.0, seed: 0 });
+        assert_eq!(s.choose(&tie, 0.99), 2);
+        s.set_params(SamplingParams { temperature: 1.0, top_k: 0, top_p: 0.4, seed: 0 });
+        assert_eq!(s.choose(&tie, 0.99), 1);
     }
 
     #[test]

@@ -258,7 +258,10 @@ pub unsafe extern "C" fn gpt2rt_session_batch(session: *const gpt2rt_session, ou
     })
 }
 
-/// Sampling rules for `gpt2rt_session_sample` and generation.
+/// Sampling rules for `gpt2rt_session_sample` and generation. Tokens rank by logit (then smaller
+/// id); the first `top_k` are kept, then the shortest ranked prefix reaching `top_p` of their
+/// probability; the draw walks the kept tokens in id order. Every backend follows these rules with
+/// the same per-sequence random streams, on the device where there is one.
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
 pub struct gpt2rt_sampling_options {

@@ -37,6 +37,8 @@ const ATTENTION_SPLIT: usize = 64;
 const DEFAULT_SMEM: usize = 40 * 1024;
 /// Matmul blocks to aim for when choosing the split-K factor (about two per SM on an H100).
 const TARGET_BLOCKS: usize = 528;
+/// Threads per block of `sample_rows` (one block a sequence). Must equal SAMPLE_THREADS in the .cu.
+const SAMPLE_THREADS: usize = 1024;
 /// Vocabulary entries per block in the first stage of the device argmax.
 const ARGMAX_CHUNK: usize = 2048;
 /// Threads per block of the attention kernel.
@@ -137,6 +139,7 @@ struct Kernels {
     gather_rows: sys::CUfunction,
     argmax_partial: sys::CUfunction,
     argmax_final: sys::CUfunction,
+    sample_rows: sys::CUfunction,
     advance: sys::CUfunction,
 }
 
@@ -196,6 +199,7 @@ impl Device {
             gather_rows: get("gather_rows")?,
             argmax_partial: get("argmax_partial")?,
             argmax_final: get("argmax_final")?,
+            sample_rows: get("sample_rows")?,
             advance: get("advance")?,
         };
         Ok(Arc::new(Self {
@@ -523,6 +527,8 @@ struct IntLayout {
     iota: usize,
     step_tokens: usize,
     next: usize,
+    /// The sampling draws of a step, f32 bits.
+    uniforms: usize,
     total: usize,
 }
 
@@ -538,7 +544,8 @@ impl IntLayout {
             iota: 3 * bs + 2 * b,
             step_tokens: 3 * bs + 3 * b,
             next: 3 * bs + 4 * b,
-            total: 3 * bs + 5 * b,
+            uniforms: 3 * bs + 5 * b,
+            total: 3 * bs + 6 * b,
         }
     }
 }
@@ -1157,6 +1164,25 @@ impl CudaState {
         )
     }
 
+    /// Copies the `out.len()` chosen token ids back (the only data a step sends to the host).
+    fn read_next(&mut self, out: &mut [u32]) -> Result<()> {
+        let (next, b) = (self.layout.next, out.len());
+        // SAFETY: b ints in both buffers; synchronised before reading.
+        unsafe {
+            result::memcpy_dtoh_async(
+                &mut self.host_ints.as_mut_slice()[next..next + b],
+                self.ints.at::<i32>(next),
+                self.stream,
+            )
+        }
+        .check("cuda: copying token ids to the host")?;
+        self.sync()?;
+        for (o, &id) in out.iter_mut().zip(&self.host_ints.as_slice()[next..next + b]) {
+            *o = id as u32;
+        }
+        Ok(())
+    }
+
     fn step_graph(&mut self) -> Result<sys::CUgraphExec> {
         if let Some((_, exec)) = self.graphs.iter().find(|(b, _)| *b == self.history.batch()) {
             return Ok(*exec);
@@ -1273,23 +1299,31 @@ impl BackendState for CudaState {
         self.shared.device.bind()?;
         let b = out.len();
         let v = self.shared.config.vocab_size;
-        if !sampler.params().is_greedy() {
-            // Sampling with temperature / top-k / top-p runs on the host in this version: the
-            // logits of the batch cross once per step.
-            {
-                let dst = &mut self.host_logits.as_mut_slice()[..b * v];
-                // SAFETY: b * v floats in both buffers; synchronised below before reading.
-                unsafe { result::memcpy_dtoh_async(dst, self.logits.ptr, self.stream) }
-                    .check("cuda: copying logits to the host")?;
-            }
-            self.sync()?;
-            for (i, o) in out.iter_mut().enumerate() {
-                *o = sampler.select(i, &self.host_logits.as_slice()[i * v..][..v]);
-            }
-            return Ok(());
-        }
         let next = self.layout.next;
         let kernels = &self.shared.device.kernels;
+        let params = *sampler.params();
+        // The draws come from the host sampler's per-sequence streams (greedy rules draw none), so
+        // a seed gives the same tokens as on the CPU backend; the rules run in `sample_rows`.
+        let mut draws = 0;
+        for i in 0..b {
+            let Some(u) = sampler.draw(i) else { break };
+            self.host_ints.as_mut_slice()[self.layout.uniforms + i] = u.to_bits() as i32;
+            draws += 1;
+        }
+        if draws == b && b > 0 {
+            self.upload_ints(self.layout.uniforms, b)?;
+            let top_k = if params.top_k < v { params.top_k } else { 0 };
+            let args = Args::new()
+                .ptr(self.logits.ptr)
+                .int(v)
+                .ptr(self.ints.at::<i32>(self.layout.uniforms))
+                .float(1.0 / params.temperature)
+                .int(top_k)
+                .float(params.top_p)
+                .ptr(self.ints.at::<i32>(next));
+            self.launch(kernels.sample_rows, b, SAMPLE_THREADS, 0, args)?;
+            return self.read_next(out);
+        }
         let mut chunks = self.best_chunks.get();
         if chunks == 0 {
             chunks = v.div_ceil(ARGMAX_CHUNK);
@@ -1300,19 +1334,6 @@ impl BackendState for CudaState {
         let (best_value, best_index) = (self.best.ptr, self.best.at::<f32>(b * chunks));
         let args = Args::new().ptr(best_value).ptr(best_index).int(chunks).ptr(self.ints.at::<i32>(next));
         self.launch(kernels.argmax_final, b, 256, 0, args)?;
-        // SAFETY: b ints in both buffers; synchronised before reading.
-        unsafe {
-            result::memcpy_dtoh_async(
-                &mut self.host_ints.as_mut_slice()[next..next + b],
-                self.ints.at::<i32>(next),
-                self.stream,
-            )
-        }
-        .check("cuda: copying token ids to the host")?;
-        self.sync()?;
-        for (o, &id) in out.iter_mut().zip(&self.host_ints.as_slice()[next..next + b]) {
-            *o = id as u32;
-        }
-        Ok(())
+        self.read_next(out)
     }
 }
