@@ -719,6 +719,143 @@ INSTANTIATE(float, f32)
 INSTANTIATE(__half, f16)
 INSTANTIATE(__nv_bfloat16, bf16)
 
+// ---- Tensor-core matrix product for the half modes (sm_80+), larger M (prefill, big batches) ----
+// The same contract as matmul_tiled: in[M, K] f32, w[N, K] f16/bf16, grid (ceil(N/64),
+// ceil(M/64), splits), partial[split][m][n] (finished by matmul_finish, or the logits themselves
+// when there is one split). The activations are rounded to the weights' type on the way into
+// shared memory, as PyTorch's half modes do; products accumulate in fp32 (mma.sync m16n8k16).
+// 128 threads: warp j computes rows 0..63 x columns 16j..16j+15 of the block's 64x64 tile, from
+// k-slices of 32 staged in shared memory (the next slice's loads are in flight during the math).
+#define MMA_SLICE 32
+#define MMA_STRIDE 40  // halves per shared row: 80 bytes, so a fragment load hits 32 distinct banks
+
+template <typename W> struct Mma;
+template <> struct Mma<__half> {
+    static __device__ __forceinline__ unsigned int pack(float a, float b) {
+        __half2 h = __floats2half2_rn(a, b);
+        return *reinterpret_cast<unsigned int*>(&h);
+    }
+    static __device__ __forceinline__ void run(float* d, const unsigned int* a, const unsigned int* b) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+        asm volatile(
+            "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+            "{%0,%1,%2,%3};"
+            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#endif
+    }
+};
+template <> struct Mma<__nv_bfloat16> {
+    static __device__ __forceinline__ unsigned int pack(float a, float b) {
+        __nv_bfloat162 h = __floats2bfloat162_rn(a, b);
+        return *reinterpret_cast<unsigned int*>(&h);
+    }
+    static __device__ __forceinline__ void run(float* d, const unsigned int* a, const unsigned int* b) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+        asm volatile(
+            "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+            "{%0,%1,%2,%3};"
+            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#endif
+    }
+};
+
+// Requires K % 8 == 0 (16-byte weight loads) and k_per_split % MMA_SLICE == 0.
+template <typename W>
+__device__ void matmul_mma(const float* __restrict__ in, int M, int K, const W* __restrict__ w, int N,
+                           float* partial, int k_per_split) {
+    __shared__ __align__(16) unsigned short a_s[64 * MMA_STRIDE];
+    __shared__ __align__(16) unsigned short w_s[64 * MMA_STRIDE];
+    int t = threadIdx.x, warp = t >> 5, lane = t & 31, g = lane >> 2, tig = lane & 3;
+    int m0 = blockIdx.y * 64, n0 = blockIdx.x * 64;
+    int k0 = blockIdx.z * k_per_split, k1 = min(K, k0 + k_per_split);
+    // This thread's share of a slice: row (and weight row) t / 2, 16 k from (t % 2) * 16.
+    int lr = t >> 1, lk = (t & 1) * 16;
+    bool a_ok = m0 + lr < M, w_ok = n0 + lr < N;
+    const float* a_src = in + (size_t)(m0 + lr) * K + lk;
+    const W* w_src = w + (size_t)(n0 + lr) * K + lk;
+    float4 a_reg[4];
+    uint4 w_reg[2];
+    auto load = [&](int kb) {
+        bool in_k = kb + lk < k1;  // slices are whole: k1 - kb is a multiple of 16 here
+#pragma unroll
+        for (int i = 0; i < 4; i++)
+            a_reg[i] = (a_ok && in_k) ? *reinterpret_cast<const float4*>(a_src + kb + 4 * i) : make_float4(0, 0, 0, 0);
+#pragma unroll
+        for (int i = 0; i < 2; i++)
+            w_reg[i] = (w_ok && in_k) ? *reinterpret_cast<const uint4*>(w_src + kb + 8 * i) : make_uint4(0, 0, 0, 0);
+    };
+    auto store = [&]() {
+        unsigned int packed[8];
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            packed[2 * i] = Mma<W>::pack(a_reg[i].x, a_reg[i].y);
+            packed[2 * i + 1] = Mma<W>::pack(a_reg[i].z, a_reg[i].w);
+        }
+        uint4* a_dst = reinterpret_cast<uint4*>(a_s + lr * MMA_STRIDE + lk);
+        a_dst[0] = make_uint4(packed[0], packed[1], packed[2], packed[3]);
+        a_dst[1] = make_uint4(packed[4], packed[5], packed[6], packed[7]);
+        uint4* w_dst = reinterpret_cast<uint4*>(w_s + lr * MMA_STRIDE + lk);
+        w_dst[0] = w_reg[0];
+        w_dst[1] = w_reg[1];
+    };
+    float acc[4][2][4];
+#pragma unroll
+    for (int i = 0; i < 4; i++)
+#pragma unroll
+        for (int j = 0; j < 2; j++)
+#pragma unroll
+            for (int r = 0; r < 4; r++) acc[i][j][r] = 0.0f;
+    if (k0 < k1) load(k0);
+    for (int kb = k0; kb < k1; kb += MMA_SLICE) {
+        __syncthreads();
+        store();
+        __syncthreads();
+        if (kb + MMA_SLICE < k1) load(kb + MMA_SLICE);
+#pragma unroll
+        for (int ks = 0; ks < MMA_SLICE; ks += 16) {
+            unsigned int b[2][2];
+#pragma unroll
+            for (int j = 0; j < 2; j++) {
+                const unsigned short* row = w_s + (warp * 16 + j * 8 + g) * MMA_STRIDE + ks + tig * 2;
+                b[j][0] = *reinterpret_cast<const unsigned int*>(row);
+                b[j][1] = *reinterpret_cast<const unsigned int*>(row + 8);
+            }
+#pragma unroll
+            for (int i = 0; i < 4; i++) {
+                const unsigned short* r0 = a_s + (i * 16 + g) * MMA_STRIDE + ks + tig * 2;
+                const unsigned short* r1 = r0 + 8 * MMA_STRIDE;
+                unsigned int a[4] = {*reinterpret_cast<const unsigned int*>(r0),
+                                     *reinterpret_cast<const unsigned int*>(r1),
+                                     *reinterpret_cast<const unsigned int*>(r0 + 8),
+                                     *reinterpret_cast<const unsigned int*>(r1 + 8)};
+#pragma unroll
+                for (int j = 0; j < 2; j++) Mma<W>::run(acc[i][j], a, b[j]);
+            }
+        }
+    }
+    float* out = partial + (size_t)blockIdx.z * M * N;
+#pragma unroll
+    for (int i = 0; i < 4; i++)
+#pragma unroll
+        for (int j = 0; j < 2; j++)
+#pragma unroll
+            for (int r = 0; r < 4; r++) {
+                int m = m0 + i * 16 + g + (r >= 2 ? 8 : 0);
+                int n = n0 + warp * 16 + j * 8 + tig * 2 + (r & 1);
+                if (m < M && n < N) out[(size_t)m * N + n] = acc[i][j][r];
+            }
+}
+
+extern "C" __global__ void matmul_mma_f16(const float* in, int M, int K, const __half* w, int N, float* part, int kps) {
+    matmul_mma<__half>(in, M, K, w, N, part, kps);
+}
+extern "C" __global__ void matmul_mma_bf16(const float* in, int M, int K, const __nv_bfloat16* w, int N, float* part,
+                                           int kps) {
+    matmul_mma<__nv_bfloat16>(in, M, K, w, N, part, kps);
+}
+
 // Causal attention of one query row against its sequence's cached keys/values, one block per
 // (row, head). Dynamic shared memory: max_seq + head_dim floats.
 extern "C" __global__ void attention(const float* qkv, const float* k_cache, const float* v_cache, const int* row_seq,

@@ -242,3 +242,72 @@ fn cuda_f32_sampled_generation_matches_the_cpu_reference() {
         assert_eq!(run(&gpu, *sampling), run(&cpu, *sampling), "{sampling:?}");
     }
 }
+
+#[test]
+fn cuda_tensor_core_products_match_the_cpu_reference() {
+    if !gpu_available() {
+        return;
+    }
+    // Batches past the decode rows (and every long prefill) take matmul_mma in the half modes on
+    // 8.0+ GPUs. Its logits against the CPU reference (f32), beside the CUDA-core kernel's
+    // (GPT2RT_CUDA_MMA=0): prefill of 16 x 20 tokens (chunks of 128 and 64 rows), then 4 steps.
+    let (batch, prompt_len, steps) = (16, 20, 4);
+    let options =
+        |backend, dtype| EngineOptions { builtin: Preset::DistilGpt2, backend, dtype, ..EngineOptions::default() };
+    let cpu = Engine::load(&options(BackendKind::Cpu, None)).unwrap();
+    let vocab = cpu.config().vocab_size;
+    let prompts: Vec<u32> = (0..batch * prompt_len).map(|i| (i as u32 * 7919 + 13) % vocab as u32).collect();
+    // Logits after the prefill and after each step; every engine is fed the CPU's greedy tokens,
+    // so the comparison never follows a diverged sequence.
+    let trace = |engine: &Engine, feed: Option<&[Vec<u32>]>| {
+        let mut session = engine
+            .new_session(SessionOptions { max_batch: batch, max_seq: prompt_len + steps, kv_cache: true })
+            .unwrap();
+        session.prefill(&prompts, &vec![prompt_len; batch]).unwrap();
+        let (mut all, mut fed) = (Vec::new(), Vec::new());
+        let mut logits = vec![0.0f32; batch * vocab];
+        for step in 0..=steps {
+            session.read_logits(&mut logits).unwrap();
+            all.push(logits.clone());
+            if step < steps {
+                let next: Vec<u32> = match feed {
+                    Some(tokens) => tokens[step].clone(),
+                    None => logits.chunks(vocab).map(gpt2rt::sampling::argmax).collect(),
+                };
+                session.step(&next).unwrap();
+                fed.push(next);
+            }
+        }
+        (all, fed)
+    };
+    let (want, fed) = trace(&cpu, None);
+    let worst = |got: &[Vec<f32>]| {
+        let mut worst = 0.0f32;
+        let mut same = 0;
+        for (g, w) in got.iter().zip(&want) {
+            for (gr, wr) in g.chunks(vocab).zip(w.chunks(vocab)) {
+                let scale = wr.iter().fold(0.0f32, |m, x| m.max(x.abs()));
+                worst = worst.max(gr.iter().zip(wr).fold(0.0f32, |m, (a, b)| m.max((a - b).abs())) / scale);
+                same += usize::from(gpt2rt::sampling::argmax(gr) == gpt2rt::sampling::argmax(wr));
+            }
+        }
+        (worst, same)
+    };
+    for dtype in [DType::F16, DType::BF16] {
+        let mma = Engine::load(&options(BackendKind::Cuda, Some(dtype))).unwrap();
+        // SAFETY: this test binary runs its tests on one thread (tools/gpu_check.sh passes
+        // --test-threads 1); nothing else reads the environment concurrently.
+        unsafe { std::env::set_var("GPT2RT_CUDA_MMA", "0") };
+        let cores = Engine::load(&options(BackendKind::Cuda, Some(dtype)));
+        unsafe { std::env::remove_var("GPT2RT_CUDA_MMA") };
+        let cores = cores.unwrap();
+        let total = batch * (steps + 1);
+        let (w_mma, s_mma) = worst(&trace(&mma, Some(&fed)).0);
+        let (w_cores, s_cores) = worst(&trace(&cores, Some(&fed)).0);
+        println!(
+            "cuda {dtype}, batch {batch}: max relative logit difference from the CPU reference {w_mma:.2e} with tensor cores, {w_cores:.2e} without; same argmax {s_mma}/{total} and {s_cores}/{total}"
+        );
+        assert!(w_mma < 5e-2, "{dtype}: tensor-core logits too far from the CPU reference ({w_mma})");
+        assert!(s_mma * 10 >= total * 9, "{dtype}: tensor-core argmax agrees on only {s_mma}/{total}");
+    }
+}

@@ -23,6 +23,10 @@ const GEMV_MAX_M: usize = 64;
 /// 48.3 tiled, batch 16 61.9 vs 54.1, batch 64 225.9 vs 101.3. The decode kernels stream the
 /// weights once but spend fp32 CUDA-core work per row; past a group of rows the tiled kernel wins.
 const DECODE_ROWS: usize = GEMV_MAX_ROWS;
+/// The same where the tensor-core product runs (f16/bf16 on 8.0+), which overtakes the decode
+/// kernels between 2 and 4 rows. H100, f16, prompt 12, 32 new tokens, E2E ms, decode kernels vs
+/// tensor cores: batch 2 9.4 vs 11.3, batch 4 12.2 vs 11.5, batch 8 17.7 vs 11.9.
+const DECODE_ROWS_MMA: usize = 2;
 /// Output columns a warp of the several-row GEMV kernels owns (GEMV_COLS in the .cu file).
 const GEMV_COLS: usize = 4;
 /// Threads per block of the GEMV kernels (each output column owned by 1, 2, 4 or 8 warps).
@@ -37,6 +41,9 @@ const ATTENTION_SPLIT: usize = 64;
 const DEFAULT_SMEM: usize = 40 * 1024;
 /// Matmul blocks to aim for when choosing the split-K factor (about two per SM on an H100).
 const TARGET_BLOCKS: usize = 528;
+/// Threads per block of matmul_mma, and the k-slice it stages (MMA_SLICE in the .cu file).
+const MMA_THREADS: usize = 128;
+const MMA_SLICE: usize = 32;
 /// Threads per block of `sample_rows` (one block a sequence). Must equal SAMPLE_THREADS in the .cu.
 const SAMPLE_THREADS: usize = 1024;
 /// Vocabulary entries per block in the first stage of the device argmax.
@@ -133,6 +140,8 @@ struct Kernels {
     lm_head_plain: sys::CUfunction,
     attention_combine: sys::CUfunction,
     matmul_tiled: sys::CUfunction,
+    /// The tensor-core product for f16/bf16 weights on 8.0+ (None: f32, or an older GPU).
+    matmul_mma: Option<sys::CUfunction>,
     matmul_finish: sys::CUfunction,
     lm_head: sys::CUfunction,
     attention: sys::CUfunction,
@@ -193,6 +202,15 @@ impl Device {
             lm_head_plain: get(&format!("lm_head_plain_{suffix}"))?,
             attention_combine: get("attention_combine")?,
             matmul_tiled: get(&format!("matmul_tiled_{suffix}"))?,
+            // GPT2RT_CUDA_MMA=0 keeps the CUDA-core kernel (for comparisons).
+            matmul_mma: if dtype != DType::F32
+                && probe.capability >= (8, 0)
+                && std::env::var("GPT2RT_CUDA_MMA").map_or(true, |v| v != "0")
+            {
+                Some(get(&format!("matmul_mma_{suffix}"))?)
+            } else {
+                None
+            },
             matmul_finish: get(&format!("matmul_finish_{suffix}"))?,
             lm_head: get(&format!("lm_head_{suffix}"))?,
             attention: get("attention")?,
@@ -407,6 +425,9 @@ struct Shared {
     /// GEMV_MAX_M through the environment variable `GPT2RT_CUDA_DECODE_ROWS` (a tuning knob for
     /// benchmarks and tests, read when the engine loads).
     decode_max_rows: usize,
+    /// Blocks the split-K matmuls aim for: TARGET_BLOCKS, or `GPT2RT_CUDA_SPLIT_BLOCKS` (at most
+    /// TARGET_BLOCKS, which sized the partial buffer; a tuning knob read when the engine loads).
+    split_blocks: usize,
     device: Arc<Device>,
     weights: DeviceWeights,
     config: ModelConfig,
@@ -427,9 +448,15 @@ impl CudaBackend {
         let decode_max_rows = std::env::var("GPT2RT_CUDA_DECODE_ROWS")
             .ok()
             .and_then(|v| v.parse::<usize>().ok())
-            .map_or(DECODE_ROWS, |v| v.min(GEMV_MAX_M));
+            .map_or(if device.kernels.matmul_mma.is_some() { DECODE_ROWS_MMA } else { DECODE_ROWS }, |v| {
+                v.min(GEMV_MAX_M)
+            });
+        let split_blocks = std::env::var("GPT2RT_CUDA_SPLIT_BLOCKS")
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok())
+            .map_or(TARGET_BLOCKS, |v| v.clamp(1, TARGET_BLOCKS));
         let config = model.config.clone();
-        Ok(Self { shared: Arc::new(Shared { decode_max_rows, device, weights, config, dtype }) })
+        Ok(Self { shared: Arc::new(Shared { decode_max_rows, split_blocks, device, weights, config, dtype }) })
     }
 }
 
@@ -767,8 +794,14 @@ impl CudaState {
         Ok(())
     }
 
+    /// The tensor-core kernel, where the weights are f16/bf16, the GPU has it (8.0+) and K suits it.
+    fn mma(&self, k: usize) -> Option<sys::CUfunction> {
+        self.shared.device.kernels.matmul_mma.filter(|_| k % 16 == 0)
+    }
+
     /// `out[M, N] = in[M, K] @ w + bias` (w stored `[N, K]`), then `mode` (see matmul_finish in the
-    /// .cu file): the tiled split-K path, for row counts past the decode path.
+    /// .cu file): the split-K path for row counts past the decode path, on tensor cores
+    /// (matmul_mma) in the half modes where the GPU has them, else the CUDA-core tiled kernel.
     #[allow(clippy::too_many_arguments)]
     fn matmul(
         &self,
@@ -786,11 +819,13 @@ impl CudaState {
         // Never more splits than split_k allows, which sized the partial buffer.
         let (max_splits, _) = split_k(k, n);
         let tiles = n.div_ceil(64) * m.div_ceil(64);
-        let wanted = TARGET_BLOCKS.div_ceil(tiles).clamp(1, max_splits.min(k.div_ceil(64)));
-        let per_split = k.div_ceil(wanted).next_multiple_of(16);
+        let wanted = self.shared.split_blocks.div_ceil(tiles).clamp(1, max_splits.min(k.div_ceil(64)));
+        let mma = self.mma(k);
+        let per_split = k.div_ceil(wanted).next_multiple_of(if mma.is_some() { MMA_SLICE } else { 16 });
         let splits = k.div_ceil(per_split);
         let args = Args::new().ptr(input).int(m).int(k).ptr(w.ptr).int(n).ptr(self.partial.ptr).int(per_split);
-        self.launch_grid(kernels.matmul_tiled, (n.div_ceil(64), m.div_ceil(64), splits), 256, 0, args)?;
+        let (f, threads) = mma.map_or((kernels.matmul_tiled, 256), |f| (f, MMA_THREADS));
+        self.launch_grid(f, (n.div_ceil(64), m.div_ceil(64), splits), threads, 0, args)?;
         let (kc, vc, rs, rp) = kv.unwrap_or((0, 0, 0, 0));
         let args = Args::new()
             .ptr(self.partial.ptr)
@@ -1072,6 +1107,13 @@ impl CudaState {
             return Ok(advance.is_some());
         }
         self.best_chunks.set(0);
+        if let Some(f) = self.mma(c) {
+            // One split: the product lands in the logits directly.
+            let args =
+                Args::new().ptr(self.last_norm.ptr).int(m).int(c).ptr(head.ptr).int(v).ptr(self.logits.ptr).int(c);
+            self.launch_grid(f, (v.div_ceil(64), m.div_ceil(64), 1), MMA_THREADS, 0, args)?;
+            return Ok(false);
+        }
         self.launch(
             k.lm_head,
             (v * 32).div_ceil(256),
