@@ -3,6 +3,7 @@
 use crate::backend::{Backend, BackendKind, BackendState, History, Profile};
 use crate::error::{Error, ErrorKind, Result};
 use crate::model::{DType, Model, ModelConfig};
+use crate::nvtx;
 use crate::sampling::Sampler;
 use cudarc::driver::{result, sys};
 use half::{bf16, f16};
@@ -726,6 +727,7 @@ impl CudaState {
     }
 
     fn upload_ints(&self, offset: usize, len: usize) -> Result<()> {
+        let _range = nvtx::range(nvtx::H2D_TOKENS);
         // SAFETY: the pinned source outlives the copy (synchronised before reuse), the range is in
         // bounds of both buffers.
         unsafe {
@@ -1261,6 +1263,7 @@ impl BackendState for CudaState {
     fn read_logits(&mut self, out: &mut [f32]) -> Result<()> {
         self.shared.device.bind()?;
         let n = out.len();
+        let _range = nvtx::range(nvtx::D2H_LOGITS);
         // SAFETY: n <= batch * vocab floats in both buffers; synchronised before reading.
         unsafe { result::memcpy_dtoh_async(&mut self.host_logits.as_mut_slice()[..n], self.logits.ptr, self.stream) }
             .check("cuda: copying logits to the host")?;
@@ -1277,12 +1280,13 @@ impl BackendState for CudaState {
             // Sampling with temperature / top-k / top-p runs on the host in this version: the
             // logits of the batch cross once per step.
             {
+                let _range = nvtx::range(nvtx::D2H_LOGITS);
                 let dst = &mut self.host_logits.as_mut_slice()[..b * v];
                 // SAFETY: b * v floats in both buffers; synchronised below before reading.
                 unsafe { result::memcpy_dtoh_async(dst, self.logits.ptr, self.stream) }
                     .check("cuda: copying logits to the host")?;
+                self.sync()?;
             }
-            self.sync()?;
             for (i, o) in out.iter_mut().enumerate() {
                 *o = sampler.select(i, &self.host_logits.as_slice()[i * v..][..v]);
             }
@@ -1300,6 +1304,7 @@ impl BackendState for CudaState {
         let (best_value, best_index) = (self.best.ptr, self.best.at::<f32>(b * chunks));
         let args = Args::new().ptr(best_value).ptr(best_index).int(chunks).ptr(self.ints.at::<i32>(next));
         self.launch(kernels.argmax_final, b, 256, 0, args)?;
+        let _range = nvtx::range(nvtx::D2H_TOKEN_IDS);
         // SAFETY: b ints in both buffers; synchronised before reading.
         unsafe {
             result::memcpy_dtoh_async(
