@@ -5,8 +5,8 @@ use crate::backend::{Backend, BackendKind, Profile, cpu::CpuBackend, cuda, tenso
 use crate::decode::{Decoder, FinishReason, GenerateOutput, GenerateParams, SessionOptions};
 use crate::error::Result;
 use crate::log::{LogLevel, emit};
-use crate::nvtx;
 use crate::model::{DType, Model, ModelConfig, Preset, load_dir};
+use crate::nvtx;
 use crate::sampling::SamplingParams;
 use crate::tokenizer::StreamDecoder;
 pub use crate::tokenizer::Tokenizer;

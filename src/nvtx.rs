@@ -85,10 +85,8 @@ struct ExportTableVersionInfo {
     set_injection_nvtx_version: unsafe extern "system" fn(u32),
 }
 
-static CALLBACKS: ExportTableCallbacks = ExportTableCallbacks {
-    struct_size: std::mem::size_of::<ExportTableCallbacks>(),
-    get_module_function_table,
-};
+static CALLBACKS: ExportTableCallbacks =
+    ExportTableCallbacks { struct_size: std::mem::size_of::<ExportTableCallbacks>(), get_module_function_table };
 
 static VERSION_INFO: ExportTableVersionInfo = ExportTableVersionInfo {
     struct_size: std::mem::size_of::<ExportTableVersionInfo>(),

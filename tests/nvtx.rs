@@ -18,8 +18,11 @@ fn fake_injection() -> Option<&'static Path> {
     static LIB: OnceLock<Option<PathBuf>> = OnceLock::new();
     LIB.get_or_init(|| {
         let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/nvtx/fake_injection.c");
-        let out = Path::new(env!("CARGO_TARGET_TMPDIR"))
-            .join(format!("{}fake_nvtx_injection{}", std::env::consts::DLL_PREFIX, std::env::consts::DLL_SUFFIX));
+        let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!(
+            "{}fake_nvtx_injection{}",
+            std::env::consts::DLL_PREFIX,
+            std::env::consts::DLL_SUFFIX
+        ));
         let cc = std::env::var_os("CC").unwrap_or_else(|| "cc".into());
         let mut cmd = Command::new(&cc);
         cmd.args(["-std=c99", "-O1", "-Wall", "-Wextra", "-Werror", "-shared"]);
@@ -28,7 +31,11 @@ fn fake_injection() -> Option<&'static Path> {
         }
         match cmd.arg("-o").arg(&out).arg(&src).output() {
             Ok(o) if o.status.success() => Some(out),
-            Ok(o) => panic!("{} failed to build the fake injection:\n{}", cc.to_string_lossy(), String::from_utf8_lossy(&o.stderr)),
+            Ok(o) => panic!(
+                "{} failed to build the fake injection:\n{}",
+                cc.to_string_lossy(),
+                String::from_utf8_lossy(&o.stderr)
+            ),
             Err(e) => {
                 eprintln!("skipped: no C compiler ({}: {e}); set CC to run the NVTX tests", cc.to_string_lossy());
                 None
