@@ -53,8 +53,6 @@ const NVTX_VERSION: u32 = 3;
 const MODULE_SIZES: [(c_int, usize); 6] = [(1, 16), (2, 9), (3, 15), (4, 7), (5, 16), (6, 7)];
 /// `NVTX_CB_MODULE_CORE`.
 const MODULE_CORE: c_int = 1;
-/// `NVTX_CBID_CORE_MarkA`: `void (const char* message)`.
-const CBID_CORE_MARK_A: usize = 2;
 /// `NVTX_CBID_CORE_RangePushA`: `int (const char* message)`.
 const CBID_CORE_RANGE_PUSH_A: usize = 9;
 /// `NVTX_CBID_CORE_RangePop`: `int (void)`.
@@ -63,7 +61,6 @@ const CBID_CORE_RANGE_POP: usize = 11;
 // NVTX_API is __stdcall on Windows and the C convention elsewhere: "system" is exactly that.
 type RangePushA = unsafe extern "system" fn(*const c_char) -> c_int;
 type RangePop = unsafe extern "system" fn() -> c_int;
-type MarkA = unsafe extern "system" fn(*const c_char);
 type GetExportTable = unsafe extern "system" fn(u32) -> *const c_void;
 type InitializeInjection = unsafe extern "system" fn(GetExportTable) -> c_int;
 /// `NvtxFunctionTable`: `table[cbid]` points at the slot of callback `cbid`.
@@ -99,7 +96,6 @@ static VERSION_INFO: ExportTableVersionInfo = ExportTableVersionInfo {
 /// read by every range (acquire). NULL: no tool, ranges do nothing.
 static RANGE_PUSH_A: AtomicPtr<c_void> = AtomicPtr::new(std::ptr::null_mut());
 static RANGE_POP: AtomicPtr<c_void> = AtomicPtr::new(std::ptr::null_mut());
-static MARK_A: AtomicPtr<c_void> = AtomicPtr::new(std::ptr::null_mut());
 
 /// The slots the injection writes during `InitializeInjectionNvtx2` and the per-module tables
 /// that point at them, laid out as nvtxImpl.h lays out its `functionTable_<MODULE>` arrays:
@@ -230,7 +226,6 @@ fn attach() -> std::result::Result<String, String> {
     if push.is_null() || pop.is_null() {
         return Err(format!("the injection library {shown} installed no RangePushA / RangePop"));
     }
-    MARK_A.store(slot(CBID_CORE_MARK_A), Ordering::Release);
     RANGE_POP.store(pop, Ordering::Release);
     RANGE_PUSH_A.store(push, Ordering::Release);
     Ok(format!("nvtx: ranges on, sent to {shown}"))
@@ -266,16 +261,6 @@ impl Drop for Range {
     }
 }
 
-/// An instantaneous marker named `name` (a no-op without a tool, or a tool without MarkA).
-#[inline]
-pub fn mark(name: &'static CStr) {
-    let f = MARK_A.load(Ordering::Acquire);
-    if !f.is_null() {
-        // SAFETY: a non-NULL value is the tool's MarkA, published after its initialization.
-        unsafe { std::mem::transmute::<*mut c_void, MarkA>(f)(name.as_ptr()) };
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -298,6 +283,5 @@ mod tests {
     fn a_range_without_a_tool_does_nothing() {
         let r = range(GENERATE);
         assert!(!r.pushed);
-        mark(STEP);
     }
 }
