@@ -145,6 +145,12 @@ typedef void (*gpt2rt_log_callback)(void *user_data,
                                     size_t message_len);
 
 // Options of `gpt2rt_engine_load`. Fill with `gpt2rt_engine_options_default` first.
+//
+// Fields are only ever appended, without an ABI version bump. The library accepts the
+// `struct_size` of every earlier layout (56 bytes, up to `synthetic_seed`, on 64-bit targets) and
+// gives the fields such a host lacks their defaults. `gpt2rt_engine_options_default` writes the
+// library's whole current layout, so a host built against an older header must fill the struct
+// itself rather than call a newer library's default function.
 typedef struct {
   // `sizeof(gpt2rt_engine_options)`, set by the default function.
   size_t struct_size;
@@ -167,6 +173,14 @@ typedef struct {
   uint32_t builtin_model;
   // Seed of the built-in synthetic model (default 0).
   uint64_t synthetic_seed;
+  // Nonzero: send NVTX ranges (`gpt2rt generate`, `gpt2rt prefill`, `gpt2rt step`,
+  // `gpt2rt select`, `gpt2rt read_logits`; on CUDA also `H2D tokens`, `D2H logits`,
+  // `D2H token ids`) to an NVTX tool such as Nsight Systems, which the tool's
+  // `NVTX_INJECTION64_PATH` names; the environment variable `GPT2RT_NVTX=1` does the same without
+  // code changes. Process-wide once on (NVTX is per process), for every engine. Without a tool a
+  // range costs one atomic load. Default 0. Appended after ABI 1's first layout: a host passing
+  // the older `struct_size` gets 0.
+  uint32_t nvtx;
 } gpt2rt_engine_options;
 
 // Model dimensions and engine limits.

@@ -6,6 +6,7 @@ use crate::decode::{Decoder, FinishReason, GenerateOutput, GenerateParams, Sessi
 use crate::error::Result;
 use crate::log::{LogLevel, emit};
 use crate::model::{DType, Model, ModelConfig, Preset, load_dir};
+use crate::nvtx;
 use crate::sampling::SamplingParams;
 use crate::tokenizer::StreamDecoder;
 pub use crate::tokenizer::Tokenizer;
@@ -34,6 +35,12 @@ pub struct EngineOptions {
     /// directory, else from the engine's directory, when present. With the tensorrt backend, a
     /// `model_dir` that names a file is taken as the engine file (how the C ABI passes it).
     pub engine_file: Option<PathBuf>,
+    /// Send NVTX ranges (`gpt2rt generate`, `gpt2rt prefill`, `gpt2rt step`, `gpt2rt select`,
+    /// `gpt2rt read_logits`, and the CUDA backend's copies) to an attached NVTX tool such as Nsight
+    /// Systems. The environment variable `GPT2RT_NVTX=1` turns it on too. Process-wide once on
+    /// (NVTX is per process): see [`crate::nvtx`]. Off, or with no tool attached, a range costs
+    /// one atomic load.
+    pub nvtx: bool,
 }
 
 impl Default for EngineOptions {
@@ -47,6 +54,7 @@ impl Default for EngineOptions {
             dtype: None,
             num_threads: 0,
             engine_file: None,
+            nvtx: false,
         }
     }
 }
@@ -93,14 +101,17 @@ impl Engine {
     }
 
     pub fn load(options: &EngineOptions) -> Result<Self> {
+        let mut notes = Vec::new();
+        if options.nvtx || nvtx::requested_by_env() {
+            notes.push(nvtx::enable().to_string());
+        }
         let engine_file = options
             .engine_file
             .clone()
             .or_else(|| options.model_dir.clone().filter(|p| options.backend == BackendKind::TensorRt && p.is_file()));
         if let Some(file) = engine_file {
-            return Self::load_tensorrt(options, &file);
+            return Self::load_tensorrt(options, &file, notes);
         }
-        let mut notes = Vec::new();
         let (model, tokenizer) = match &options.model_dir {
             Some(dir) => {
                 let model = load_dir(dir)?;
@@ -149,7 +160,7 @@ impl Engine {
     }
 
     /// A serialized TensorRT engine with its optional `config.json` and `tokenizer.json`.
-    fn load_tensorrt(options: &EngineOptions, file: &std::path::Path) -> Result<Self> {
+    fn load_tensorrt(options: &EngineOptions, file: &std::path::Path, mut notes: Vec<String>) -> Result<Self> {
         if !matches!(options.backend, BackendKind::TensorRt | BackendKind::Auto) {
             bail!(
                 InvalidArgument,
@@ -158,7 +169,6 @@ impl Engine {
                 options.backend
             );
         }
-        let mut notes = Vec::new();
         let dir = tensorrt::sidecar_dir(file, options.model_dir.as_deref());
         let config_path = dir.join("config.json");
         let config = if config_path.is_file() {

@@ -4,6 +4,7 @@
 
 use crate::backend::{Backend, BackendState, Profile};
 use crate::error::Result;
+use crate::nvtx;
 use crate::sampling::{Sampler, SamplingParams};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -171,7 +172,10 @@ impl Decoder {
         }
         self.check_tokens(tokens)?;
         self.lens.clear();
-        let result = self.state.prefill(tokens, lengths);
+        let result = {
+            let _range = nvtx::range(nvtx::PREFILL);
+            self.state.prefill(tokens, lengths)
+        };
         if result.is_ok() {
             self.lens.extend_from_slice(lengths);
             let params = *self.sampler.params();
@@ -200,7 +204,10 @@ impl Decoder {
                 "sequence {i} already has {l} tokens, the session's max_seq; one more does not fit",
             );
         }
-        let result = self.state.step(tokens);
+        let result = {
+            let _range = nvtx::range(nvtx::STEP);
+            self.state.step(tokens)
+        };
         match result {
             Ok(()) => self.lens.iter_mut().for_each(|l| *l += 1),
             // A backend failure mid-step leaves the cache in an unknown state: require a prefill.
@@ -225,6 +232,7 @@ impl Decoder {
                 out.len()
             );
         }
+        let _range = nvtx::range(nvtx::READ_LOGITS);
         self.state.read_logits(&mut out[..needed])?;
         Ok(needed)
     }
@@ -254,8 +262,14 @@ impl Decoder {
         if self.sampler.params() != params {
             self.sampler.set_params(*params);
         }
-        self.state.select(&mut self.sampler, &mut out[..batch])?;
+        self.select_into(batch, out)?;
         Ok(batch)
+    }
+
+    /// The backend's selection of the batch's next tokens, inside its NVTX range.
+    fn select_into(&mut self, batch: usize, out: &mut [u32]) -> Result<()> {
+        let _range = nvtx::range(nvtx::SELECT);
+        self.state.select(&mut self.sampler, &mut out[..batch])
     }
 
     /// Prefills `prompts` and decodes up to `params.max_new_tokens` tokens per sequence.
@@ -271,6 +285,7 @@ impl Decoder {
         cancel: &AtomicBool,
         on_token: &mut dyn FnMut(usize, u32) -> bool,
     ) -> Result<GenerateOutput> {
+        let _range = nvtx::range(nvtx::GENERATE);
         params.sampling.validate()?;
         self.check_tokens(&params.stop_tokens)?;
         if let Some((i, l)) = lengths
@@ -301,7 +316,7 @@ impl Decoder {
                 if produced > 0 {
                     self.step(&next[..batch])?;
                 }
-                self.state.select(&mut self.sampler, &mut next[..batch])?;
+                self.select_into(batch, &mut next)?;
                 for seq in 0..batch {
                     if done[seq] {
                         continue;

@@ -13,6 +13,7 @@ pub mod ffi;
 pub mod log;
 pub mod memory;
 pub mod model;
+pub mod nvtx;
 pub mod sampling;
 pub mod tokenizer;
 

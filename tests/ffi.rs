@@ -81,6 +81,42 @@ fn engine_load_errors() {
 }
 
 #[test]
+fn engine_options_of_the_older_layout_are_read_up_to_their_struct_size() {
+    unsafe {
+        let mut o = std::mem::zeroed::<gpt2rt_engine_options>();
+        gpt2rt_engine_options_default(&mut o);
+        assert_eq!(o.struct_size, std::mem::size_of::<gpt2rt_engine_options>());
+        assert_eq!(o.nvtx, 0, "NVTX is off by default");
+        o.builtin_model = 2;
+        o.backend = gpt2rt_backend::Cpu as u32;
+        o.num_threads = 1;
+        // A host built before `nvtx` was appended: 56 bytes, followed here by bytes that would
+        // turn NVTX on if the library read past the host's struct_size.
+        let old_size = std::mem::offset_of!(gpt2rt_engine_options, nvtx);
+        assert_eq!(old_size, 56);
+        let mut buffer = [0xffu64; 8];
+        o.struct_size = old_size;
+        std::ptr::copy_nonoverlapping((&raw const o).cast::<u8>(), buffer.as_mut_ptr().cast::<u8>(), old_size);
+        let mut e = null_mut();
+        let status = gpt2rt_engine_load(buffer.as_ptr().cast::<gpt2rt_engine_options>(), &mut e);
+        expect(status, gpt2rt_status::Ok, "");
+        let mut info = vec![0u8; 4096];
+        let mut len = 0;
+        expect(gpt2rt_engine_info(e, info.as_mut_ptr().cast(), info.len(), &mut len), gpt2rt_status::Ok, "");
+        let info = String::from_utf8_lossy(&info[..len]);
+        assert!(!info.contains("nvtx"), "the missing nvtx field was read from beyond struct_size: {info}");
+        gpt2rt_engine_destroy(e);
+        // Sizes that are no layout of this struct are refused.
+        for size in [old_size - 8, old_size + 4, std::mem::size_of::<gpt2rt_engine_options>() + 8] {
+            let bad = gpt2rt_engine_options { struct_size: size, ..o };
+            let mut e = null_mut();
+            expect(gpt2rt_engine_load(&bad, &mut e), gpt2rt_status::StructSize, "expects 56 or 64");
+            assert!(e.is_null());
+        }
+    }
+}
+
+#[test]
 fn session_bad_inputs_keep_the_session_usable() {
     let engine = tiny_engine();
     unsafe {

@@ -86,7 +86,13 @@ struct EngineArgs {
 
 impl EngineArgs {
     fn load(&self) -> gpt2rt::Result<Engine> {
-        Engine::load(&EngineOptions {
+        self.load_with(false)
+    }
+
+    /// Loads the engine; `nvtx` (the `--nvtx` flag, or `GPT2RT_NVTX=1`) attaches NVTX ranges and
+    /// says on stderr whether a tool receives them.
+    fn load_with(&self, nvtx: bool) -> gpt2rt::Result<Engine> {
+        let engine = Engine::load(&EngineOptions {
             model_dir: self.model.clone(),
             builtin: Preset::parse(&self.builtin)?,
             seed: 0,
@@ -95,14 +101,29 @@ impl EngineArgs {
             dtype: self.dtype.as_deref().map(DType::parse).transpose()?,
             num_threads: self.threads,
             engine_file: self.engine.clone(),
-        })
+            nvtx,
+        })?;
+        if nvtx || gpt2rt::nvtx::requested_by_env() {
+            eprintln!("{}", gpt2rt::nvtx::enable());
+        }
+        Ok(engine)
     }
+}
+
+#[derive(Args, Clone, Copy)]
+struct ProfileArgs {
+    /// Emit NVTX ranges (gpt2rt generate / prefill / step / select / read_logits, CUDA copies) for
+    /// Nsight Systems (`nsys profile`); GPT2RT_NVTX=1 does the same.
+    #[arg(long)]
+    nvtx: bool,
 }
 
 #[derive(Args)]
 struct GenerateArgs {
     #[command(flatten)]
     engine: EngineArgs,
+    #[command(flatten)]
+    profile: ProfileArgs,
     #[arg(long, default_value_t = 32)]
     max_new_tokens: usize,
     /// A file with one prompt per line, added to the batch.
@@ -152,6 +173,8 @@ struct SynthArgs {
 struct BenchArgs {
     #[command(flatten)]
     engine: EngineArgs,
+    #[command(flatten)]
+    profile: ProfileArgs,
     /// Batch sizes (comma-separated).
     #[arg(long, value_delimiter = ',', default_value = "1,8,16")]
     batches: Vec<usize>,
@@ -204,7 +227,7 @@ fn generate(args: GenerateArgs) -> gpt2rt::Result<()> {
         prompts.push("Hello, my name is".into());
     }
     let load_start = Instant::now();
-    let engine = args.engine.load()?;
+    let engine = args.engine.load_with(args.profile.nvtx)?;
     let load_ms = load_start.elapsed().as_secs_f64() * 1e3;
     let tokenizer = engine.tokenizer();
     let encoded = prompts.iter().map(|p| tokenizer.encode(p)).collect::<gpt2rt::Result<Vec<_>>>()?;
@@ -374,7 +397,7 @@ fn median(values: &mut [f64]) -> f64 {
 }
 
 fn bench(args: BenchArgs) -> gpt2rt::Result<()> {
-    let engine = args.engine.load()?;
+    let engine = args.engine.load_with(args.profile.nvtx)?;
     let vocab = engine.config().vocab_size as u32;
     let max_new = args.new_tokens.iter().copied().max().unwrap_or(1);
     let kv_modes: &[bool] = if args.no_kv_off { &[true] } else { &[true, false] };

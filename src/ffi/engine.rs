@@ -1,6 +1,6 @@
 //! `gpt2rt_engine`: immutable weights on a backend, shared by sessions and threads.
 
-use super::{arg_mut, arg_ref, arg_str, check_struct_size, copy_out, gpt2rt_status, guard};
+use super::{arg_mut, arg_ref, arg_str, copy_out, gpt2rt_status, guard, read_options};
 use crate::api::{Engine, EngineOptions};
 use crate::backend::BackendKind;
 use crate::model::{DType, Preset};
@@ -28,6 +28,12 @@ pub enum gpt2rt_backend {
 }
 
 /// Options of `gpt2rt_engine_load`. Fill with `gpt2rt_engine_options_default` first.
+///
+/// Fields are only ever appended, without an ABI version bump. The library accepts the
+/// `struct_size` of every earlier layout (56 bytes, up to `synthetic_seed`, on 64-bit targets) and
+/// gives the fields such a host lacks their defaults. `gpt2rt_engine_options_default` writes the
+/// library's whole current layout, so a host built against an older header must fill the struct
+/// itself rather than call a newer library's default function.
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
 pub struct gpt2rt_engine_options {
@@ -52,15 +58,20 @@ pub struct gpt2rt_engine_options {
     pub builtin_model: u32,
     /// Seed of the built-in synthetic model (default 0).
     pub synthetic_seed: u64,
+    /// Nonzero: send NVTX ranges (`gpt2rt generate`, `gpt2rt prefill`, `gpt2rt step`,
+    /// `gpt2rt select`, `gpt2rt read_logits`; on CUDA also `H2D tokens`, `D2H logits`,
+    /// `D2H token ids`) to an NVTX tool such as Nsight Systems, which the tool's
+    /// `NVTX_INJECTION64_PATH` names; the environment variable `GPT2RT_NVTX=1` does the same without
+    /// code changes. Process-wide once on (NVTX is per process), for every engine. Without a tool a
+    /// range costs one atomic load. Default 0. Appended after ABI 1's first layout: a host passing
+    /// the older `struct_size` gets 0.
+    pub nvtx: u32,
 }
 
-/// Fills `options` with the defaults (built-in model, auto backend).
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn gpt2rt_engine_options_default(options: *mut gpt2rt_engine_options) -> gpt2rt_status {
-    guard(|| {
-        let options = unsafe { arg_mut(options, "options") }?;
-        *options = gpt2rt_engine_options {
-            struct_size: std::mem::size_of::<gpt2rt_engine_options>(),
+impl gpt2rt_engine_options {
+    fn defaults() -> Self {
+        Self {
+            struct_size: std::mem::size_of::<Self>(),
             model_dir: std::ptr::null(),
             model_dir_len: 0,
             backend: gpt2rt_backend::Auto as u32,
@@ -69,7 +80,22 @@ pub unsafe extern "C" fn gpt2rt_engine_options_default(options: *mut gpt2rt_engi
             num_threads: 0,
             builtin_model: 0,
             synthetic_seed: 0,
-        };
+            nvtx: 0,
+        }
+    }
+
+    /// Every `struct_size` this library accepts: each earlier layout's, then the current one.
+    fn known_sizes() -> [usize; 2] {
+        [std::mem::offset_of!(Self, nvtx), std::mem::size_of::<Self>()]
+    }
+}
+
+/// Fills `options` with the defaults (built-in model, auto backend).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn gpt2rt_engine_options_default(options: *mut gpt2rt_engine_options) -> gpt2rt_status {
+    guard(|| {
+        let options = unsafe { arg_mut(options, "options") }?;
+        *options = gpt2rt_engine_options::defaults();
         Ok(())
     })
 }
@@ -84,8 +110,9 @@ pub unsafe extern "C" fn gpt2rt_engine_load(
     guard(|| {
         let out = unsafe { arg_mut(out_engine, "out_engine") }?;
         let mut rust = EngineOptions::default();
-        if let Some(o) = unsafe { options.as_ref() } {
-            check_struct_size::<gpt2rt_engine_options>(o.struct_size, "gpt2rt_engine_options")?;
+        let known = gpt2rt_engine_options::known_sizes();
+        let read = unsafe { read_options(options, gpt2rt_engine_options::defaults(), &known, "gpt2rt_engine_options") };
+        if let Some(o) = read? {
             let dir = unsafe { arg_str(o.model_dir, o.model_dir_len, "options.model_dir") }?;
             rust.model_dir = (!dir.is_empty()).then(|| PathBuf::from(dir));
             rust.backend = match o.backend {
@@ -105,6 +132,7 @@ pub unsafe extern "C" fn gpt2rt_engine_load(
             rust.device = o.device as usize;
             rust.num_threads = o.num_threads as usize;
             rust.seed = o.synthetic_seed;
+            rust.nvtx = o.nvtx != 0;
             rust.builtin = match o.builtin_model {
                 0 => Preset::DistilGpt2,
                 1 => Preset::Gpt2,

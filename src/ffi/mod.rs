@@ -122,18 +122,53 @@ pub(crate) unsafe fn arg_str<'a>(ptr: *const c_char, len: usize, name: &str) -> 
     std::str::from_utf8(bytes).map_err(|e| err!(InvalidUtf8, "{name} is not valid UTF-8 ({e})"))
 }
 
-/// Checks an options struct's `struct_size` against the layout this library knows. ABI 1 knows one
-/// layout of each struct; when fields are appended, later versions will accept every earlier size
-/// (missing fields taking their defaults) and refuse sizes they do not know.
+/// Checks an options struct's `struct_size` against the one layout this library knows of a struct
+/// that has had no field appended yet. See [`read_options`] for the others.
 pub(crate) fn check_struct_size<T>(struct_size: usize, name: &str) -> Result<()> {
-    let expected = std::mem::size_of::<T>();
-    if struct_size != expected {
+    check_struct_size_in(struct_size, &[std::mem::size_of::<T>()], name)
+}
+
+/// Checks `struct_size` against every layout of an options struct this library knows: fields are
+/// only ever appended (without an ABI version bump), so a host built against an older header
+/// passes an older, smaller size; sizes this library does not know are refused.
+fn check_struct_size_in(struct_size: usize, known: &[usize], name: &str) -> Result<()> {
+    if !known.contains(&struct_size) {
+        let expected = known.iter().map(usize::to_string).collect::<Vec<_>>().join(" or ");
         bail!(
             StructSize,
             "{name}.struct_size is {struct_size}, this library (ABI {GPT2RT_ABI_VERSION}) expects {expected}: fill it with {name}_default()"
         );
     }
     Ok(())
+}
+
+/// Reads a host's options struct that may be an older, shorter layout: `known_sizes` lists every
+/// `struct_size` this library accepts (each older layout's size, then `size_of::<T>()`). Only the
+/// host's `struct_size` bytes are read; the fields an older host does not have keep their values
+/// in `defaults`. NULL gives `None`.
+///
+/// # Safety
+/// `ptr` must be NULL or point to a live options struct of at least its own `struct_size` bytes,
+/// beginning with that `usize` field (every gpt2rt options struct does).
+pub(crate) unsafe fn read_options<T: Copy>(
+    ptr: *const T,
+    defaults: T,
+    known_sizes: &[usize],
+    name: &str,
+) -> Result<Option<T>> {
+    if ptr.is_null() {
+        return Ok(None);
+    }
+    // SAFETY: every options struct starts with its usize struct_size (checked by the callers'
+    // layouts); the host's struct is at least that long.
+    let struct_size = unsafe { ptr.cast::<usize>().read() };
+    check_struct_size_in(struct_size, known_sizes, name)?;
+    let mut value = defaults;
+    let len = struct_size.min(std::mem::size_of::<T>());
+    // SAFETY: the host's struct holds `struct_size` bytes; `value` holds size_of::<T>(); T is a
+    // repr(C) struct of integers and pointers, valid for any bytes the host wrote.
+    unsafe { std::ptr::copy_nonoverlapping(ptr.cast::<u8>(), (&raw mut value).cast::<u8>(), len) };
+    Ok(Some(value))
 }
 
 /// Copies `bytes` into a caller buffer with the required-size convention: the length needed is

@@ -18,6 +18,7 @@ namespace Gpt2Rt
         public uint num_threads;
         public uint builtin_model;
         public ulong synthetic_seed;
+        public uint nvtx;
     }
 
     [StructLayout(LayoutKind.Sequential)]

@@ -17,6 +17,8 @@ namespace Gpt2Rt
         public uint NumThreads;
         public BuiltinModel BuiltinModel;
         public ulong SyntheticSeed;
+        /// <summary>Emit NVTX ranges for Nsight Systems (process-wide once on; GPT2RT_NVTX=1 does the same).</summary>
+        public bool Nvtx;
 
         readonly UIntPtr _structSize;
 
@@ -33,6 +35,7 @@ namespace Gpt2Rt
             NumThreads = d.num_threads;
             BuiltinModel = (BuiltinModel)d.builtin_model;
             SyntheticSeed = d.synthetic_seed;
+            Nvtx = d.nvtx != 0;
         }
 
         /// <summary>The C struct; model_dir points into <paramref name="pinnedModelDir"/>, pinned by the caller.</summary>
@@ -48,6 +51,7 @@ namespace Gpt2Rt
             n.num_threads = NumThreads;
             n.builtin_model = (uint)BuiltinModel;
             n.synthetic_seed = SyntheticSeed;
+            n.nvtx = Nvtx ? 1u : 0u;
             return n;
         }
     }

@@ -3,6 +3,7 @@
 use crate::backend::{Backend, BackendKind, BackendState, History, Profile};
 use crate::error::{Error, ErrorKind, Result};
 use crate::model::{DType, Model, ModelConfig};
+use crate::nvtx;
 use crate::sampling::Sampler;
 use cudarc::driver::{result, sys};
 use half::{bf16, f16};
@@ -760,6 +761,7 @@ impl CudaState {
     }
 
     fn upload_ints(&self, offset: usize, len: usize) -> Result<()> {
+        let _range = nvtx::range(nvtx::H2D_TOKENS);
         // SAFETY: the pinned source outlives the copy (synchronised before reuse), the range is in
         // bounds of both buffers.
         unsafe {
@@ -1208,6 +1210,7 @@ impl CudaState {
 
     /// Copies the `out.len()` chosen token ids back (the only data a step sends to the host).
     fn read_next(&mut self, out: &mut [u32]) -> Result<()> {
+        let _range = nvtx::range(nvtx::D2H_TOKEN_IDS);
         let (next, b) = (self.layout.next, out.len());
         // SAFETY: b ints in both buffers; synchronised before reading.
         unsafe {
@@ -1329,6 +1332,7 @@ impl BackendState for CudaState {
     fn read_logits(&mut self, out: &mut [f32]) -> Result<()> {
         self.shared.device.bind()?;
         let n = out.len();
+        let _range = nvtx::range(nvtx::D2H_LOGITS);
         // SAFETY: n <= batch * vocab floats in both buffers; synchronised before reading.
         unsafe { result::memcpy_dtoh_async(&mut self.host_logits.as_mut_slice()[..n], self.logits.ptr, self.stream) }
             .check("cuda: copying logits to the host")?;
