@@ -136,7 +136,8 @@ fn cuda_f32_matches_the_cpu_reference_at_every_batch_path() {
     }
     for dtype in [DType::F16, DType::BF16] {
         let half = Engine::load(&EngineOptions { dtype: Some(dtype), ..options(BackendKind::Cuda) }).unwrap();
-        for batch in [1, 12, 64] {
+        // Batch 1 takes the decode kernels; 4, 12 and 64 the tensor-core products on 8.0+ GPUs.
+        for batch in [1, 4, 12, 64] {
             let want = batch_tokens(&cpu, batch, 5, 12);
             let got = batch_tokens(&half, batch, 5, 12);
             let same: usize =
@@ -145,6 +146,9 @@ fn cuda_f32_matches_the_cpu_reference_at_every_batch_path() {
                 "cuda {dtype} vs the CPU reference, batch {batch}: {same}/{} tokens before each sequence's first divergence",
                 batch * 12
             );
+            // Half precision may part from f32 at a near tie, but not at most tokens (measured
+            // on an H100: 93-100%).
+            assert!(same * 2 >= batch * 12, "{dtype}, batch {batch}: only {same}/{} tokens agree", batch * 12);
         }
     }
 }

@@ -11,6 +11,8 @@ for t in cuda parity; do
   cp "$(ls -t target/release/deps/$t-* | grep -v '\.d$' | head -1)" "carry/$t"
 done
 strip carry/gpt2rt carry/cuda carry/parity
+# The fake NVTX tool of tests/nvtx, for gpu_check.sh's check of the CUDA backend's ranges.
+cc -std=c99 -O1 -shared -fPIC -o carry/fake_injection.so tests/nvtx/fake_injection.c
 # The device tool carries at most 64 MiB with the tree: ship the binaries compressed;
 # tools/gpu_check.sh unpacks them.
 XZ_OPT="-T2 -2" tar -C carry -cJf carry/bins.tar.xz gpt2rt cuda parity && rm carry/gpt2rt carry/cuda carry/parity

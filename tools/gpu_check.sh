@@ -71,6 +71,22 @@ if [ "${SKIP_BENCH:-0}" != 1 ]; then
   tar czf "$OUT/bench.tgz" -C "$OUT/bench" . && rm -rf "$OUT/bench"
 fi
 
+# NVTX ranges from the CUDA backend, received by the fake injection library of tests/nvtx (built by
+# tools/gpu_bundle.sh; Nsight Systems is not installed on the GPU machine).
+nvtx=skipped
+if [ -f carry/fake_injection.so ]; then
+  nvtx=FAILED
+  NVTX_INJECTION64_PATH=$PWD/carry/fake_injection.so FAKE_NVTX_LOG="$OUT/nvtx.log" \
+    "$BIN" generate --backend cuda --nvtx --max-new-tokens 4 "NVTX check" > "$OUT/nvtx_generate.txt" 2>&1
+  # One generate range holding a prefill and 3 steps, token uploads and token-id copies inside.
+  if [ "$(grep -c '^push 0 gpt2rt generate' "$OUT/nvtx.log" 2>/dev/null)" = 1 ] &&
+    [ "$(grep -c '^push 1 gpt2rt step' "$OUT/nvtx.log")" = 3 ] &&
+    grep -q '^push 2 H2D tokens' "$OUT/nvtx.log" && grep -q '^push 2 D2H token ids' "$OUT/nvtx.log"; then
+    nvtx=passed
+  fi
+  sed 's/^push [0-9]* //;/^pop/d' "$OUT/nvtx.log" 2>/dev/null | sort | uniq -c | sed 's/^/  nvtx range /'
+fi
+
 echo
 echo "| check | result |"
 echo "|---|---|"
@@ -78,7 +94,8 @@ echo "| GPU | $(head -1 "$OUT/gpu.txt") |"
 echo "| CUDA tests (f32 parity vs transformers, f16/bf16 agreement) | $cuda |"
 echo "| CPU parity vs transformers fp32 | $parity |"
 echo "| ONNX export (torch) validated with ONNX Runtime vs the CPU backend | $onnx |"
+echo "| NVTX ranges from the CUDA backend (fake injection library) | $nvtx |"
 echo "| benchmark | $bench |"
 grep -h "agree on" "$OUT/cuda_tests.log" || true
 grep -h "^hf" "$OUT/bench.log" || tail -5 "$OUT/bench.log"
-[ "$cuda" = passed ] && [ "$parity" = passed ] && [ "$bench" != FAILED ] && [ "$onnx" != FAILED ]
+[ "$cuda" = passed ] && [ "$parity" = passed ] && [ "$bench" != FAILED ] && [ "$onnx" != FAILED ] && [ "$nvtx" != FAILED ]

@@ -856,9 +856,11 @@ impl CudaState {
     }
 
     /// Whether the decode path's prologues (LayerNorm, embedding, attention combination) run
-    /// inside the matmuls for `m` rows: one group of rows, whose copies fit the shared memory.
+    /// inside the matmuls for `m` rows: rows on the decode path, one group of them, whose copies
+    /// fit the shared memory. (Rows past the decode path get separate embedding and LayerNorm
+    /// kernels even when there are few: with tensor cores the decode path ends at 2 rows.)
     fn fused_prologue(&self, m: usize) -> bool {
-        m <= GEMV_MAX_ROWS && m * self.shared.config.n_embd * 4 <= DEFAULT_SMEM
+        self.decode_rows(m) && m <= GEMV_MAX_ROWS && m * self.shared.config.n_embd * 4 <= DEFAULT_SMEM
     }
 
     /// One decode-path matmul (see `gemv` and `gemv_cols` in the .cu file): `m <= GEMV_MAX_M` rows,
