@@ -25,9 +25,10 @@ const GEMV_MAX_M: usize = 64;
 /// weights once but spend fp32 CUDA-core work per row; past a group of rows the tiled kernel wins.
 const DECODE_ROWS: usize = GEMV_MAX_ROWS;
 /// The same where the tensor-core product runs (f16/bf16 on 8.0+), which overtakes the decode
-/// kernels between 2 and 4 rows. H100, f16, prompt 12, 32 new tokens, E2E ms, decode kernels vs
-/// tensor cores: batch 2 9.4 vs 11.3, batch 4 12.2 vs 11.5, batch 8 17.7 vs 11.9.
-const DECODE_ROWS_MMA: usize = 2;
+/// kernels at 4 rows. H100, f16, prompt 12, 32 new tokens, E2E ms, decode kernels vs tensor
+/// cores: batch 2 9.24 vs 9.40, 3 10.73 vs 11.85, 4 12.10 vs 11.88, 6 14.92 vs 12.06, 8 17.45 vs
+/// 12.24.
+const DECODE_ROWS_MMA: usize = 3;
 /// Output columns a warp of the several-row GEMV kernels owns (GEMV_COLS in the .cu file).
 const GEMV_COLS: usize = 4;
 /// Threads per block of the GEMV kernels (each output column owned by 1, 2, 4 or 8 warps).
@@ -858,7 +859,7 @@ impl CudaState {
     /// Whether the decode path's prologues (LayerNorm, embedding, attention combination) run
     /// inside the matmuls for `m` rows: rows on the decode path, one group of them, whose copies
     /// fit the shared memory. (Rows past the decode path get separate embedding and LayerNorm
-    /// kernels even when there are few: with tensor cores the decode path ends at 2 rows.)
+    /// kernels even when there are few: with tensor cores the decode path ends at 3 rows.)
     fn fused_prologue(&self, m: usize) -> bool {
         self.decode_rows(m) && m <= GEMV_MAX_ROWS && m * self.shared.config.n_embd * 4 <= DEFAULT_SMEM
     }
