@@ -61,9 +61,26 @@ __device__ float block_max(float v, float* scratch) {
     return warp_max(v);
 }
 
+// Programmatic dependent launch (sm_90+; the host enables it only there): a kernel launched with it
+// may start while the previous one finishes. It asks for its own dependents to be launched early
+// (pdl_trigger), streams the weights it needs (which no kernel writes), and only then waits for the
+// previous kernel's results (pdl_wait) before reading activations or writing anything.
+__device__ __forceinline__ void pdl_trigger() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
 // x[r, :] = wte[tokens[r], :] + wpe[pos[r], :]; one block per row.
 template <typename W>
 __device__ void embed(const int* tokens, const int* pos, const W* wte, const W* wpe, float* x, int C) {
+    pdl_trigger();
+    pdl_wait();
     int r = blockIdx.x;
     const W* te = wte + (size_t)tokens[r] * C;
     const W* pe = wpe + (size_t)pos[r] * C;
@@ -74,6 +91,8 @@ __device__ void embed(const int* tokens, const int* pos, const W* wte, const W* 
 template <typename W>
 __device__ void layer_norm(const float* x, const W* gamma, const W* beta, float* out, int C, float eps) {
     __shared__ float scratch[32];
+    pdl_trigger();
+    pdl_wait();
     const float* row = x + (size_t)blockIdx.x * C;
     float s = 0.0f;
     for (int c = threadIdx.x; c < C; c += blockDim.x) s += row[c];
@@ -96,6 +115,8 @@ __device__ void layer_norm(const float* x, const W* gamma, const W* beta, float*
 // Grid (ceil(N/64), ceil(M/64), splits); partial[split][m][n] feeds matmul_finish.
 template <typename W>
 __device__ void matmul_tiled(const float* in, int M, int K, const W* w, int N, float* partial, int k_per_split) {
+    pdl_trigger();
+    pdl_wait();
     __shared__ float a_tile[16][64 + 1];
     __shared__ float w_tile[16][64];
     int tx = threadIdx.x & 15, ty = threadIdx.x >> 4;
@@ -156,6 +177,8 @@ template <typename W>
 __device__ void matmul_finish(const float* partial, int splits, int M, int N, const W* bias, float* out, int mode,
                               float* k_cache, float* v_cache, const int* row_seq, const int* row_pos, int max_seq) {
     __shared__ float sums[8][33];
+    pdl_trigger();
+    pdl_wait();
     int tx = threadIdx.x & 31, ty = threadIdx.x >> 5;
     int n = blockIdx.x * 32 + tx, m = blockIdx.y;
     float acc = 0.0f;
@@ -223,20 +246,6 @@ template <> struct Vec<__nv_bfloat16> {
     static __device__ __forceinline__ void convert(uint4 raw, float* out) { convert_pairs<__nv_bfloat162>(raw, out); }
 };
 
-// Programmatic dependent launch (sm_90+; the host enables it only there): a kernel launched with it
-// may start while the previous one finishes. It asks for its own dependents to be launched early
-// (pdl_trigger), streams the weights it needs (which no kernel writes), and only then waits for the
-// previous kernel's results (pdl_wait) before reading activations or writing anything.
-__device__ __forceinline__ void pdl_trigger() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-#endif
-}
-__device__ __forceinline__ void pdl_wait() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile("griddepcontrol.wait;" ::: "memory");
-#endif
-}
 
 // A lane's share of one chunk of a weight row: GEMV_UNROLL 16-byte loads, all in flight at once,
 // kept raw (4 registers each) until the arithmetic needs them.
@@ -679,6 +688,8 @@ __device__ void lm_head_fused(const float* h, const W* gamma, const W* beta, flo
 // Lanes read four consecutive weights at once when C is a multiple of 4 (GPT-2: 768).
 template <typename W>
 __device__ void lm_head(const float* h, int M, const W* wte, int V, int C, float* logits) {
+    pdl_trigger();
+    pdl_wait();
     int warp = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
     int lane = threadIdx.x & 31;
     if (warp >= V) return;
@@ -777,14 +788,18 @@ __device__ void matmul_mma(const float* __restrict__ in, int M, int K, const W* 
     const W* w_src = w + (size_t)(n0 + lr) * K + lk;
     float4 a_reg[4];
     uint4 w_reg[2];
-    auto load = [&](int kb) {
-        bool in_k = kb + lk < k1;  // slices are whole: k1 - kb is a multiple of 16 here
-#pragma unroll
-        for (int i = 0; i < 4; i++)
-            a_reg[i] = (a_ok && in_k) ? *reinterpret_cast<const float4*>(a_src + kb + 4 * i) : make_float4(0, 0, 0, 0);
+    // Slices are whole: k1 - kb is a multiple of 16 here.
+    auto load_w = [&](int kb) {
+        bool in_k = kb + lk < k1;
 #pragma unroll
         for (int i = 0; i < 2; i++)
             w_reg[i] = (w_ok && in_k) ? *reinterpret_cast<const uint4*>(w_src + kb + 8 * i) : make_uint4(0, 0, 0, 0);
+    };
+    auto load_a = [&](int kb) {
+        bool in_k = kb + lk < k1;
+#pragma unroll
+        for (int i = 0; i < 4; i++)
+            a_reg[i] = (a_ok && in_k) ? *reinterpret_cast<const float4*>(a_src + kb + 4 * i) : make_float4(0, 0, 0, 0);
     };
     auto store = [&]() {
         unsigned int packed[8];
@@ -807,12 +822,20 @@ __device__ void matmul_mma(const float* __restrict__ in, int M, int K, const W* 
         for (int j = 0; j < 2; j++)
 #pragma unroll
             for (int r = 0; r < 4; r++) acc[i][j][r] = 0.0f;
-    if (k0 < k1) load(k0);
+    // The first slice's weights stream while the previous kernel finishes (programmatic
+    // dependent launch); the activations only after it is done.
+    pdl_trigger();
+    if (k0 < k1) load_w(k0);
+    pdl_wait();
+    if (k0 < k1) load_a(k0);
     for (int kb = k0; kb < k1; kb += MMA_SLICE) {
         __syncthreads();
         store();
         __syncthreads();
-        if (kb + MMA_SLICE < k1) load(kb + MMA_SLICE);
+        if (kb + MMA_SLICE < k1) {
+            load_w(kb + MMA_SLICE);
+            load_a(kb + MMA_SLICE);
+        }
 #pragma unroll
         for (int ks = 0; ks < MMA_SLICE; ks += 16) {
             unsigned int b[2][2];
@@ -991,6 +1014,8 @@ extern "C" __global__ void attention_decode(const float* qkv, const float* k_cac
 
 // out[b, :] = x[rows[b] - row_offset, :] for rows inside [row_offset, row_offset + n_rows).
 extern "C" __global__ void gather_rows(const float* x, const int* rows, int row_offset, int n_rows, float* out, int C) {
+    pdl_trigger();
+    pdl_wait();
     int b = blockIdx.x;
     int r = rows[b] - row_offset;
     if (r < 0 || r >= n_rows) return;

@@ -162,6 +162,8 @@ struct Device {
     kernels: Kernels,
     name: String,
     capability: (i32, i32),
+    /// Programmatic dependent launch: 9.0+, unless `GPT2RT_CUDA_PDL=0` (for comparisons).
+    pdl: bool,
 }
 
 // SAFETY: CUDA contexts, modules and functions may be used from any thread once made current; every
@@ -229,6 +231,7 @@ impl Device {
             kernels,
             name: probe.name,
             capability: probe.capability,
+            pdl: probe.capability >= (9, 0) && std::env::var("GPT2RT_CUDA_PDL").map_or(true, |v| v != "0"),
         }))
     }
 
@@ -703,7 +706,7 @@ impl CudaState {
         smem: usize,
         args: Args,
     ) -> Result<()> {
-        if self.shared.device.capability < (9, 0) {
+        if !self.shared.device.pdl {
             return self.launch_grid(f, grid, block, smem, args);
         }
         let mut args = args;
@@ -828,7 +831,7 @@ impl CudaState {
         let splits = k.div_ceil(per_split);
         let args = Args::new().ptr(input).int(m).int(k).ptr(w.ptr).int(n).ptr(self.partial.ptr).int(per_split);
         let (f, threads) = mma.map_or((kernels.matmul_tiled, 256), |f| (f, MMA_THREADS));
-        self.launch_grid(f, (n.div_ceil(64), m.div_ceil(64), splits), threads, 0, args)?;
+        self.launch_overlapped_grid(f, (n.div_ceil(64), m.div_ceil(64), splits), threads, 0, args)?;
         let (kc, vc, rs, rp) = kv.unwrap_or((0, 0, 0, 0));
         let args = Args::new()
             .ptr(self.partial.ptr)
@@ -843,7 +846,7 @@ impl CudaState {
             .ptr(rs)
             .ptr(rp)
             .int(self.profile.max_seq);
-        self.launch_grid(kernels.matmul_finish, (n.div_ceil(32), m, 1), 256, 0, args)
+        self.launch_overlapped_grid(kernels.matmul_finish, (n.div_ceil(32), m, 1), 256, 0, args)
     }
 
     /// Blocks the decode attention spreads one (row, head) over: enough for max_seq.
@@ -946,7 +949,7 @@ impl CudaState {
         let decode = self.decode_rows(n);
         let fused_ln = self.fused_prologue(n);
         if !fused_ln {
-            self.launch(
+            self.launch_overlapped(
                 k.embed,
                 n,
                 256,
@@ -958,7 +961,7 @@ impl CudaState {
         let smem = (s.max(ATTENTION_THREADS) + cfg.head_dim()) * f;
         let scale = 1.0 / (cfg.head_dim() as f32).sqrt();
         let ln = |input: u64, g: &DeviceBuffer, b: &DeviceBuffer, out: u64| {
-            self.launch(
+            self.launch_overlapped(
                 k.layer_norm,
                 n,
                 256,
@@ -1012,7 +1015,7 @@ impl CudaState {
             }
             ln(self.x.ptr, &lw.ln_1_weight, &lw.ln_1_bias, self.xn.ptr)?;
             self.matmul(self.xn.ptr, n, c, &lw.attn_weight, 3 * c, &lw.attn_bias, self.qkv.ptr, 3, Some(kv))?;
-            self.launch(
+            self.launch_overlapped(
                 k.attention,
                 n * cfg.n_head,
                 ATTENTION_THREADS,
@@ -1060,7 +1063,7 @@ impl CudaState {
                     .ptr(self.xn.ptr)
                     .int(c)
                     .float(self.shared.config.layer_norm_epsilon);
-                self.launch(self.shared.device.kernels.layer_norm, n, 256, 0, args)?;
+                self.launch_overlapped(self.shared.device.kernels.layer_norm, n, 256, 0, args)?;
                 GemvInput::Plain(self.xn.ptr)
             }
         })
@@ -1077,7 +1080,7 @@ impl CudaState {
         let head = w.lm_head.as_ref().unwrap_or(&w.wte);
         let fused_ln = self.fused_prologue(m);
         if !fused_ln {
-            self.launch(
+            self.launch_overlapped(
                 k.layer_norm,
                 m,
                 256,
@@ -1116,10 +1119,10 @@ impl CudaState {
             // One split: the product lands in the logits directly.
             let args =
                 Args::new().ptr(self.last_norm.ptr).int(m).int(c).ptr(head.ptr).int(v).ptr(self.logits.ptr).int(c);
-            self.launch_grid(f, (v.div_ceil(64), m.div_ceil(64), 1), MMA_THREADS, 0, args)?;
+            self.launch_overlapped_grid(f, (v.div_ceil(64), m.div_ceil(64), 1), MMA_THREADS, 0, args)?;
             return Ok(false);
         }
-        self.launch(
+        self.launch_overlapped(
             k.lm_head,
             (v * 32).div_ceil(256),
             256,
@@ -1168,7 +1171,7 @@ impl CudaState {
                 self.ints.at::<i32>(rp_off + start),
                 n,
             )?;
-            self.launch(
+            self.launch_overlapped(
                 k.gather_rows,
                 self.history.batch(),
                 256,
