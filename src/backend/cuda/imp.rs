@@ -33,8 +33,13 @@ const DECODE_ROWS_MMA: usize = 3;
 const GEMV_COLS: usize = 4;
 /// Threads per block of the GEMV kernels (each output column owned by 1, 2, 4 or 8 warps).
 const GEMV_THREADS: usize = 256;
-/// Blocks of the fused LM head (each a grid-stride share of the vocabulary and one partial argmax).
+/// Most blocks of the fused LM head (each a grid-stride share of the vocabulary and one partial
+/// argmax); sizes the argmax buffer.
 const LM_HEAD_BLOCKS: usize = 1056;
+/// Fused LM-head blocks an SM holds at once (256 threads of about 120 registers): the default grid
+/// is one wave of them. H100, batch 1, 32 new tokens, E2E ms for 1056 / 528 / 264 / 132 blocks:
+/// f16 8.75 / 8.56 / 8.46 / 8.89, f32 10.65 / 10.52 / 10.34 / 10.98.
+const LM_HEAD_RESIDENT: usize = 2;
 /// Keys per block of the decode attention (longer contexts spread over more blocks). Must equal
 /// ATTENTION_SPLIT in the .cu file.
 const ATTENTION_SPLIT: usize = 64;
@@ -81,6 +86,7 @@ struct Probe {
     device: sys::CUdevice,
     name: String,
     capability: (i32, i32),
+    sm_count: usize,
 }
 
 fn probe(ordinal: usize) -> Result<Probe> {
@@ -124,7 +130,8 @@ fn probe(ordinal: usize) -> Result<Probe> {
             capability.1
         );
     }
-    Ok(Probe { device, name, capability })
+    let sm_count = attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?.max(1) as usize;
+    Ok(Probe { device, name, capability, sm_count })
 }
 
 /// The kernels of the embedded module, by weight dtype where they read weights.
@@ -162,6 +169,8 @@ struct Device {
     kernels: Kernels,
     name: String,
     capability: (i32, i32),
+    /// Streaming multiprocessors.
+    sm_count: usize,
     /// Programmatic dependent launch: 9.0+, unless `GPT2RT_CUDA_PDL=0` (for comparisons).
     pdl: bool,
 }
@@ -231,6 +240,7 @@ impl Device {
             kernels,
             name: probe.name,
             capability: probe.capability,
+            sm_count: probe.sm_count,
             pdl: probe.capability >= (9, 0) && std::env::var("GPT2RT_CUDA_PDL").map_or(true, |v| v != "0"),
         }))
     }
@@ -433,6 +443,10 @@ struct Shared {
     /// Blocks the split-K matmuls aim for: TARGET_BLOCKS, or `GPT2RT_CUDA_SPLIT_BLOCKS` (at most
     /// TARGET_BLOCKS, which sized the partial buffer; a tuning knob read when the engine loads).
     split_blocks: usize,
+    /// Blocks of the fused LM head: one wave (LM_HEAD_RESIDENT an SM), or
+    /// `GPT2RT_CUDA_LM_HEAD_BLOCKS`; at most LM_HEAD_BLOCKS, which sizes the argmax buffer (a tuning
+    /// knob read when the engine loads).
+    lm_head_blocks: usize,
     device: Arc<Device>,
     weights: DeviceWeights,
     config: ModelConfig,
@@ -460,8 +474,14 @@ impl CudaBackend {
             .ok()
             .and_then(|v| v.parse::<usize>().ok())
             .map_or(TARGET_BLOCKS, |v| v.clamp(1, TARGET_BLOCKS));
+        let lm_head_blocks = std::env::var("GPT2RT_CUDA_LM_HEAD_BLOCKS")
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok())
+            .map_or(LM_HEAD_RESIDENT * device.sm_count, |v| v)
+            .clamp(1, LM_HEAD_BLOCKS);
         let config = model.config.clone();
-        Ok(Self { shared: Arc::new(Shared { decode_max_rows, split_blocks, device, weights, config, dtype }) })
+        let shared = Shared { decode_max_rows, split_blocks, lm_head_blocks, device, weights, config, dtype };
+        Ok(Self { shared: Arc::new(shared) })
     }
 }
 
@@ -1095,7 +1115,8 @@ impl CudaState {
             )?;
         }
         if self.decode_rows(m) {
-            self.best_chunks.set(LM_HEAD_BLOCKS);
+            let blocks = self.shared.lm_head_blocks;
+            self.best_chunks.set(blocks);
             let (f, input, smem) =
                 if fused_ln { (k.lm_head_ln, hidden, m * c * 4) } else { (k.lm_head_plain, self.last_norm.ptr, 0) };
             let args = Args::new()
@@ -1109,9 +1130,9 @@ impl CudaState {
                 .int(c)
                 .ptr(self.logits.ptr)
                 .ptr(self.best.ptr)
-                .ptr(self.best.at::<f32>(m * LM_HEAD_BLOCKS))
+                .ptr(self.best.at::<f32>(m * blocks))
                 .ptr(advance.unwrap_or(0));
-            self.launch_overlapped(f, LM_HEAD_BLOCKS, 256, smem, args)?;
+            self.launch_overlapped(f, blocks, 256, smem, args)?;
             return Ok(advance.is_some());
         }
         self.best_chunks.set(0);
@@ -1296,7 +1317,7 @@ impl BackendState for CudaState {
         self.upload_ints(st, tokens.len())?;
         let exec = self.step_graph()?;
         // Replays do not run `head`, which records where the argmax's first stage went.
-        self.best_chunks.set(if self.decode_rows(tokens.len()) { LM_HEAD_BLOCKS } else { 0 });
+        self.best_chunks.set(if self.decode_rows(tokens.len()) { self.shared.lm_head_blocks } else { 0 });
         self.mark(false)?;
         // SAFETY: the graph was captured on this stream with this state's buffers.
         unsafe { result::graph::launch(exec, self.stream) }.check("cuda: launching the step graph")?;
