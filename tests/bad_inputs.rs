@@ -4,6 +4,10 @@
 //! against the one in SECURITY.md (regenerate with `GPT2RT_BLESS=1 cargo test --release --test
 //! bad_inputs`), so the published table cannot drift from what the library does.
 
+#[path = "common/capi.rs"]
+mod capi;
+
+use capi::{session, tiny_engine};
 use gpt2rt::ffi::*;
 use gpt2rt::model::{synthesize, write_dir};
 use gpt2rt::{DType, ModelConfig};
@@ -277,31 +281,6 @@ fn engine_options(t: &mut Table) {
             assert!(e.is_null());
         }
         t.row(call, "`out_engine` = NULL", gpt2rt_engine_load(&d, null_mut()), S::NullPointer);
-    }
-}
-
-fn tiny_engine() -> *mut gpt2rt_engine {
-    unsafe {
-        let mut o = std::mem::zeroed::<gpt2rt_engine_options>();
-        gpt2rt_engine_options_default(&mut o);
-        o.builtin_model = 2;
-        o.backend = gpt2rt_backend::Cpu as u32;
-        o.num_threads = 2;
-        let mut e = null_mut();
-        assert_eq!(gpt2rt_engine_load(&o, &mut e), S::Ok);
-        e
-    }
-}
-
-fn session(engine: *mut gpt2rt_engine, max_batch: usize, max_seq: usize) -> *mut gpt2rt_session {
-    unsafe {
-        let mut o = std::mem::zeroed::<gpt2rt_session_options>();
-        gpt2rt_session_options_default(&mut o);
-        o.max_batch = max_batch;
-        o.max_seq = max_seq;
-        let mut s = null_mut();
-        assert_eq!(gpt2rt_session_create(engine, &o, &mut s), S::Ok);
-        s
     }
 }
 
@@ -617,7 +596,7 @@ fn every_bad_input_gets_its_status_and_the_table_in_security_md_is_current() {
 
     model_files(&mut t);
     engine_options(&mut t);
-    let engine = tiny_engine();
+    let engine = tiny_engine(2);
     profiles(&mut t, engine);
     out_of_memory(&mut t);
     session_calls(&mut t, engine);

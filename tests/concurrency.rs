@@ -1,9 +1,11 @@
 //! Concurrency through the C ABI, as hosts use it: many threads sharing one engine, one session
 //! hammered from two threads, and cancellation from another thread at arbitrary moments.
 
+#[path = "common/capi.rs"]
+mod capi;
+
 use gpt2rt::ffi::*;
 use std::ffi::{c_char, c_void};
-use std::ptr::null_mut;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Barrier};
 
@@ -27,28 +29,11 @@ impl<T> Ptr<T> {
 }
 
 fn tiny_engine(num_threads: u32) -> Ptr<gpt2rt_engine> {
-    unsafe {
-        let mut o = std::mem::zeroed::<gpt2rt_engine_options>();
-        assert_eq!(gpt2rt_engine_options_default(&mut o), gpt2rt_status::Ok);
-        o.builtin_model = 2;
-        o.backend = gpt2rt_backend::Cpu as u32;
-        o.num_threads = num_threads;
-        let mut e = null_mut();
-        assert_eq!(gpt2rt_engine_load(&o, &mut e), gpt2rt_status::Ok);
-        Ptr(e)
-    }
+    Ptr(capi::tiny_engine(num_threads))
 }
 
 fn new_session(engine: Ptr<gpt2rt_engine>, max_batch: usize, max_seq: usize) -> Ptr<gpt2rt_session> {
-    unsafe {
-        let mut o = std::mem::zeroed::<gpt2rt_session_options>();
-        gpt2rt_session_options_default(&mut o);
-        o.max_batch = max_batch;
-        o.max_seq = max_seq;
-        let mut s = null_mut();
-        assert_eq!(gpt2rt_session_create(engine.0, &o, &mut s), gpt2rt_status::Ok);
-        Ptr(s)
-    }
+    Ptr(capi::session(engine.0, max_batch, max_seq))
 }
 
 unsafe extern "C" fn collect(user_data: *mut c_void, _: usize, token: i32, _: *const c_char, _: usize) -> i32 {

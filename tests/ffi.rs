@@ -1,13 +1,13 @@
 //! The C ABI, called exactly as a C host calls it: every bad input returns its own status and a
 //! message, out-params are untouched on failure, and the session stays usable afterwards.
 
+#[path = "common/capi.rs"]
+mod capi;
+
+use capi::{last_error, session, tiny_engine};
 use gpt2rt::ffi::*;
 use std::ffi::{CStr, c_char, c_void};
 use std::ptr::{null, null_mut};
-
-fn last_error() -> String {
-    unsafe { CStr::from_ptr(gpt2rt_last_error_message()) }.to_str().unwrap().to_string()
-}
 
 /// Asserts `status`, and that the thread's message mentions `needle`.
 #[track_caller]
@@ -16,31 +16,6 @@ fn expect(status: gpt2rt_status, want: gpt2rt_status, needle: &str) {
     if want != gpt2rt_status::Ok {
         let msg = last_error();
         assert!(msg.contains(needle), "{want:?}: message {msg:?} should mention {needle:?}");
-    }
-}
-
-fn tiny_engine() -> *mut gpt2rt_engine {
-    unsafe {
-        let mut o = std::mem::zeroed::<gpt2rt_engine_options>();
-        expect(gpt2rt_engine_options_default(&mut o), gpt2rt_status::Ok, "");
-        o.builtin_model = 2;
-        o.backend = gpt2rt_backend::Cpu as u32;
-        o.num_threads = 2;
-        let mut e = null_mut();
-        expect(gpt2rt_engine_load(&o, &mut e), gpt2rt_status::Ok, "");
-        e
-    }
-}
-
-fn session(engine: *mut gpt2rt_engine, max_batch: usize, max_seq: usize) -> *mut gpt2rt_session {
-    unsafe {
-        let mut o = std::mem::zeroed::<gpt2rt_session_options>();
-        gpt2rt_session_options_default(&mut o);
-        o.max_batch = max_batch;
-        o.max_seq = max_seq;
-        let mut s = null_mut();
-        expect(gpt2rt_session_create(engine, &o, &mut s), gpt2rt_status::Ok, "");
-        s
     }
 }
 
@@ -118,7 +93,7 @@ fn engine_options_of_the_older_layout_are_read_up_to_their_struct_size() {
 
 #[test]
 fn session_bad_inputs_keep_the_session_usable() {
-    let engine = tiny_engine();
+    let engine = tiny_engine(2);
     unsafe {
         let mut info = gpt2rt_model_info::default();
         expect(gpt2rt_engine_model_info(engine, &mut info), gpt2rt_status::Ok, "");
@@ -264,7 +239,7 @@ unsafe extern "C" fn collect(user_data: *mut c_void, _seq: usize, token: i32, pi
 
 #[test]
 fn generate_streams_and_reports_text() {
-    let engine = tiny_engine();
+    let engine = tiny_engine(2);
     let s = session(engine, 1, 64);
     unsafe {
         let mut o = std::mem::zeroed::<gpt2rt_generate_options>();
@@ -356,7 +331,7 @@ fn generate_streams_and_reports_text() {
 
 #[test]
 fn cancel_from_another_thread_stops_within_a_step_and_busy_is_detected() {
-    let engine = tiny_engine();
+    let engine = tiny_engine(2);
     let s = session(engine, 1, 512);
     struct Shared(*mut gpt2rt_session);
     unsafe impl Send for Shared {}
@@ -414,7 +389,7 @@ fn cancel_from_another_thread_stops_within_a_step_and_busy_is_detected() {
 
 #[test]
 fn a_cancel_before_generation_is_kept_once_and_null_options_are_defaults() {
-    let engine = tiny_engine();
+    let engine = tiny_engine(2);
     let s = session(engine, 1, 64);
     unsafe {
         let prompt = "Early cancel";
