@@ -76,6 +76,17 @@ impl<T> Check<T> for std::result::Result<T, result::DriverError> {
     }
 }
 
+/// A numeric tuning knob from the environment (read when an engine loads); None when unset or not
+/// a number.
+fn knob(name: &str) -> Option<usize> {
+    std::env::var(name).ok()?.parse().ok()
+}
+
+/// A feature switch from the environment: on unless set to `0`.
+fn knob_on(name: &str) -> bool {
+    std::env::var(name).map_or(true, |v| v != "0")
+}
+
 /// Checks that the CUDA backend can run on device 0: driver present and new enough, a GPU of
 /// compute capability 7.5 or newer.
 pub fn availability() -> Result<()> {
@@ -216,10 +227,7 @@ impl Device {
             attention_combine: get("attention_combine")?,
             matmul_tiled: get(&format!("matmul_tiled_{suffix}"))?,
             // GPT2RT_CUDA_MMA=0 keeps the CUDA-core kernel (for comparisons).
-            matmul_mma: if dtype != DType::F32
-                && probe.capability >= (8, 0)
-                && std::env::var("GPT2RT_CUDA_MMA").map_or(true, |v| v != "0")
-            {
+            matmul_mma: if dtype != DType::F32 && probe.capability >= (8, 0) && knob_on("GPT2RT_CUDA_MMA") {
                 Some(get(&format!("matmul_mma_{suffix}"))?)
             } else {
                 None
@@ -241,7 +249,7 @@ impl Device {
             name: probe.name,
             capability: probe.capability,
             sm_count: probe.sm_count,
-            pdl: probe.capability >= (9, 0) && std::env::var("GPT2RT_CUDA_PDL").map_or(true, |v| v != "0"),
+            pdl: probe.capability >= (9, 0) && knob_on("GPT2RT_CUDA_PDL"),
         }))
     }
 
@@ -464,21 +472,12 @@ impl CudaBackend {
     pub fn new(model: &Model, ordinal: usize, dtype: DType) -> Result<Self> {
         let device = Device::open(ordinal, dtype)?;
         let weights = upload_weights(&device, model, dtype)?;
-        let decode_max_rows = std::env::var("GPT2RT_CUDA_DECODE_ROWS")
-            .ok()
-            .and_then(|v| v.parse::<usize>().ok())
-            .map_or(if device.kernels.matmul_mma.is_some() { DECODE_ROWS_MMA } else { DECODE_ROWS }, |v| {
-                v.min(GEMV_MAX_M)
-            });
-        let split_blocks = std::env::var("GPT2RT_CUDA_SPLIT_BLOCKS")
-            .ok()
-            .and_then(|v| v.parse::<usize>().ok())
-            .map_or(TARGET_BLOCKS, |v| v.clamp(1, TARGET_BLOCKS));
-        let lm_head_blocks = std::env::var("GPT2RT_CUDA_LM_HEAD_BLOCKS")
-            .ok()
-            .and_then(|v| v.parse::<usize>().ok())
-            .map_or(LM_HEAD_RESIDENT * device.sm_count, |v| v)
-            .clamp(1, LM_HEAD_BLOCKS);
+        let decode_max_rows = knob("GPT2RT_CUDA_DECODE_ROWS")
+            .unwrap_or(if device.kernels.matmul_mma.is_some() { DECODE_ROWS_MMA } else { DECODE_ROWS })
+            .min(GEMV_MAX_M);
+        let split_blocks = knob("GPT2RT_CUDA_SPLIT_BLOCKS").unwrap_or(TARGET_BLOCKS).clamp(1, TARGET_BLOCKS);
+        let lm_head_blocks =
+            knob("GPT2RT_CUDA_LM_HEAD_BLOCKS").unwrap_or(LM_HEAD_RESIDENT * device.sm_count).clamp(1, LM_HEAD_BLOCKS);
         let config = model.config.clone();
         let shared = Shared { decode_max_rows, split_blocks, lm_head_blocks, device, weights, config, dtype };
         Ok(Self { shared: Arc::new(shared) })
