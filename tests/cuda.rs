@@ -87,15 +87,47 @@ fn a_missing_device_is_a_clear_error() {
     assert_eq!(e.kind(), ErrorKind::ProfileUnsupported);
 }
 
-/// Greedy tokens of every sequence for `batch` pseudo-random prompts of `prompt_len` tokens.
-fn batch_tokens(engine: &Engine, batch: usize, prompt_len: usize, new_tokens: usize) -> Vec<Vec<u32>> {
-    let vocab = engine.config().vocab_size as u32;
-    let prompts: Vec<u32> = (0..batch * prompt_len).map(|i| (i as u32 * 7919 + 13) % vocab).collect();
+/// The built-in synthetic distilgpt2 on `backend`, computing in `dtype`.
+fn distilgpt2(backend: BackendKind, dtype: Option<DType>) -> Engine {
+    Engine::load(&EngineOptions { builtin: Preset::DistilGpt2, backend, dtype, ..EngineOptions::default() }).unwrap()
+}
+
+/// The same on CUDA, loaded with the tuning variable `var` set to `value` (the backend reads it at
+/// load).
+fn distilgpt2_with(var: &str, value: &str, dtype: DType) -> Engine {
+    // SAFETY: this test binary runs its tests on one thread (tools/gpu_check.sh passes
+    // --test-threads 1); nothing else reads the environment concurrently.
+    unsafe { std::env::set_var(var, value) };
+    let options = EngineOptions {
+        builtin: Preset::DistilGpt2,
+        backend: BackendKind::Cuda,
+        dtype: Some(dtype),
+        ..EngineOptions::default()
+    };
+    let engine = Engine::load(&options);
+    unsafe { std::env::remove_var(var) };
+    engine.unwrap()
+}
+
+/// `batch` pseudo-random prompts of `prompt_len` tokens, back to back.
+fn prompts(vocab: usize, batch: usize, prompt_len: usize) -> Vec<u32> {
+    (0..batch * prompt_len).map(|i| (i as u32 * 7919 + 13) % vocab as u32).collect()
+}
+
+/// The tokens of every sequence, chosen by `sampling`, for `batch` prompts of `prompt_len` tokens.
+fn batch_tokens(
+    engine: &Engine,
+    batch: usize,
+    prompt_len: usize,
+    new_tokens: usize,
+    sampling: SamplingParams,
+) -> Vec<Vec<u32>> {
+    let prompts = prompts(engine.config().vocab_size, batch, prompt_len);
     let lengths = vec![prompt_len; batch];
     let mut session = engine
         .new_session(SessionOptions { max_batch: batch, max_seq: prompt_len + new_tokens, kv_cache: true })
         .unwrap();
-    let params = GenerateParams { max_new_tokens: new_tokens, ..GenerateParams::default() };
+    let params = GenerateParams { max_new_tokens: new_tokens, sampling, ..GenerateParams::default() };
     let mut out = vec![Vec::new(); batch];
     session
         .generate_tokens(&prompts, &lengths, &params, &mut |seq, token, _| {
@@ -116,30 +148,24 @@ fn cuda_f32_matches_the_cpu_reference_at_every_batch_path() {
     // separate LayerNorms and 80 still the tiled ones. Prompts of 5 tokens put short prefills on
     // the decode path and long ones on the tiled one. The CPU backend is the oracle (itself
     // checked against PyTorch by tests/parity.rs).
-    let options = |backend| EngineOptions { builtin: Preset::DistilGpt2, backend, ..EngineOptions::default() };
-    let cpu = Engine::load(&options(BackendKind::Cpu)).unwrap();
-    let gpu = Engine::load(&EngineOptions { dtype: Some(DType::F32), ..options(BackendKind::Cuda) }).unwrap();
-    // SAFETY: this test binary runs its tests on one thread (tools/gpu_check.sh passes
-    // --test-threads 1); nothing else reads the environment concurrently.
-    unsafe { std::env::set_var("GPT2RT_CUDA_DECODE_ROWS", "64") };
-    let wide = Engine::load(&EngineOptions { dtype: Some(DType::F32), ..options(BackendKind::Cuda) });
-    unsafe { std::env::remove_var("GPT2RT_CUDA_DECODE_ROWS") };
-    let wide = wide.unwrap();
+    let cpu = distilgpt2(BackendKind::Cpu, None);
+    let gpu = distilgpt2(BackendKind::Cuda, Some(DType::F32));
+    let wide = distilgpt2_with("GPT2RT_CUDA_DECODE_ROWS", "64", DType::F32);
     for batch in [1, 8, 12, 64, 80] {
-        let want = batch_tokens(&cpu, batch, 5, 12);
+        let want = batch_tokens(&cpu, batch, 5, 12, SamplingParams::greedy());
         for (engine, what) in [(&gpu, "default"), (&wide, "decode rows 64")] {
-            let got = batch_tokens(engine, batch, 5, 12);
+            let got = batch_tokens(engine, batch, 5, 12, SamplingParams::greedy());
             for (seq, (g, w)) in got.iter().zip(&want).enumerate() {
                 assert_eq!(g, w, "{what}: batch {batch}, sequence {seq}");
             }
         }
     }
     for dtype in [DType::F16, DType::BF16] {
-        let half = Engine::load(&EngineOptions { dtype: Some(dtype), ..options(BackendKind::Cuda) }).unwrap();
+        let half = distilgpt2(BackendKind::Cuda, Some(dtype));
         // Batch 1 takes the decode kernels; 4, 12 and 64 the tensor-core products on 8.0+ GPUs.
         for batch in [1, 4, 12, 64] {
-            let want = batch_tokens(&cpu, batch, 5, 12);
-            let got = batch_tokens(&half, batch, 5, 12);
+            let want = batch_tokens(&cpu, batch, 5, 12, SamplingParams::greedy());
+            let got = batch_tokens(&half, batch, 5, 12, SamplingParams::greedy());
             let same: usize =
                 got.iter().zip(&want).map(|(g, w)| g.iter().zip(w).take_while(|(a, b)| a == b).count()).sum();
             println!(
@@ -174,13 +200,7 @@ fn cuda_sampling_follows_the_host_rules_on_the_same_logits() {
     // its id-order walk apart from any difference in the logits themselves.
     let (batch, steps) = (4, 24);
     for dtype in [DType::F32, DType::F16] {
-        let engine = Engine::load(&EngineOptions {
-            builtin: Preset::DistilGpt2,
-            backend: BackendKind::Cuda,
-            dtype: Some(dtype),
-            ..EngineOptions::default()
-        })
-        .unwrap();
+        let engine = distilgpt2(BackendKind::Cuda, Some(dtype));
         let vocab = engine.config().vocab_size;
         let mut session =
             engine.new_session(SessionOptions { max_batch: batch, max_seq: 8 + steps, kv_cache: true }).unwrap();
@@ -221,29 +241,10 @@ fn cuda_f32_sampled_generation_matches_the_cpu_reference() {
     }
     // Same seed, same rules, two backends: the draws come from the same per-sequence streams, so
     // the tokens agree wherever the logits do (f32 to about 1e-5).
-    let options =
-        |backend, dtype| EngineOptions { builtin: Preset::DistilGpt2, backend, dtype, ..EngineOptions::default() };
-    let cpu = Engine::load(&options(BackendKind::Cpu, None)).unwrap();
-    let gpu = Engine::load(&options(BackendKind::Cuda, Some(DType::F32))).unwrap();
-    let run = |engine: &Engine, sampling: SamplingParams| {
-        let (batch, prompt_len, new_tokens) = (3, 6, 16);
-        let vocab = engine.config().vocab_size as u32;
-        let prompts: Vec<u32> = (0..batch * prompt_len).map(|i| (i as u32 * 7919 + 13) % vocab).collect();
-        let mut session = engine
-            .new_session(SessionOptions { max_batch: batch, max_seq: prompt_len + new_tokens, kv_cache: true })
-            .unwrap();
-        let params = GenerateParams { max_new_tokens: new_tokens, sampling, ..GenerateParams::default() };
-        let mut out = vec![Vec::new(); batch];
-        session
-            .generate_tokens(&prompts, &vec![prompt_len; batch], &params, &mut |seq, token, _| {
-                out[seq].push(token);
-                true
-            })
-            .unwrap();
-        out
-    };
+    let cpu = distilgpt2(BackendKind::Cpu, None);
+    let gpu = distilgpt2(BackendKind::Cuda, Some(DType::F32));
     for sampling in &SAMPLING_RULES[..4] {
-        assert_eq!(run(&gpu, *sampling), run(&cpu, *sampling), "{sampling:?}");
+        assert_eq!(batch_tokens(&gpu, 3, 6, 16, *sampling), batch_tokens(&cpu, 3, 6, 16, *sampling), "{sampling:?}");
     }
 }
 
@@ -256,11 +257,9 @@ fn cuda_tensor_core_products_match_the_cpu_reference() {
     // 8.0+ GPUs. Its logits against the CPU reference (f32), beside the CUDA-core kernel's
     // (GPT2RT_CUDA_MMA=0): prefill of 16 x 20 tokens (chunks of 128 and 64 rows), then 4 steps.
     let (batch, prompt_len, steps) = (16, 20, 4);
-    let options =
-        |backend, dtype| EngineOptions { builtin: Preset::DistilGpt2, backend, dtype, ..EngineOptions::default() };
-    let cpu = Engine::load(&options(BackendKind::Cpu, None)).unwrap();
+    let cpu = distilgpt2(BackendKind::Cpu, None);
     let vocab = cpu.config().vocab_size;
-    let prompts: Vec<u32> = (0..batch * prompt_len).map(|i| (i as u32 * 7919 + 13) % vocab as u32).collect();
+    let prompts = prompts(vocab, batch, prompt_len);
     // Logits after the prefill and after each step; every engine is fed the CPU's greedy tokens,
     // so the comparison never follows a diverged sequence.
     let trace = |engine: &Engine, feed: Option<&[Vec<u32>]>| {
@@ -298,13 +297,8 @@ fn cuda_tensor_core_products_match_the_cpu_reference() {
         (worst, same)
     };
     for dtype in [DType::F16, DType::BF16] {
-        let mma = Engine::load(&options(BackendKind::Cuda, Some(dtype))).unwrap();
-        // SAFETY: this test binary runs its tests on one thread (tools/gpu_check.sh passes
-        // --test-threads 1); nothing else reads the environment concurrently.
-        unsafe { std::env::set_var("GPT2RT_CUDA_MMA", "0") };
-        let cores = Engine::load(&options(BackendKind::Cuda, Some(dtype)));
-        unsafe { std::env::remove_var("GPT2RT_CUDA_MMA") };
-        let cores = cores.unwrap();
+        let mma = distilgpt2(BackendKind::Cuda, Some(dtype));
+        let cores = distilgpt2_with("GPT2RT_CUDA_MMA", "0", dtype);
         let total = batch * (steps + 1);
         let (w_mma, s_mma) = worst(&trace(&mma, Some(&fed)).0);
         let (w_cores, s_cores) = worst(&trace(&cores, Some(&fed)).0);
