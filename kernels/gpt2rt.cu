@@ -561,30 +561,28 @@ extern "C" __global__ void attention_combine(const float* part, const float* att
 // (first index on ties); argmax_final picks among them. When `seq_len` is not NULL, block 0 then
 // advances the positions of the M sequences (the step's last kernel). Dynamic shared memory: M * C
 // floats for IN_LN.
-template <typename W, int IN>
-__device__ void lm_head_fused(const float* h, const W* gamma, const W* beta, float eps, int M, const W* __restrict__ wte,
-                              int V, int C, float* logits, float* best_value, int* best_index, int* seq_len) {
-    extern __shared__ float gemv_smem[];
-    __shared__ float warp_value[8][GEMV_MAX_M];
-    __shared__ int warp_index[8][GEMV_MAX_M];
-    constexpr int GROUPS = GEMV_MAX_M / GEMV_ROWS;
-    pdl_trigger();
-    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
-    int v0 = blockIdx.x * warps + warp;
+// The vocabulary loop of the fused LM head, for rows already in `x` (shared memory, M <= MAXM
+// rows of C, MAXM a multiple of GEMV_ROWS): each warp of the block walks vocabulary rows v0, v0 + stride, ...
+// (`next` holds v0's first chunk, already loaded), each row's weights read once for all M rows,
+// the logits stored and the best (value, index) of each row kept; block b then stores them into
+// best_value/best_index[m * gridDim.x + b] (first index on ties). When `seq_len` is not NULL,
+// block 0 then advances the positions of the M sequences (the step's last work).
+template <typename W, int WARPS, int MAXM>
+__device__ void lm_head_rows(const float* x, int M, const W* __restrict__ wte, int V, int C, int v0, int stride,
+                             Chunk<W> next, float* logits, float* best_value, int* best_index, int* seq_len) {
+    __shared__ float warp_value[WARPS][MAXM];
+    __shared__ int warp_index[WARPS][MAXM];
+    constexpr int GROUPS = MAXM / GEMV_ROWS;
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     bool vec = vector_rows<W>(C);
-    Chunk<W> next;
-    if (vec && v0 < V) load_chunk<W>(wte + (size_t)v0 * C, 0, C, next);
-    pdl_wait();
-    const float* x =
-        input_rows<W, IN>(h, nullptr, nullptr, nullptr, nullptr, nullptr, gamma, beta, eps, M, C, gemv_smem, nullptr, 1, 1, 1);
     float bv[GROUPS];
     int bi[GROUPS];
 #pragma unroll
     for (int g = 0; g < GROUPS; g++) { bv[g] = -INFINITY; bi[g] = 0x7fffffff; }
-    for (int v = v0; v < V; v += gridDim.x * warps) {
+    for (int v = v0; v < V; v += stride) {
         Chunk<W> first = next;
         // Start the next row's loads before this row's arithmetic.
-        int vn = v + gridDim.x * warps;
+        int vn = v + stride;
         if (vec && vn < V) load_chunk<W>(wte + (size_t)vn * C, 0, C, next);
 #pragma unroll
         for (int g = 0; g < GROUPS; g++) {
@@ -620,12 +618,31 @@ __device__ void lm_head_fused(const float* h, const W* gamma, const W* beta, flo
     for (int m = threadIdx.x; m < M; m += blockDim.x) {
         float best = -INFINITY;
         int at = 0x7fffffff;
-        for (int w = 0; w < warps; w++)
+        for (int w = 0; w < WARPS; w++)
             if (better(warp_value[w][m], warp_index[w][m], best, at)) { best = warp_value[w][m]; at = warp_index[w][m]; }
         best_value[m * gridDim.x + blockIdx.x] = best;
         best_index[m * gridDim.x + blockIdx.x] = at;
         if (seq_len != nullptr && blockIdx.x == 0) seq_len[m] += 1;
     }
+}
+
+// Final LayerNorm (IN_LN, M <= GEMV_ROWS; or rows already normalised, IN_PLAIN) + LM head + the
+// first stage of the greedy argmax, for M <= GEMV_MAX_M rows (lm_head_rows, 8 warps a block,
+// vocabulary rows in a grid stride). argmax_final picks among the blocks' results. Dynamic shared
+// memory: M * C floats for IN_LN.
+template <typename W, int IN>
+__device__ void lm_head_fused(const float* h, const W* gamma, const W* beta, float eps, int M, const W* __restrict__ wte,
+                              int V, int C, float* logits, float* best_value, int* best_index, int* seq_len) {
+    extern __shared__ float gemv_smem[];
+    pdl_trigger();
+    int warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    int v0 = blockIdx.x * warps + warp;
+    Chunk<W> next;
+    if (vector_rows<W>(C) && v0 < V) load_chunk<W>(wte + (size_t)v0 * C, 0, C, next);
+    pdl_wait();
+    const float* x =
+        input_rows<W, IN>(h, nullptr, nullptr, nullptr, nullptr, nullptr, gamma, beta, eps, M, C, gemv_smem, nullptr, 1, 1, 1);
+    lm_head_rows<W, 8, GEMV_MAX_M>(x, M, wte, V, C, v0, gridDim.x * warps, next, logits, best_value, best_index, seq_len);
 }
 
 #define GEMV_KERNEL(W, S, NAME, IN)                                                                               \
@@ -1249,3 +1266,578 @@ extern "C" __global__ void sample_rows(const float* logits, int V, const float* 
     __syncthreads();
     if (threadIdx.x == 0) next[b] = chosen;
 }
+
+
+// ---- The fused decode step: a whole KV-cache step in one persistent kernel (sm_80+) ----
+//
+// One block of STEP_THREADS per SM, launched cooperatively (every block resident at once), runs
+// every phase of a step for M <= GEMV_ROWS rows with a grid-wide barrier between phases instead of
+// a kernel boundary. Per layer: (A) LayerNorm (of the embeddings in layer 0) + QKV + KV-cache
+// append; (B) attention, (row, head, key split) items over the blocks; (C) the splits' combination
+// + output projection + residual; (D) LayerNorm + MLP up + GELU; (E) MLP down + residual. Then the
+// final LayerNorm + LM head + the argmax's first stage (lm_head_rows), and the positions advance.
+//
+// Block b owns output columns [b * cpb, (b + 1) * cpb) of every product (cpb = ceil(N / blocks)):
+// that slab of a [N, K] weight is contiguous, and it is copied into shared memory with cp.async one
+// product ahead (two buffers, each also holding the LayerNorm parameters its phase needs), so the
+// weights stream while the previous phase and its barrier run. The input rows are copied in the
+// same way at the start of a phase; bias and residual are loaded before the copies are waited for.
+// Wherever the step waits on memory it waits once, for everything it needs next. A product's
+// columns are split into (column, k-share) items over the warps; the shares add up in a fixed
+// order, so results are deterministic. The last block to finish picks each row's token from the
+// blocks' argmax results. Activations written inside the kernel are read through L2 (cp.async.cg,
+// ld.global.cg): another SM wrote them, and L1 is not coherent.
+#define STEP_THREADS 512
+#define STEP_WARPS (STEP_THREADS / 32)
+// flags of decode_step: the MLP-down input rows are staged in shared memory.
+#define STEP_STAGE_H4 1
+
+// The weight table (a device array of addresses): STEP_GLOBALS entries, then STEP_PER_LAYER for
+// each layer. The host writes it in this order (fused_step in imp.rs).
+enum { T_WTE, T_WPE, T_LNF_G, T_LNF_B, T_HEAD, STEP_GLOBALS };
+enum { T_LN1_G, T_LN1_B, T_ATTN_W, T_ATTN_B, T_PROJ_W, T_PROJ_B, T_LN2_G, T_LN2_B, T_FC_W, T_FC_B, T_MPROJ_W,
+       T_MPROJ_B, STEP_PER_LAYER };
+
+__device__ __forceinline__ unsigned int load_acquire(const unsigned int* p) {
+    unsigned int v;
+    asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+    return v;
+}
+
+// Grid-wide barrier over resident blocks: bar[0] counts arrivals over the whole launch, and
+// barrier number n (from 1) waits for it to reach n * blocks. Each block's thread 0 releases the
+// block's writes with its arrival and acquires everyone's with the count. bar[1] counts the blocks
+// done with the launch; the last one resets both for the next launch (no block touches them any
+// more by then).
+__device__ __forceinline__ void grid_barrier(unsigned int* bar, unsigned int& n) {
+    __syncthreads();
+    n++;
+    if (threadIdx.x == 0) {
+        asm volatile("red.release.gpu.global.add.u32 [%0], 1;" ::"l"(bar) : "memory");
+        unsigned int target = n * gridDim.x;
+        while (load_acquire(bar) < target) {}
+    }
+    __syncthreads();
+}
+// The end of the launch: the last block to finish picks next[m] among the blocks' (value, index)
+// results for each of the M rows (argmax_final's rule), then resets the barrier for the next launch.
+__device__ void grid_barrier_done(unsigned int* bar, const float* best_value, const int* best_index, int M,
+                                  int* next) {
+    __shared__ bool last;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        __threadfence();
+        last = atomicAdd(bar + 1, 1u) == gridDim.x - 1;
+        if (last) __threadfence();
+    }
+    __syncthreads();
+    if (!last) return;
+    for (int m = 0; m < M; m++) {
+        float bv = -INFINITY;
+        int bi = 0x7fffffff;
+        for (int c = threadIdx.x; c < gridDim.x; c += blockDim.x) {
+            float v = __ldcg(best_value + m * gridDim.x + c);
+            int i = __ldcg(best_index + m * gridDim.x + c);
+            if (better(v, i, bv, bi)) { bv = v; bi = i; }
+        }
+        block_best(bv, bi);
+        if (threadIdx.x == 0) next[m] = bi == 0x7fffffff ? 0 : bi;
+    }
+    if (threadIdx.x == 0) {
+        bar[0] = 0;
+        bar[1] = 0;
+    }
+}
+
+// Block 0's globaltimer stamps in order (GPT2RT_CUDA_STEP_TRACE=1, for tuning; trace NULL: none).
+__device__ __forceinline__ void stamp(unsigned long long* trace, int& i) {
+    if (trace != nullptr && blockIdx.x == 0 && threadIdx.x == 0) {
+        unsigned long long t;
+        asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+        trace[i] = t;
+    }
+    i++;
+}
+
+__device__ __forceinline__ void copy_async16(void* dst, const void* src) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    unsigned int s = (unsigned int)__cvta_generic_to_shared(dst);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(s), "l"(src) : "memory");
+#else
+    *reinterpret_cast<uint4*>(dst) = __ldcg(reinterpret_cast<const uint4*>(src));
+#endif
+}
+__device__ __forceinline__ void copy_commit() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.commit_group;" ::: "memory");
+#endif
+}
+// Waits for this thread's copies of every committed group but the newest.
+__device__ __forceinline__ void copy_wait_all_but_newest() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.wait_group 1;" ::: "memory");
+#endif
+}
+// Starts copying `bytes` (a multiple of 16, both ends 16-byte aligned) with the whole block.
+__device__ __forceinline__ void copy_block(void* dst, const void* src, size_t bytes) {
+    for (size_t i = threadIdx.x * 16; i < bytes; i += STEP_THREADS * 16)
+        copy_async16(reinterpret_cast<char*>(dst) + i, reinterpret_cast<const char*>(src) + i);
+}
+
+__device__ __forceinline__ int ceil_div(int a, int b) { return (a + b - 1) / b; }
+
+// Product j of a layer (0 QKV, 1 attention output, 2 MLP up, 3 MLP down): K, N and table slots.
+__device__ __forceinline__ void step_shape(int j, int C, int& K, int& N, int& w) {
+    K = j == 3 ? 4 * C : C;
+    N = j == 0 ? 3 * C : j == 2 ? 4 * C : C;
+    w = j == 0 ? T_ATTN_W : j == 1 ? T_PROJ_W : j == 2 ? T_FC_W : T_MPROJ_W;
+}
+
+// Shared memory of decode_step (the host mirrors this: fused_step_smem in imp.rs): two buffers
+// (the largest product's slab, then LayerNorm gamma and beta), M x C floats of rows, M x 4C more
+// when the MLP-down rows are staged, then the scratch (the products' shares, attention's per-warp
+// results, or the attention splits' (max, sum) and weights).
+__device__ __forceinline__ size_t step_slab_bytes(int C, int blocks, int wsize) {
+    int elems = max(max(ceil_div(3 * C, blocks) * C, ceil_div(4 * C, blocks) * C), ceil_div(C, blocks) * 4 * C);
+    return ((size_t)elems * wsize + 15) / 16 * 16;
+}
+__device__ __forceinline__ size_t step_buffer_bytes(int C, int blocks, int wsize) {
+    return step_slab_bytes(C, blocks, wsize) + ((size_t)2 * C * wsize + 15) / 16 * 16;
+}
+__device__ __forceinline__ int step_scratch_floats(int C, int H, int blocks) {
+    int shares = max(STEP_WARPS * 4, ceil_div(4 * C, blocks) + 3) * GEMV_ROWS;
+    int attention = STEP_WARPS * (C / H) + 2 * STEP_WARPS;
+    int combine = 3 * max((int)blocks, GEMV_ROWS * H);
+    return max(max(shares, attention), combine);
+}
+
+// Attention splits of a step: enough that every block has an item, no fewer than 16 keys (one a
+// warp) each. Every block computes the same value.
+__device__ __forceinline__ int step_splits(const int* pos, int M, int H) {  // pos: shared
+    int longest = 1;
+    for (int m = 0; m < M; m++) longest = max(longest, pos[m] + 1);
+    return max(1, min((int)gridDim.x / (M * H), ceil_div(longest, STEP_WARPS)));
+}
+
+// Starts copying what product p (4 a layer; p == 4L: none, the LM head) needs from the weights
+// into buf: this block's slab of its weight, and the LayerNorm parameters of its phase (LN1 for
+// QKV, LN2 for MLP up, the final one for the LM head).
+template <typename W>
+__device__ __noinline__ void step_fetch(const unsigned long long* table, int p, int L, int C, unsigned char* buf) {
+    size_t slab = step_slab_bytes(C, gridDim.x, sizeof(W));
+    const unsigned long long* lt = table + STEP_GLOBALS + (p / 4) * STEP_PER_LAYER;
+    if (p < 4 * L) {
+        int K, N, w;
+        step_shape(p % 4, C, K, N, w);
+        int cpb = ceil_div(N, gridDim.x);
+        int n0 = min(N, (int)blockIdx.x * cpb), n1 = min(N, n0 + cpb);
+        copy_block(buf, reinterpret_cast<const W*>(lt[w]) + (size_t)n0 * K, (size_t)(n1 - n0) * K * sizeof(W));
+    }
+    int g = p == 4 * L ? -1 : p % 4 == 0 ? T_LN1_G : p % 4 == 2 ? T_LN2_G : -2;
+    if (g == -2) return;
+    const void* gamma = reinterpret_cast<const void*>(g == -1 ? table[T_LNF_G] : lt[g]);
+    const void* beta = reinterpret_cast<const void*>(g == -1 ? table[T_LNF_B] : lt[g + 1]);
+    copy_block(buf + slab, gamma, (size_t)C * sizeof(W));
+    copy_block(buf + slab + C * sizeof(W), beta, (size_t)C * sizeof(W));
+}
+
+// xs[m, :] = wte[tokens[m], :] + wpe[pos[m], :] (block 0 also stores them into x, the residual
+// stream).
+template <typename W>
+__device__ __noinline__ void step_embed(const int* tokens, const int* pos, const W* wte, const W* wpe, float* x, int M, int C,
+                           float* xs) {
+    for (int i = threadIdx.x; i < M * C / 4; i += STEP_THREADS) {
+        int m = i / (C / 4), k = i % (C / 4) * 4;
+        float4 te = load4(wte + (size_t)tokens[m] * C + k), pe = load4(wpe + (size_t)pos[m] * C + k);
+        float4 v = make_float4(te.x + pe.x, te.y + pe.y, te.z + pe.z, te.w + pe.w);
+        *reinterpret_cast<float4*>(xs + (size_t)i * 4) = v;
+        if (blockIdx.x == 0) *reinterpret_cast<float4*>(x + (size_t)i * 4) = v;
+    }
+}
+
+// LayerNorm in place of the M rows of C in xs (shared), with gamma and beta from shared memory:
+// two-pass mean and variance in fp32, one warp a row; then every thread normalises.
+template <typename W>
+__device__ __noinline__ void step_norm(float* xs, const W* g, const W* b, float eps, int M, int C) {
+    __shared__ float stats[GEMV_ROWS][2];
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    __syncthreads();
+    for (int m = warp; m < M; m += STEP_WARPS) {
+        const float* row = xs + (size_t)m * C;
+        float s = 0.0f;
+        for (int k = lane * 4; k < C; k += 128) {
+            float4 v = *reinterpret_cast<const float4*>(row + k);
+            s += v.x + v.y + v.z + v.w;
+        }
+        float mean = warp_sum(s) / C;
+        float var = 0.0f;
+        for (int k = lane * 4; k < C; k += 128) {
+            float4 v = *reinterpret_cast<const float4*>(row + k);
+            var += (v.x - mean) * (v.x - mean) + (v.y - mean) * (v.y - mean) + (v.z - mean) * (v.z - mean) +
+                   (v.w - mean) * (v.w - mean);
+        }
+        var = warp_sum(var);
+        if (lane == 0) {
+            stats[m][0] = mean;
+            stats[m][1] = rsqrtf(var / C + eps);
+        }
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < M * C / 4; i += STEP_THREADS) {
+        int m = i / (C / 4), k = i % (C / 4) * 4;
+        float mean = stats[m][0], inv = stats[m][1];
+        float4 v = *reinterpret_cast<const float4*>(xs + (size_t)i * 4);
+        float4 gv = load4(g + k), bv = load4(b + k);
+        v.x = (v.x - mean) * inv * gv.x + bv.x;
+        v.y = (v.y - mean) * inv * gv.y + bv.y;
+        v.z = (v.z - mean) * inv * gv.z + bv.z;
+        v.w = (v.w - mean) * inv * gv.w + bv.w;
+        *reinterpret_cast<float4*>(xs + (size_t)i * 4) = v;
+    }
+    __syncthreads();
+}
+
+// The block's share of a product: nc columns of K weights in `slab` (shared) against M rows of
+// `x` (shared, or global when `global_x`). Item it = (column group it / S of CB adjacent columns,
+// k-share it % S) belongs to warp it % STEP_WARPS, which reads each input value once for its CB
+// columns; red[(it * CB + cc) * GEMV_ROWS + m] gets its dot for column cc of the group, row m.
+template <typename W, int CB>
+__device__ __noinline__ void step_product(const W* slab, int nc, int K, const float* x, bool global_x, int M, int S, float* red) {
+    constexpr int V = Vec<W>::N;
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    int per = ceil_div(ceil_div(K, S), V) * V;
+    int groups = ceil_div(nc, CB);
+    for (int it = warp; it < groups * S; it += STEP_WARPS) {
+        int c0 = it / S * CB, kb = (it % S) * per, ke = min(K, kb + per);
+        float acc[CB][GEMV_ROWS];
+#pragma unroll
+        for (int cc = 0; cc < CB; cc++)
+#pragma unroll
+            for (int m = 0; m < GEMV_ROWS; m++) acc[cc][m] = 0.0f;
+        for (int k = kb + lane * V; k < ke; k += 32 * V) {
+            float w[CB][V];
+#pragma unroll
+            for (int cc = 0; cc < CB; cc++) {
+                // Past the last column: a valid row read and ignored.
+                const W* wr = slab + (size_t)min(c0 + cc, nc - 1) * K;
+                Vec<W>::convert(*reinterpret_cast<const uint4*>(wr + k), w[cc]);
+            }
+#pragma unroll
+            for (int m = 0; m < GEMV_ROWS; m++) {
+                if (m >= M) break;
+                const float* xr = x + (size_t)m * K + k;
+#pragma unroll
+                for (int j = 0; j < V; j += 4) {
+                    float4 xv = global_x ? __ldcg(reinterpret_cast<const float4*>(xr + j))
+                                         : *reinterpret_cast<const float4*>(xr + j);
+#pragma unroll
+                    for (int cc = 0; cc < CB; cc++)
+                        acc[cc][m] += xv.x * w[cc][j] + xv.y * w[cc][j + 1] + xv.z * w[cc][j + 2] + xv.w * w[cc][j + 3];
+                }
+            }
+        }
+#pragma unroll
+        for (int cc = 0; cc < CB; cc++)
+#pragma unroll
+            for (int m = 0; m < GEMV_ROWS; m++) {
+                if (m >= M) break;
+                float s = warp_sum(acc[cc][m]);
+                if (lane == 0) red[(it * CB + cc) * GEMV_ROWS + m] = s;
+            }
+    }
+    __syncthreads();
+}
+
+// Columns a product's warp item covers for M rows: one (the most items) for one or two rows;
+// beyond, four, so that each input value read from shared memory serves four weights.
+__device__ __forceinline__ int step_column_block(int M) { return M <= 2 ? 1 : 4; }
+
+// Phase B: item (m, h, split) per block in turn. Split sp of row m covers keys [sp * len,
+// (sp + 1) * len) below its context (len = ceil(ctx / S)), one key per warp at a time with an online
+// softmax (as attention_decode); the warps combine in shared memory into the unnormalised output
+// part[m * S + sp][C] and (max, sum) ml[((m * S + sp) * H + h) * 2].
+__device__ __noinline__ void step_attention(const float* qkv, const float* k_cache, const float* v_cache, const int* row_seq,
+                               const int* pos, float* part, float* ml, int M, int C, int H, int max_seq, int S,
+                               float* scratch) {
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    int D = C / H;
+    float scale = rsqrtf((float)D);
+    float* warp_acc = scratch;
+    float* warp_ml = scratch + STEP_WARPS * D;
+    for (int item = blockIdx.x; item < M * H * S; item += gridDim.x) {
+        int m = item / (H * S), h = (item / S) % H, sp = item % S;
+        int ctx = pos[m] + 1, len = ceil_div(ctx, S);
+        int t0 = sp * len, t1 = min(ctx, t0 + len);
+        float q[ATT_MAX_DL], acc[ATT_MAX_DL];
+#pragma unroll
+        for (int i = 0; i < ATT_MAX_DL; i++) {
+            int d = lane + 32 * i;
+            q[i] = d < D ? __ldcg(qkv + (size_t)m * 3 * C + h * D + d) * scale : 0.0f;
+            acc[i] = 0.0f;
+        }
+        float mx = -INFINITY, l = 0.0f;
+        const float* keys = k_cache + (size_t)row_seq[m] * max_seq * C + h * D;
+        const float* values = v_cache + (size_t)row_seq[m] * max_seq * C + h * D;
+        for (int t = t0 + warp; t < t1; t += STEP_WARPS) {
+            float kv[ATT_MAX_DL], vv[ATT_MAX_DL];
+#pragma unroll
+            for (int i = 0; i < ATT_MAX_DL; i++) {
+                int d = lane + 32 * i;
+                kv[i] = d < D ? __ldcg(keys + (size_t)t * C + d) : 0.0f;
+                vv[i] = d < D ? __ldcg(values + (size_t)t * C + d) : 0.0f;
+            }
+            float sc = 0.0f;
+#pragma unroll
+            for (int i = 0; i < ATT_MAX_DL; i++) sc += q[i] * kv[i];
+            sc = warp_sum(sc);
+            float mn = fmaxf(mx, sc);
+            float a = __expf(mx - mn), p = __expf(sc - mn);
+            l = l * a + p;
+#pragma unroll
+            for (int i = 0; i < ATT_MAX_DL; i++) acc[i] = acc[i] * a + p * vv[i];
+            mx = mn;
+        }
+        if (lane == 0) {
+            warp_ml[warp * 2] = mx;
+            warp_ml[warp * 2 + 1] = l;
+        }
+        __syncthreads();
+        float bm = -INFINITY;
+        for (int w = 0; w < STEP_WARPS; w++) bm = fmaxf(bm, warp_ml[w * 2]);
+        float f = mx == -INFINITY ? 0.0f : __expf(mx - bm);
+#pragma unroll
+        for (int i = 0; i < ATT_MAX_DL; i++) {
+            int d = lane + 32 * i;
+            if (d < D) warp_acc[warp * D + d] = acc[i] * f;
+        }
+        __syncthreads();
+        float* out = part + ((size_t)m * S + sp) * C + h * D;
+        for (int d = threadIdx.x; d < D; d += STEP_THREADS) {
+            float total = 0.0f;
+            for (int w = 0; w < STEP_WARPS; w++) total += warp_acc[w * D + d];
+            out[d] = total;
+        }
+        if (threadIdx.x == 0) {
+            float total = 0.0f;
+            for (int w = 0; w < STEP_WARPS; w++)
+                total += warp_ml[w * 2] == -INFINITY ? 0.0f : warp_ml[w * 2 + 1] * __expf(warp_ml[w * 2] - bm);
+            float* o = ml + (((size_t)m * S + sp) * H + h) * 2;
+            o[0] = bm;
+            o[1] = total;
+        }
+        __syncthreads();
+    }
+}
+
+// Phase C's prologue, in two parts: the splits' (max, sum) into shared memory (before the slab
+// wait), then each split's weight exp(max - row max) / total and the attention output rows
+// (weighted sums of the splits) into xs.
+__device__ __noinline__ void step_combine_load(const float* ml, int M, int H, int S, float* scratch) {
+    for (int i = threadIdx.x; i < M * S * H * 2; i += STEP_THREADS) scratch[i] = __ldcg(ml + i);
+}
+__device__ __noinline__ void step_combine(const float* part, int M, int C, int H, int S, float* scratch, float* xs) {
+    int D = C / H;
+    const float* sml = scratch;
+    float* weight = scratch + 2 * M * S * H;
+    __syncthreads();
+    for (int i = threadIdx.x; i < M * H; i += STEP_THREADS) {
+        int m = i / H, h = i % H;
+        float mx = -INFINITY, total = 0.0f;
+        for (int sp = 0; sp < S; sp++) mx = fmaxf(mx, sml[((m * S + sp) * H + h) * 2]);
+        for (int sp = 0; sp < S; sp++) {
+            const float* o = sml + ((m * S + sp) * H + h) * 2;
+            total += __expf(o[0] - mx) * o[1];
+        }
+        for (int sp = 0; sp < S; sp++)
+            weight[(m * S + sp) * H + h] = __expf(sml[((m * S + sp) * H + h) * 2] - mx) / total;
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < M * C; i += STEP_THREADS) {
+        int m = i / C, k = i % C, h = k / D;
+        float v = 0.0f;
+#pragma unroll 4
+        for (int sp = 0; sp < S; sp++) v += weight[(m * S + sp) * H + h] * __ldcg(part + ((size_t)m * S + sp) * C + k);
+        xs[i] = v;
+    }
+    __syncthreads();
+}
+
+// Output (m, n0 + c) of a product: its S shares (column groups of CB) in order + bias, then by
+// mode as matmul_finish: 1 store gelu_new; 2 out += v (the residual); 3 store, and append k/v
+// columns to the KV cache. The thread's first output uses the bias and residual loaded ahead.
+template <typename W>
+__device__ __noinline__ void step_epilogue(const float* red, int CB, int S, int M, int n0, int nc, int N, int C,
+                                           const W* bias, W bias0, float res0, float* out, int mode, float* kc,
+                                           float* vc, const int* seq, const int* pos, int max_seq) {
+    int t0 = threadIdx.x;
+    for (int t = t0; t < nc * M; t += STEP_THREADS) {
+        int c = t / M, m = t % M, n = n0 + c;
+        float v = 0.0f;
+        for (int s = 0; s < S; s++) v += red[(((c / CB) * S + s) * CB + c % CB) * GEMV_ROWS + m];
+        v += to_f(t == t0 ? bias0 : bias[n]);
+        size_t i = (size_t)m * N + n;
+        if (mode == 1) {
+            out[i] = gelu_new(v);
+        } else if (mode == 2) {
+            out[i] = (t == t0 ? res0 : __ldcg(out + i)) + v;
+        } else {
+            out[i] = v;
+            if (n >= C) {
+                size_t at = ((size_t)seq[m] * max_seq + pos[m]) * C + (n % C);
+                if (n < 2 * C) kc[at] = v; else vc[at] = v;
+            }
+        }
+    }
+}
+
+template <typename W>
+__device__ void decode_step(const unsigned long long* table, int L, int C, int H, int V, float eps, int M,
+                            const int* tokens, const int* row_seq, int* pos, float* x, float* qkv, float* h4,
+                            float* part, float* ml, float* k_cache, float* v_cache, int max_seq,
+                            long long layer_stride, float* logits, float* best_value, int* best_index,
+                            unsigned int* bar, int* next, int flags, unsigned long long* trace) {
+    extern __shared__ __align__(16) unsigned char step_smem[];
+    size_t slab = step_slab_bytes(C, gridDim.x, sizeof(W)), buffer = step_buffer_bytes(C, gridDim.x, sizeof(W));
+    unsigned char* bufs[2] = {step_smem, step_smem + buffer};
+    float* xs = reinterpret_cast<float*>(step_smem + 2 * buffer);
+    bool stage_h4 = flags & STEP_STAGE_H4;
+    float* h4s = xs + (size_t)M * C;
+    float* scratch = h4s + (stage_h4 ? (size_t)M * 4 * C : 0);
+    unsigned int smem_size;
+    asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(smem_size));
+    if ((size_t)(reinterpret_cast<unsigned char*>(scratch + step_scratch_floats(C, H, gridDim.x)) - step_smem) >
+            smem_size ||
+        M > GEMV_ROWS)
+        __trap();
+    auto at = [&](int slot) { return reinterpret_cast<const W*>(table[slot]); };
+    auto ln = [&](int p, int which) {
+        return reinterpret_cast<const W*>(bufs[p & 1] + slab) + (which ? C : 0);
+    };
+    // Positions and sequences of the rows, read once.
+    __shared__ int s_pos[GEMV_ROWS], s_seq[GEMV_ROWS];
+    if (threadIdx.x < M) {
+        s_pos[threadIdx.x] = pos[threadIdx.x];
+        s_seq[threadIdx.x] = row_seq[threadIdx.x];
+    }
+    __syncthreads();
+    int S_att = step_splits(s_pos, M, H);
+    int products = 4 * L;
+    unsigned int barriers = 0;
+    int stamps = 0;
+    stamp(trace, stamps);
+    step_fetch<W>(table, 0, L, C, bufs[0]);
+    copy_commit();
+    // Where product p's columns are, and this thread's first output (t = threadIdx.x): its bias
+    // and, for the residual products, the old x value, loaded ahead (before the barrier that
+    // precedes the product, once nothing will change them; kept raw until used).
+    struct Ahead {
+        int K, N, n0, nc;
+        const W* bias;
+        W bias0;
+        float res0;
+    };
+    auto ahead = [&](int p) {
+        Ahead a;
+        int w;
+        step_shape(p % 4, C, a.K, a.N, w);
+        a.bias = reinterpret_cast<const W*>(table[STEP_GLOBALS + (p / 4) * STEP_PER_LAYER + w + 1]);
+        int cpb = ceil_div(a.N, gridDim.x);
+        a.n0 = min(a.N, (int)blockIdx.x * cpb);
+        a.nc = min(a.N, a.n0 + cpb) - a.n0;
+        int t = threadIdx.x;
+        if (t < a.nc * M) {
+            a.bias0 = a.bias[a.n0 + t / M];
+            if (p % 2 == 1) a.res0 = __ldcg(x + (size_t)(t % M) * C + a.n0 + t / M);
+        }
+        return a;
+    };
+    Ahead next_product = ahead(0);
+    // Product p: `issue` starts the copies of its input rows and the next product's buffer is
+    // requested; everything is waited for at once and `prepare` finishes the input rows; then the
+    // block's columns and the epilogue (mode as matmul_finish: 1 GELU, 2 residual add, 3 store +
+    // KV append). The caller runs the barrier.
+    auto product = [&](int p, const float* in, bool global_in, float* out, int mode, float* kc, float* vc,
+                       auto&& issue, auto&& prepare) {
+        Ahead a = next_product;
+        issue();
+        copy_commit();
+        step_fetch<W>(table, p + 1, L, C, bufs[(p + 1) & 1]);
+        copy_commit();
+        stamp(trace, stamps);
+        copy_wait_all_but_newest();
+        __syncthreads();
+        stamp(trace, stamps);
+        prepare();
+        int CB = step_column_block(M);
+        int S = max(1, STEP_WARPS / max(ceil_div(a.nc, CB), 1));
+        const W* slab_p = reinterpret_cast<const W*>(bufs[p & 1]);
+        if (CB == 1) step_product<W, 1>(slab_p, a.nc, a.K, in, global_in, M, S, scratch);
+        else step_product<W, 4>(slab_p, a.nc, a.K, in, global_in, M, S, scratch);
+        step_epilogue<W>(scratch, CB, S, M, a.n0, a.nc, a.N, C, a.bias, a.bias0, a.res0, out, mode, kc, vc, s_seq,
+                         s_pos, max_seq);
+        // The next product's loads, unless that is the output projection: its residual (x) may
+        // still be changing until after the attention barrier (block 0 embeds in layer 0).
+        if (p % 4 != 0 && p + 1 < products) next_product = ahead(p + 1);
+        stamp(trace, stamps);
+        grid_barrier(bar, barriers);
+    };
+    for (int l = 0; l < L; l++) {
+        float* kc = k_cache + l * layer_stride;
+        float* vc = v_cache + l * layer_stride;
+        int p = 4 * l;
+        product(
+            p, xs, false, qkv, 3, kc, vc,
+            [&] {
+                if (l > 0) copy_block(xs, x, (size_t)M * C * 4);
+            },
+            [&] {
+                if (l == 0) step_embed<W>(tokens, s_pos, at(T_WTE), at(T_WPE), x, M, C, xs);
+                step_norm<W>(xs, ln(p, 0), ln(p, 1), eps, M, C);
+            });
+        step_attention(qkv, kc, vc, s_seq, s_pos, part, ml, M, C, H, max_seq, S_att, scratch);
+        next_product = ahead(p + 1);
+        stamp(trace, stamps);
+        grid_barrier(bar, barriers);
+        product(
+            p + 1, xs, false, x, 2, nullptr, nullptr, [&] { step_combine_load(ml, M, H, S_att, scratch); },
+            [&] { step_combine(part, M, C, H, S_att, scratch, xs); });
+        product(
+            p + 2, xs, false, h4, 1, nullptr, nullptr, [&] { copy_block(xs, x, (size_t)M * C * 4); },
+            [&] { step_norm<W>(xs, ln(p + 2, 0), ln(p + 2, 1), eps, M, C); });
+        product(
+            p + 3, stage_h4 ? h4s : h4, !stage_h4, x, 2, nullptr, nullptr,
+            [&] {
+                if (stage_h4) copy_block(h4s, h4, (size_t)M * 4 * C * 4);
+            },
+            [] {});
+    }
+    // The LM head: the final LayerNorm's parameters came with product 4L - 1's fetch.
+    int warp = threadIdx.x >> 5;
+    int v0 = blockIdx.x * STEP_WARPS + warp;
+    const W* head = at(T_HEAD);
+    Chunk<W> first_row;
+    if (vector_rows<W>(C) && v0 < V) load_chunk<W>(head + (size_t)v0 * C, 0, C, first_row);
+    copy_block(xs, x, (size_t)M * C * 4);
+    copy_commit();
+    copy_commit();
+    copy_wait_all_but_newest();
+    step_norm<W>(xs, ln(4 * L, 0), ln(4 * L, 1), eps, M, C);
+    stamp(trace, stamps);
+    lm_head_rows<W, STEP_WARPS, GEMV_ROWS>(xs, M, head, V, C, v0, gridDim.x * STEP_WARPS, first_row, logits,
+                                           best_value, best_index, pos);
+    stamp(trace, stamps);
+    grid_barrier_done(bar, best_value, best_index, M, next);
+}
+
+#define STEP_KERNEL(W, S)                                                                                         \
+    extern "C" __global__ void __launch_bounds__(STEP_THREADS, 1) decode_step_##S(                                \
+        const unsigned long long* table, int L, int C, int H, int V, float eps, int M, const int* tokens,         \
+        const int* row_seq, int* pos, float* x, float* qkv, float* h4, float* part, float* ml, float* kc,         \
+        float* vc, int max_seq, long long layer_stride, float* logits, float* bv, int* bi, unsigned int* bar,     \
+        int* next, int flags, unsigned long long* trace) {                                                        \
+        decode_step<W>(table, L, C, H, V, eps, M, tokens, row_seq, pos, x, qkv, h4, part, ml, kc, vc, max_seq,    \
+                       layer_stride, logits, bv, bi, bar, next, flags, trace);                                    \
+    }
+STEP_KERNEL(float, f32)
+STEP_KERNEL(__half, f16)
+STEP_KERNEL(__nv_bfloat16, bf16)

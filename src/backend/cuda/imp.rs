@@ -2,6 +2,7 @@
 
 use crate::backend::{Backend, BackendKind, BackendState, History, Profile};
 use crate::error::{Error, ErrorKind, Result};
+use crate::log::{LogLevel, emit};
 use crate::model::{DType, Model, ModelConfig};
 use crate::nvtx;
 use crate::sampling::Sampler;
@@ -55,6 +56,16 @@ const MMA_SLICE: usize = 32;
 const SAMPLE_THREADS: usize = 1024;
 /// Vocabulary entries per block in the first stage of the device argmax.
 const ARGMAX_CHUNK: usize = 2048;
+/// Threads per block of the fused decode step (STEP_THREADS in the .cu file), one block an SM.
+const STEP_THREADS: usize = 512;
+/// Sequences up to which steps take the fused step by default. H100, prompt 12, 32 new tokens, E2E
+/// ms, fused vs a kernel per phase (same call): f16 batch 1 8.06 vs 8.42, 2 8.94 vs 9.03, 4 11.68
+/// vs 11.15, 8 16.22 vs 11.33; f32 batch 1 9.98 vs 10.36, 2 11.01 vs 9.87, 4 12.64 vs 11.89.
+const FUSED_ROWS: usize = 1;
+/// Room for the fused step's trace stamps (13 a layer, 3 more).
+const TRACE_STAMPS: usize = 256;
+/// Warps of a fused-step block (STEP_WARPS in the .cu file).
+const STEP_WARPS: usize = STEP_THREADS / 32;
 /// Threads per block of the attention kernel.
 const ATTENTION_THREADS: usize = 256;
 /// Output columns per block assumed when sizing the split-K of the tiled kernel.
@@ -98,6 +109,10 @@ struct Probe {
     name: String,
     capability: (i32, i32),
     sm_count: usize,
+    /// Whether kernels can be launched cooperatively (every block resident at once).
+    cooperative: bool,
+    /// Dynamic shared memory a block may opt into.
+    smem_optin: usize,
 }
 
 fn probe(ordinal: usize) -> Result<Probe> {
@@ -142,7 +157,10 @@ fn probe(ordinal: usize) -> Result<Probe> {
         );
     }
     let sm_count = attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?.max(1) as usize;
-    Ok(Probe { device, name, capability, sm_count })
+    let cooperative = attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COOPERATIVE_LAUNCH)? != 0;
+    let smem_optin =
+        attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)?.max(0) as usize;
+    Ok(Probe { device, name, capability, sm_count, cooperative, smem_optin })
 }
 
 /// The kernels of the embedded module, by weight dtype where they read weights.
@@ -170,6 +188,9 @@ struct Kernels {
     argmax_final: sys::CUfunction,
     sample_rows: sys::CUfunction,
     advance: sys::CUfunction,
+    /// The fused decode step, where the GPU launches cooperatively and has cp.async (8.0+), unless
+    /// `GPT2RT_CUDA_FUSED_STEP=0` (for comparisons).
+    decode_step: Option<sys::CUfunction>,
 }
 
 /// A device context with the module loaded. Shared by the backend and its sessions.
@@ -184,6 +205,8 @@ struct Device {
     sm_count: usize,
     /// Programmatic dependent launch: 9.0+, unless `GPT2RT_CUDA_PDL=0` (for comparisons).
     pdl: bool,
+    /// Dynamic shared memory a block may opt into.
+    smem_optin: usize,
 }
 
 // SAFETY: CUDA contexts, modules and functions may be used from any thread once made current; every
@@ -240,6 +263,11 @@ impl Device {
             argmax_final: get("argmax_final")?,
             sample_rows: get("sample_rows")?,
             advance: get("advance")?,
+            decode_step: if probe.capability >= (8, 0) && probe.cooperative && knob_on("GPT2RT_CUDA_FUSED_STEP") {
+                Some(get(&format!("decode_step_{suffix}"))?)
+            } else {
+                None
+            },
         };
         Ok(Arc::new(Self {
             ctx,
@@ -250,6 +278,7 @@ impl Device {
             capability: probe.capability,
             sm_count: probe.sm_count,
             pdl: probe.capability >= (9, 0) && knob_on("GPT2RT_CUDA_PDL"),
+            smem_optin: probe.smem_optin,
         }))
     }
 
@@ -443,6 +472,106 @@ pub struct CudaBackend {
     shared: Arc<Shared>,
 }
 
+/// The fused decode step of an engine (see decode_step in the .cu file; the kernel is
+/// `Kernels::decode_step`): one block an SM, and the weight table it reads.
+struct FusedStep {
+    blocks: usize,
+    /// Device addresses of the weights, in the order of the .cu file's T_* slots.
+    table: DeviceBuffer,
+    /// Rows up to which the MLP-down input is staged in shared memory (as much as fits).
+    stage_rows: usize,
+    /// Steps of up to this many sequences take it: FUSED_ROWS, or `GPT2RT_CUDA_FUSED_ROWS` (at
+    /// most GEMV_MAX_ROWS; a tuning knob read when the engine loads).
+    max_rows: usize,
+}
+
+/// Dynamic shared memory of the fused step for `m` rows, with the MLP-down rows staged in it or not
+/// (mirrors step_buffer_bytes and step_scratch_floats in the .cu file).
+fn fused_step_smem(cfg: &ModelConfig, blocks: usize, wsize: usize, m: usize, stage_h4: bool) -> usize {
+    let c = cfg.n_embd;
+    let cpb = |n: usize| n.div_ceil(blocks);
+    let elems = (cpb(3 * c) * c).max(cpb(4 * c) * c).max(cpb(c) * 4 * c);
+    let buffer = (elems * wsize).next_multiple_of(16) + (2 * c * wsize).next_multiple_of(16);
+    let shares = (STEP_WARPS * 4).max(cpb(4 * c) + 3) * GEMV_MAX_ROWS;
+    let attention = STEP_WARPS * cfg.head_dim() + 2 * STEP_WARPS;
+    let combine = 3 * blocks.max(GEMV_MAX_ROWS * cfg.n_head);
+    let rows = m * c + if stage_h4 { m * 4 * c } else { 0 };
+    2 * buffer + (rows + shares.max(attention).max(combine)) * 4
+}
+
+/// The fused step for this device, model and dtype, where the kernel exists and its shared memory
+/// and one block an SM fit; None falls back to the kernel-per-phase step.
+fn fused_step(
+    device: &Arc<Device>,
+    cfg: &ModelConfig,
+    weights: &DeviceWeights,
+    dtype: DType,
+) -> Result<Option<FusedStep>> {
+    let Some(function) = device.kernels.decode_step else { return Ok(None) };
+    let (c, h) = (cfg.n_embd, cfg.n_head);
+    if c % 8 != 0 || h == 0 || c % h != 0 || c / h > 256 {
+        return Ok(None);
+    }
+    let blocks =
+        knob("GPT2RT_CUDA_STEP_BLOCKS").unwrap_or(device.sm_count).clamp(1, device.sm_count.min(LM_HEAD_BLOCKS));
+    // SAFETY: the function belongs to the loaded module.
+    let static_smem = unsafe {
+        result::function::get_function_attribute(
+            function,
+            sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES,
+        )
+    }
+    .check("cuda: sizing the fused step")?
+    .max(0) as usize;
+    let limit = device.smem_optin.saturating_sub(static_smem);
+    let smem = fused_step_smem(cfg, blocks, dtype.size(), GEMV_MAX_ROWS, false);
+    if smem > limit {
+        return Ok(None);
+    }
+    // The MLP-down rows go through shared memory for the row counts where they fit.
+    let stage_rows =
+        (1..=GEMV_MAX_ROWS).take_while(|&m| fused_step_smem(cfg, blocks, dtype.size(), m, true) <= limit).count();
+    let smem = smem.max(fused_step_smem(cfg, blocks, dtype.size(), stage_rows, true));
+    // SAFETY: the function belongs to the loaded module; the size is within the opt-in limit.
+    unsafe {
+        result::function::set_function_attribute(
+            function,
+            sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            smem as i32,
+        )
+    }
+    .check("cuda: configuring the fused step")?;
+    // SAFETY: as above.
+    let resident =
+        unsafe { result::occupancy::max_active_block_per_multiprocessor(function, STEP_THREADS as i32, smem) }
+            .check("cuda: sizing the fused step")?;
+    if resident < 1 {
+        return Ok(None);
+    }
+    let w = weights;
+    let mut table =
+        vec![w.wte.ptr, w.wpe.ptr, w.ln_f_weight.ptr, w.ln_f_bias.ptr, w.lm_head.as_ref().unwrap_or(&w.wte).ptr];
+    for l in &w.layers {
+        table.extend([
+            l.ln_1_weight.ptr,
+            l.ln_1_bias.ptr,
+            l.attn_weight.ptr,
+            l.attn_bias.ptr,
+            l.attn_proj_weight.ptr,
+            l.attn_proj_bias.ptr,
+            l.ln_2_weight.ptr,
+            l.ln_2_bias.ptr,
+            l.fc_weight.ptr,
+            l.fc_bias.ptr,
+            l.mlp_proj_weight.ptr,
+            l.mlp_proj_bias.ptr,
+        ]);
+    }
+    let table = DeviceBuffer::upload(device, &table, "weight table")?;
+    let max_rows = knob("GPT2RT_CUDA_FUSED_ROWS").unwrap_or(FUSED_ROWS).min(GEMV_MAX_ROWS);
+    Ok(Some(FusedStep { blocks, table, stage_rows, max_rows }))
+}
+
 struct Shared {
     /// Rows up to which forward passes take the decode path: DECODE_ROWS, or another value up to
     /// GEMV_MAX_M through the environment variable `GPT2RT_CUDA_DECODE_ROWS` (a tuning knob for
@@ -455,6 +584,8 @@ struct Shared {
     /// `GPT2RT_CUDA_LM_HEAD_BLOCKS`; at most LM_HEAD_BLOCKS, which sizes the argmax buffer (a tuning
     /// knob read when the engine loads).
     lm_head_blocks: usize,
+    /// The fused decode step, for steps of up to GEMV_MAX_ROWS sequences.
+    fused: Option<FusedStep>,
     device: Arc<Device>,
     weights: DeviceWeights,
     config: ModelConfig,
@@ -479,7 +610,8 @@ impl CudaBackend {
         let lm_head_blocks =
             knob("GPT2RT_CUDA_LM_HEAD_BLOCKS").unwrap_or(LM_HEAD_RESIDENT * device.sm_count).clamp(1, LM_HEAD_BLOCKS);
         let config = model.config.clone();
-        let shared = Shared { decode_max_rows, split_blocks, lm_head_blocks, device, weights, config, dtype };
+        let fused = fused_step(&device, &config, &weights, dtype)?;
+        let shared = Shared { decode_max_rows, split_blocks, lm_head_blocks, fused, device, weights, config, dtype };
         Ok(Self { shared: Arc::new(shared) })
     }
 }
@@ -517,13 +649,13 @@ impl Backend for CudaBackend {
 /// Kernel arguments, stored in fixed slots (no allocation per launch). Each slot is 8 bytes; the
 /// driver reads the parameter's own size from the front of its slot (little-endian).
 struct Args {
-    slots: [u64; 24],
+    slots: [u64; 32],
     n: usize,
 }
 
 impl Args {
     fn new() -> Self {
-        Self { slots: [0; 24], n: 0 }
+        Self { slots: [0; 32], n: 0 }
     }
     fn ptr(mut self, p: u64) -> Self {
         self.slots[self.n] = p;
@@ -617,6 +749,14 @@ struct CudaState {
     /// Decode attention's per-split outputs `[b][splits][C]` and (max, sum) `[b][splits][H][2]`.
     att_part: DeviceBuffer,
     att_ml: DeviceBuffer,
+    /// The fused step's attention splits (`[rows * splits][C]`, `[rows * splits][H][2]`, rows *
+    /// heads * splits at most max(blocks, rows * heads)) and its grid barrier (count, generation).
+    step_part: DeviceBuffer,
+    step_ml: DeviceBuffer,
+    barrier: DeviceBuffer,
+    /// Block 0's globaltimer stamps of the last fused step (`GPT2RT_CUDA_STEP_TRACE=1`, a tuning aid
+    /// read when a session is made; logged at debug level when the session is dropped).
+    trace: Option<DeviceBuffer>,
     hidden4: DeviceBuffer,
     partial: DeviceBuffer,
     last_hidden: DeviceBuffer,
@@ -626,6 +766,8 @@ struct CudaState {
     best: DeviceBuffer,
     /// Chunks the last LM head already reduced into `best` (fused path), or 0.
     best_chunks: std::cell::Cell<usize>,
+    /// Whether the last step already chose the greedy tokens into `next` (the fused step does).
+    next_ready: std::cell::Cell<bool>,
     host_ints: PinnedBuffer<i32>,
     host_logits: PinnedBuffer<f32>,
     /// Tokens of every sequence so far (`[seq][pos]`), for the recompute path.
@@ -657,6 +799,7 @@ impl CudaState {
         let f = std::mem::size_of::<f32>();
         let layout = IntLayout::new(b, s);
         let kv_bytes = cfg.n_layer * b * s * c * f;
+        let step_items = shared.fused.as_ref().map_or(0, |fs| fs.blocks.max(GEMV_MAX_ROWS * cfg.n_head));
         d.bind()?;
         let stream =
             result::stream::create(result::stream::StreamKind::NonBlocking).check("cuda: creating a stream")?;
@@ -675,6 +818,14 @@ impl CudaState {
                 rows.min(GEMV_MAX_M) * s.div_ceil(ATTENTION_SPLIT) * cfg.n_head * 2 * f,
                 "attention",
             )?,
+            step_part: DeviceBuffer::new(d, step_items * cfg.head_dim() * f, "attention")?,
+            step_ml: DeviceBuffer::new(d, step_items * 2 * f, "attention")?,
+            barrier: DeviceBuffer::upload(d, &[0u32; 2], "grid barrier")?,
+            trace: if knob("GPT2RT_CUDA_STEP_TRACE") == Some(1) {
+                Some(DeviceBuffer::upload(d, &[0u64; TRACE_STAMPS], "trace")?)
+            } else {
+                None
+            },
             hidden4: DeviceBuffer::new(d, rows * 4 * c * f, "activations")?,
             partial: DeviceBuffer::new(d, rows * partial_per_row(c) * f, "matmul partial sums")?,
             last_hidden: DeviceBuffer::new(d, b * c * f, "activations")?,
@@ -682,6 +833,7 @@ impl CudaState {
             logits: DeviceBuffer::new(d, b * v * f, "logits")?,
             best: DeviceBuffer::new(d, 2 * b * LM_HEAD_BLOCKS.max(v.div_ceil(ARGMAX_CHUNK)) * f, "argmax")?,
             best_chunks: std::cell::Cell::new(0),
+            next_ready: std::cell::Cell::new(false),
             host_ints: PinnedBuffer::new(d, layout.total)?,
             host_logits: PinnedBuffer::new(d, b * v)?,
             history: History::new(profile),
@@ -728,15 +880,43 @@ impl CudaState {
         if !self.shared.device.pdl {
             return self.launch_grid(f, grid, block, smem, args);
         }
-        let mut args = args;
-        let mut params = [std::ptr::null_mut::<c_void>(); 24];
-        for (p, slot) in params.iter_mut().zip(args.slots.iter_mut()).take(args.n) {
-            *p = (slot as *mut u64).cast();
-        }
         // SAFETY: a plain-old-data union; the id says which member the driver reads.
         let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
         attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
         attr.value.programmaticStreamSerializationAllowed = 1;
+        // SAFETY: the kernel waits (griddepcontrol.wait) before reading or writing anything an
+        // earlier kernel touches.
+        unsafe { self.launch_with(f, grid, block, smem, args, attr) }
+    }
+
+    /// Launches a kernel cooperatively: the driver starts it only with every block resident at
+    /// once, which its grid-wide barriers need.
+    fn launch_cooperative(&self, f: sys::CUfunction, grid: usize, block: usize, smem: usize, args: Args) -> Result<()> {
+        // SAFETY: a plain-old-data union; the id says which member the driver reads.
+        let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+        attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_COOPERATIVE;
+        attr.value.cooperative = 1;
+        // SAFETY: the launch has no other requirement.
+        unsafe { self.launch_with(f, (grid, 1, 1), block, smem, args, attr) }
+    }
+
+    /// cuLaunchKernelEx with one launch attribute.
+    ///
+    /// # Safety
+    /// As launch_grid, and whatever `attr` requires of the kernel.
+    unsafe fn launch_with(
+        &self,
+        f: sys::CUfunction,
+        grid: (usize, usize, usize),
+        block: usize,
+        smem: usize,
+        mut args: Args,
+        mut attr: sys::CUlaunchAttribute,
+    ) -> Result<()> {
+        let mut params = [std::ptr::null_mut::<c_void>(); 32];
+        for (p, slot) in params.iter_mut().zip(args.slots.iter_mut()).take(args.n) {
+            *p = (slot as *mut u64).cast();
+        }
         let config = sys::CUlaunchConfig {
             gridDimX: grid.0 as u32,
             gridDimY: grid.1 as u32,
@@ -749,8 +929,7 @@ impl CudaState {
             attrs: &mut attr,
             numAttrs: 1,
         };
-        // SAFETY: as launch_grid; the kernel waits (griddepcontrol.wait) before reading or writing
-        // anything an earlier kernel touches.
+        // SAFETY: as launch_grid; the caller vouches for the attribute.
         unsafe { sys::cuLaunchKernelEx(&config, f, params.as_mut_ptr(), std::ptr::null_mut()) }
             .result()
             .check("cuda: launching a kernel")
@@ -764,7 +943,7 @@ impl CudaState {
         smem: usize,
         mut args: Args,
     ) -> Result<()> {
-        let mut params = [std::ptr::null_mut::<c_void>(); 24];
+        let mut params = [std::ptr::null_mut::<c_void>(); 32];
         for (p, slot) in params.iter_mut().zip(args.slots.iter_mut()).take(args.n) {
             *p = (slot as *mut u64).cast();
         }
@@ -871,6 +1050,20 @@ impl CudaState {
     /// Blocks the decode attention spreads one (row, head) over: enough for max_seq.
     fn attention_splits(&self) -> usize {
         self.profile.max_seq.div_ceil(ATTENTION_SPLIT)
+    }
+
+    /// The fused decode step, where it serves a step of `b` sequences.
+    fn fused_step(&self, b: usize) -> Option<&FusedStep> {
+        self.shared.fused.as_ref().filter(|fs| b <= fs.max_rows)
+    }
+
+    /// First-stage argmax results a step of `b` sequences leaves in `best` (0: none).
+    fn step_best_chunks(&self, b: usize) -> usize {
+        match self.fused_step(b) {
+            Some(fs) => fs.blocks,
+            None if self.decode_rows(b) => self.shared.lm_head_blocks,
+            None => 0,
+        }
     }
 
     /// Whether `m` rows take the decode path (see `forward_rows`).
@@ -1098,6 +1291,7 @@ impl CudaState {
         let (c, v) = (cfg.n_embd, cfg.vocab_size);
         let head = w.lm_head.as_ref().unwrap_or(&w.wte);
         let fused_ln = self.fused_prologue(m);
+        self.next_ready.set(false);
         if !fused_ln {
             self.launch_overlapped(
                 k.layer_norm,
@@ -1215,6 +1409,39 @@ impl CudaState {
     fn enqueue_step(&self) -> Result<()> {
         let b = self.history.batch();
         let lay = &self.layout;
+        if let Some(fs) = self.fused_step(b) {
+            let cfg = &self.shared.config;
+            let args = Args::new()
+                .ptr(fs.table.ptr)
+                .int(cfg.n_layer)
+                .int(cfg.n_embd)
+                .int(cfg.n_head)
+                .int(cfg.vocab_size)
+                .float(cfg.layer_norm_epsilon)
+                .int(b)
+                .ptr(self.ints.at::<i32>(lay.step_tokens))
+                .ptr(self.ints.at::<i32>(lay.iota))
+                .ptr(self.ints.at::<i32>(lay.seq_len))
+                .ptr(self.x.ptr)
+                .ptr(self.qkv.ptr)
+                .ptr(self.hidden4.ptr)
+                .ptr(self.step_part.ptr)
+                .ptr(self.step_ml.ptr)
+                .ptr(self.k_cache.ptr)
+                .ptr(self.v_cache.ptr)
+                .int(self.profile.max_seq)
+                .ptr((self.profile.max_batch * self.profile.max_seq * cfg.n_embd) as u64)
+                .ptr(self.logits.ptr)
+                .ptr(self.best.ptr)
+                .ptr(self.best.at::<f32>(b * fs.blocks))
+                .ptr(self.barrier.ptr)
+                .ptr(self.ints.at::<i32>(lay.next))
+                .int(usize::from(b <= fs.stage_rows))
+                .ptr(self.trace.as_ref().map_or(0, |t| t.ptr));
+            let smem = fused_step_smem(cfg, fs.blocks, self.shared.dtype.size(), b, b <= fs.stage_rows);
+            let f = self.shared.device.kernels.decode_step.expect("a fused step has its kernel");
+            return self.launch_cooperative(f, fs.blocks, STEP_THREADS, smem, args);
+        }
         self.forward_rows(
             self.ints.at::<i32>(lay.step_tokens),
             self.ints.at::<i32>(lay.iota),
@@ -1274,8 +1501,33 @@ impl CudaState {
     }
 }
 
+impl CudaState {
+    /// Logs (debug level) block 0's time between the stamps of the last fused step: per product
+    /// (before the wait for its copies, after it, after its epilogue) and after each attention.
+    fn log_trace(&self, trace: &DeviceBuffer) {
+        let mut t = vec![0u64; TRACE_STAMPS];
+        let _ = self.shared.device.bind();
+        // SAFETY: TRACE_STAMPS stamps in both buffers; the stream is synchronised first.
+        let read = unsafe {
+            let _ = result::stream::synchronize(self.stream);
+            result::memcpy_dtoh_sync(&mut t, trace.ptr)
+        };
+        let n = t.iter().position(|&v| v == 0).unwrap_or(TRACE_STAMPS);
+        if read.is_err() || n < 2 {
+            return;
+        }
+        let gaps: Vec<String> =
+            t[1..n].iter().zip(&t[..n - 1]).map(|(b, a)| format!("{:.1}", b.saturating_sub(*a) as f64 / 1e3)).collect();
+        let total = t[n - 1].saturating_sub(t[0]) as f64 / 1e3;
+        emit(LogLevel::Debug, &format!("cuda: fused step trace, {total:.1} us, between stamps: {}", gaps.join(" ")));
+    }
+}
+
 impl Drop for CudaState {
     fn drop(&mut self) {
+        if let Some(trace) = &self.trace {
+            self.log_trace(trace);
+        }
         // SAFETY: the graphs and stream belong to this state; nothing runs on them any more.
         unsafe {
             let _ = self.shared.device.bind();
@@ -1316,7 +1568,8 @@ impl BackendState for CudaState {
         self.upload_ints(st, tokens.len())?;
         let exec = self.step_graph()?;
         // Replays do not run `head`, which records where the argmax's first stage went.
-        self.best_chunks.set(if self.decode_rows(tokens.len()) { self.shared.lm_head_blocks } else { 0 });
+        self.best_chunks.set(self.step_best_chunks(tokens.len()));
+        self.next_ready.set(self.fused_step(tokens.len()).is_some());
         self.mark(false)?;
         // SAFETY: the graph was captured on this stream with this state's buffers.
         unsafe { result::graph::launch(exec, self.stream) }.check("cuda: launching the step graph")?;
@@ -1394,6 +1647,9 @@ impl BackendState for CudaState {
                 .float(params.top_p)
                 .ptr(self.ints.at::<i32>(next));
             self.launch(kernels.sample_rows, b, SAMPLE_THREADS, 0, args)?;
+            return self.read_next(out);
+        }
+        if self.next_ready.get() {
             return self.read_next(out);
         }
         let mut chunks = self.best_chunks.get();
