@@ -2,6 +2,7 @@
 
 use clap::{Args, Parser, Subcommand};
 use gpt2rt::api::backend_availability;
+use gpt2rt::log::LogLevel;
 use gpt2rt::model::{DType, Model, Preset, write_dir};
 use gpt2rt::{BackendKind, Engine, EngineOptions, GenerateParams, SamplingParams, SessionOptions, Tokenizer};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -200,6 +201,21 @@ struct BenchArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // GPT2RT_LOG=error|warn|info|debug prints the library's log messages up to that level to stderr.
+    let level = match std::env::var("GPT2RT_LOG").as_deref() {
+        Ok("error") => Some(LogLevel::Error),
+        Ok("warn") => Some(LogLevel::Warn),
+        Ok("info") => Some(LogLevel::Info),
+        Ok("debug") => Some(LogLevel::Debug),
+        _ => None,
+    };
+    if let Some(max) = level {
+        gpt2rt::log::set_sink(Some(Box::new(move |level: LogLevel, message: &str| {
+            if level <= max {
+                eprintln!("gpt2rt [{level:?}]: {message}");
+            }
+        })));
+    }
     let result = match cli.command {
         Command::Generate(args) => generate(args),
         Command::Synth(args) => synth(args),
