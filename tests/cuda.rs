@@ -317,3 +317,50 @@ fn cuda_tensor_core_products_match_the_cpu_reference() {
         assert!(s_mma * 10 >= total * 9, "{dtype}: tensor-core argmax agrees on only {s_mma}/{total}");
     }
 }
+
+#[test]
+fn cuda_concurrent_sessions_each_get_their_own_tokens() {
+    if !gpu_available() {
+        return;
+    }
+    // Four threads, each with its own batch-1 session on one engine, decode at the same time: every
+    // step is a cooperative launch of the fused step (on 8.0+ GPUs), each grid wanting every SM.
+    // Each must finish (no grid waiting on another's blocks) with the tokens it gets alone.
+    let engine = distilgpt2(BackendKind::Cuda, Some(DType::F32));
+    let vocab = engine.config().vocab_size;
+    let alone: Vec<Vec<u32>> = (0..4)
+        .map(|t| {
+            let prompt: Vec<u32> = prompts(vocab, 5, 6)[t * 6..(t + 1) * 6].to_vec();
+            decode_one(&engine, &prompt, 40)
+        })
+        .collect();
+    let together: Vec<Vec<u32>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..4)
+            .map(|t| {
+                let engine = &engine;
+                scope.spawn(move || {
+                    let prompt: Vec<u32> = prompts(vocab, 5, 6)[t * 6..(t + 1) * 6].to_vec();
+                    decode_one(engine, &prompt, 40)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert_eq!(together, alone);
+}
+
+/// Greedy tokens of one sequence.
+fn decode_one(engine: &Engine, prompt: &[u32], new_tokens: usize) -> Vec<u32> {
+    let mut session = engine
+        .new_session(SessionOptions { max_batch: 1, max_seq: prompt.len() + new_tokens, kv_cache: true })
+        .unwrap();
+    let params = GenerateParams { max_new_tokens: new_tokens, ..GenerateParams::default() };
+    let mut out = Vec::new();
+    session
+        .generate_tokens(prompt, &[prompt.len()], &params, &mut |_, token, _| {
+            out.push(token);
+            true
+        })
+        .unwrap();
+    out
+}
