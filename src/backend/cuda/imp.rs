@@ -60,7 +60,8 @@ const ARGMAX_CHUNK: usize = 2048;
 const STEP_THREADS: usize = 512;
 /// Sequences up to which steps take the fused step by default. H100, prompt 12, 32 new tokens, E2E
 /// ms, fused vs a kernel per phase (same call): f16 batch 1 8.06 vs 8.42, 2 8.94 vs 9.03, 4 11.68
-/// vs 11.15, 8 16.22 vs 11.33; f32 batch 1 9.98 vs 10.36, 2 11.01 vs 9.87, 4 12.64 vs 11.89.
+/// vs 11.15, 8 16.22 vs 11.33; f32 batch 1 9.98 vs 10.36, 2 11.01 vs 9.87, 4 12.64 vs 11.89, 8
+/// 16.63 vs 16.52.
 const FUSED_ROWS: usize = 1;
 /// Room for the fused step's trace stamps (13 a layer, 3 more).
 const TRACE_STAMPS: usize = 256;
@@ -584,7 +585,7 @@ struct Shared {
     /// `GPT2RT_CUDA_LM_HEAD_BLOCKS`; at most LM_HEAD_BLOCKS, which sizes the argmax buffer (a tuning
     /// knob read when the engine loads).
     lm_head_blocks: usize,
-    /// The fused decode step, for steps of up to GEMV_MAX_ROWS sequences.
+    /// The fused decode step (None where it cannot run), for steps of up to its `max_rows` sequences.
     fused: Option<FusedStep>,
     device: Arc<Device>,
     weights: DeviceWeights,
@@ -750,7 +751,7 @@ struct CudaState {
     att_part: DeviceBuffer,
     att_ml: DeviceBuffer,
     /// The fused step's attention splits (`[rows * splits][C]`, `[rows * splits][H][2]`, rows *
-    /// heads * splits at most max(blocks, rows * heads)) and its grid barrier (count, generation).
+    /// heads * splits at most max(blocks, rows * heads)) and its grid barrier (arrivals, blocks done).
     step_part: DeviceBuffer,
     step_ml: DeviceBuffer,
     barrier: DeviceBuffer,
