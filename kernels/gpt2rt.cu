@@ -462,6 +462,26 @@ __device__ void gemv(const float* in, const int* tokens, const int* pos, const W
     }
 }
 
+// acc[c][m] += dot(x[m * stride, +V), w[c]) for the rows m < M and the CB columns whose V weights
+// are in w (global_x: the rows are read through L2).
+template <int CB, int V>
+__device__ __forceinline__ void fma_columns(const float (&w)[CB][V], const float* x, size_t stride, int M,
+                                            bool global_x, float (&acc)[CB][GEMV_ROWS]) {
+#pragma unroll
+    for (int m = 0; m < GEMV_ROWS; m++) {
+        if (m >= M) break;
+        const float* xr = x + m * stride;
+#pragma unroll
+        for (int j = 0; j < V; j += 4) {
+            float4 xv = global_x ? __ldcg(reinterpret_cast<const float4*>(xr + j))
+                                 : *reinterpret_cast<const float4*>(xr + j);
+#pragma unroll
+            for (int c = 0; c < CB; c++)
+                acc[c][m] += xv.x * w[c][j] + xv.y * w[c][j + 1] + xv.z * w[c][j + 2] + xv.w * w[c][j + 3];
+        }
+    }
+}
+
 // gemv for 2..GEMV_ROWS rows: each warp owns GEMV_COLS adjacent output columns over the same share
 // of K, so every input value it loads serves GEMV_COLS weights (the rows' loads, not the weights,
 // bound the one-column kernel once there are several rows). Needs the vector path and each
@@ -504,18 +524,7 @@ __device__ void gemv_cols(const float* in, const int* tokens, const int* pos, co
         float wv[GEMV_COLS][V];
 #pragma unroll
         for (int c = 0; c < GEMV_COLS; c++) Vec<W>::convert(first[c].v[u], wv[c]);
-#pragma unroll
-        for (int m = 0; m < GEMV_ROWS; m++) {
-            if (m >= M) break;
-            const float* xr = x + (size_t)m * K + k_begin + k;
-#pragma unroll
-            for (int j = 0; j < V; j += 4) {
-                float4 xv = *reinterpret_cast<const float4*>(xr + j);
-#pragma unroll
-                for (int c = 0; c < GEMV_COLS; c++)
-                    acc[c][m] += xv.x * wv[c][j] + xv.y * wv[c][j + 1] + xv.z * wv[c][j + 2] + xv.w * wv[c][j + 3];
-            }
-        }
+        fma_columns<GEMV_COLS, V>(wv, x + k_begin + k, K, M, false, acc);
     }
 #pragma unroll
     for (int c = 0; c < GEMV_COLS; c++)
@@ -952,35 +961,28 @@ extern "C" __global__ void attention(const float* qkv, const float* k_cache, con
     }
 }
 
-// Decode attention, split across blocks: block (split, head, row) covers the row's keys
-// [split * split_len, (split + 1) * split_len) below its context, with an online softmax per warp
-// (one key per warp at a time, lanes across the head dimension, coalesced). It stores the
-// unnormalised output (part[row][split][C]) and its running max and sum (ml[row][split][head][2]);
-// the next matmul's prologue (IN_ATTN) combines the splits. Splits past the context store an empty
-// result. Head dimension at most 256.
 #define ATT_MAX_DL 8
-extern "C" __global__ void attention_decode(const float* qkv, const float* k_cache, const float* v_cache,
-                                            const int* row_seq, const int* row_pos, float* part, float* ml, int C,
-                                            int H, int max_seq, float scale, int split_len) {
-    __shared__ float warp_m[32], warp_l[32];
-    __shared__ float warp_acc[8][256];
-    pdl_trigger();
-    int split = blockIdx.x, h = blockIdx.y, r = blockIdx.z, splits = gridDim.x;
+// The keys [t0, t1) of one (row, head) of decode attention, over the block's warps: one key per
+// warp at a time with an online softmax (lanes across the head dimension, coalesced), then the
+// warps combine in shared memory into the unnormalised output out[0, D) and its (max, sum)
+// out_ml[0..1] (an empty range stores zeros and (-inf, 0)). q: the row's query for the head;
+// keys/values: the head's cached columns of position 0 (row stride C). Shared scratch:
+// warp_ml[2 * warps], warp_acc[warps * D]. CG: read q, keys and values through L2 (written by
+// another block of the same kernel). Head dimension at most 32 * ATT_MAX_DL.
+template <bool CG>
+__device__ __forceinline__ void attend(const float* q_in, float scale, const float* keys, const float* values, int t0,
+                                       int t1, int C, int D, float* warp_ml, float* warp_acc, float* out,
+                                       float* out_ml) {
+    auto load = [](const float* p) { return CG ? __ldcg(p) : *p; };
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
-    int D = C / H;
-    pdl_wait();
-    int ctx = row_pos[r] + 1;
-    int t0 = split * split_len, t1 = min(ctx, t0 + split_len);
     float q[ATT_MAX_DL], acc[ATT_MAX_DL];
 #pragma unroll
     for (int i = 0; i < ATT_MAX_DL; i++) {
         int d = lane + 32 * i;
-        q[i] = d < D ? qkv[(size_t)r * 3 * C + h * D + d] * scale : 0.0f;
+        q[i] = d < D ? load(q_in + d) * scale : 0.0f;
         acc[i] = 0.0f;
     }
     float mx = -INFINITY, l = 0.0f;
-    const float* keys = k_cache + (size_t)row_seq[r] * max_seq * C + h * D;
-    const float* values = v_cache + (size_t)row_seq[r] * max_seq * C + h * D;
 #pragma unroll 2
     for (int t = t0 + warp; t < t1; t += warps) {
         const float* key = keys + (size_t)t * C;
@@ -989,8 +991,8 @@ extern "C" __global__ void attention_decode(const float* qkv, const float* k_cac
 #pragma unroll
         for (int i = 0; i < ATT_MAX_DL; i++) {
             int d = lane + 32 * i;
-            kv[i] = d < D ? key[d] : 0.0f;
-            vv[i] = d < D ? val[d] : 0.0f;
+            kv[i] = d < D ? load(key + d) : 0.0f;
+            vv[i] = d < D ? load(val + d) : 0.0f;
         }
         float sc = 0.0f;
 #pragma unroll
@@ -1003,30 +1005,54 @@ extern "C" __global__ void attention_decode(const float* qkv, const float* k_cac
         for (int i = 0; i < ATT_MAX_DL; i++) acc[i] = acc[i] * a + p * vv[i];
         mx = mn;
     }
-    if (lane == 0) { warp_m[warp] = mx; warp_l[warp] = l; }
+    if (lane == 0) {
+        warp_ml[warp * 2] = mx;
+        warp_ml[warp * 2 + 1] = l;
+    }
     __syncthreads();
     float bm = -INFINITY;
-    for (int w = 0; w < warps; w++) bm = fmaxf(bm, warp_m[w]);
+    for (int w = 0; w < warps; w++) bm = fmaxf(bm, warp_ml[w * 2]);
     float f = mx == -INFINITY ? 0.0f : __expf(mx - bm);
 #pragma unroll
     for (int i = 0; i < ATT_MAX_DL; i++) {
         int d = lane + 32 * i;
-        if (d < D) warp_acc[warp][d] = acc[i] * f;
+        if (d < D) warp_acc[warp * D + d] = acc[i] * f;
     }
     __syncthreads();
-    float* out_ml = ml + (((size_t)r * splits + split) * H + h) * 2;
-    float* out = part + ((size_t)r * splits + split) * C + h * D;
     for (int d = threadIdx.x; d < D; d += blockDim.x) {
         float total = 0.0f;
-        for (int w = 0; w < warps; w++) total += warp_acc[w][d];
+        for (int w = 0; w < warps; w++) total += warp_acc[w * D + d];
         out[d] = total;
     }
     if (threadIdx.x == 0) {
         float total = 0.0f;
-        for (int w = 0; w < warps; w++) total += warp_m[w] == -INFINITY ? 0.0f : warp_l[w] * __expf(warp_m[w] - bm);
+        for (int w = 0; w < warps; w++)
+            total += warp_ml[w * 2] == -INFINITY ? 0.0f : warp_ml[w * 2 + 1] * __expf(warp_ml[w * 2] - bm);
         out_ml[0] = bm;
         out_ml[1] = total;
     }
+}
+
+// Decode attention, split across blocks (256 threads): block (split, head, row) covers the row's
+// keys [split * split_len, (split + 1) * split_len) below its context (attend). It stores the
+// unnormalised output (part[row][split][C]) and its running max and sum (ml[row][split][head][2]);
+// the next matmul's prologue (IN_ATTN) combines the splits. Splits past the context store an empty
+// result. Head dimension at most 256.
+extern "C" __global__ void attention_decode(const float* qkv, const float* k_cache, const float* v_cache,
+                                            const int* row_seq, const int* row_pos, float* part, float* ml, int C,
+                                            int H, int max_seq, float scale, int split_len) {
+    __shared__ float warp_ml[2 * 8];
+    __shared__ float warp_acc[8 * 256];
+    pdl_trigger();
+    int split = blockIdx.x, h = blockIdx.y, r = blockIdx.z, splits = gridDim.x;
+    int D = C / H;
+    pdl_wait();
+    int ctx = row_pos[r] + 1;
+    int t0 = split * split_len, t1 = min(ctx, t0 + split_len);
+    const float* keys = k_cache + (size_t)row_seq[r] * max_seq * C + h * D;
+    const float* values = v_cache + (size_t)row_seq[r] * max_seq * C + h * D;
+    attend<false>(qkv + (size_t)r * 3 * C + h * D, scale, keys, values, t0, t1, C, D, warp_ml, warp_acc,
+                  part + ((size_t)r * splits + split) * C + h * D, ml + (((size_t)r * splits + split) * H + h) * 2);
 }
 
 // out[b, :] = x[rows[b] - row_offset, :] for rows inside [row_offset, row_offset + n_rows).
@@ -1081,17 +1107,25 @@ extern "C" __global__ void argmax_partial(const float* logits, int V, int chunk,
     }
 }
 
-extern "C" __global__ void argmax_final(const float* best_value, const int* best_index, int chunks, int* next) {
-    int b = blockIdx.x;
+// The index of the best of n (value, index) pairs (first index on ties; 0 when none is set), in
+// every thread. CG: read through L2 (pairs written by other blocks of the same kernel).
+template <bool CG>
+__device__ int best_of(const float* value, const int* index, int n) {
     float bv = -INFINITY;
     int bi = 0x7fffffff;
-    for (int c = threadIdx.x; c < chunks; c += blockDim.x)
-        if (better(best_value[b * chunks + c], best_index[b * chunks + c], bv, bi)) {
-            bv = best_value[b * chunks + c];
-            bi = best_index[b * chunks + c];
-        }
+    for (int c = threadIdx.x; c < n; c += blockDim.x) {
+        float v = CG ? __ldcg(value + c) : value[c];
+        int i = CG ? __ldcg(index + c) : index[c];
+        if (better(v, i, bv, bi)) { bv = v; bi = i; }
+    }
     block_best(bv, bi);
-    if (threadIdx.x == 0) next[b] = bi == 0x7fffffff ? 0 : bi;
+    return bi == 0x7fffffff ? 0 : bi;
+}
+
+extern "C" __global__ void argmax_final(const float* best_value, const int* best_index, int chunks, int* next) {
+    int b = blockIdx.x;
+    int id = best_of<false>(best_value + b * chunks, best_index + b * chunks, chunks);
+    if (threadIdx.x == 0) next[b] = id;
 }
 
 // seq_len[b] += 1 for every sequence of the batch: positions advance on the device.
@@ -1333,15 +1367,8 @@ __device__ void grid_barrier_done(unsigned int* bar, const float* best_value, co
     __syncthreads();
     if (!last) return;
     for (int m = 0; m < M; m++) {
-        float bv = -INFINITY;
-        int bi = 0x7fffffff;
-        for (int c = threadIdx.x; c < gridDim.x; c += blockDim.x) {
-            float v = __ldcg(best_value + m * gridDim.x + c);
-            int i = __ldcg(best_index + m * gridDim.x + c);
-            if (better(v, i, bv, bi)) { bv = v; bi = i; }
-        }
-        block_best(bv, bi);
-        if (threadIdx.x == 0) next[m] = bi == 0x7fffffff ? 0 : bi;
+        int id = best_of<true>(best_value + m * gridDim.x, best_index + m * gridDim.x, gridDim.x);
+        if (threadIdx.x == 0) next[m] = id;
     }
     if (threadIdx.x == 0) {
         bar[0] = 0;
@@ -1522,19 +1549,7 @@ __device__ __noinline__ void step_product(const W* slab, int nc, int K, const fl
                 const W* wr = slab + (size_t)min(c0 + cc, nc - 1) * K;
                 Vec<W>::convert(*reinterpret_cast<const uint4*>(wr + k), w[cc]);
             }
-#pragma unroll
-            for (int m = 0; m < GEMV_ROWS; m++) {
-                if (m >= M) break;
-                const float* xr = x + (size_t)m * K + k;
-#pragma unroll
-                for (int j = 0; j < V; j += 4) {
-                    float4 xv = global_x ? __ldcg(reinterpret_cast<const float4*>(xr + j))
-                                         : *reinterpret_cast<const float4*>(xr + j);
-#pragma unroll
-                    for (int cc = 0; cc < CB; cc++)
-                        acc[cc][m] += xv.x * w[cc][j] + xv.y * w[cc][j + 1] + xv.z * w[cc][j + 2] + xv.w * w[cc][j + 3];
-                }
-            }
+            fma_columns<CB, V>(w, x + k, K, M, global_x, acc);
         }
 #pragma unroll
         for (int cc = 0; cc < CB; cc++)
@@ -1553,78 +1568,22 @@ __device__ __noinline__ void step_product(const W* slab, int nc, int K, const fl
 __device__ __forceinline__ int step_column_block(int M) { return M <= 2 ? 1 : 4; }
 
 // Phase B: item (m, h, split) per block in turn. Split sp of row m covers keys [sp * len,
-// (sp + 1) * len) below its context (len = ceil(ctx / S)), one key per warp at a time with an online
-// softmax (as attention_decode); the warps combine in shared memory into the unnormalised output
-// part[m * S + sp][C] and (max, sum) ml[((m * S + sp) * H + h) * 2].
+// (sp + 1) * len) below its context (len = ceil(ctx / S)) with attend, as attention_decode does:
+// the unnormalised output into part[m * S + sp][C] and (max, sum) into ml[((m * S + sp) * H + h) * 2].
 __device__ __noinline__ void step_attention(const float* qkv, const float* k_cache, const float* v_cache, const int* row_seq,
                                const int* pos, float* part, float* ml, int M, int C, int H, int max_seq, int S,
                                float* scratch) {
-    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     int D = C / H;
     float scale = rsqrtf((float)D);
-    float* warp_acc = scratch;
-    float* warp_ml = scratch + STEP_WARPS * D;
     for (int item = blockIdx.x; item < M * H * S; item += gridDim.x) {
         int m = item / (H * S), h = (item / S) % H, sp = item % S;
         int ctx = pos[m] + 1, len = ceil_div(ctx, S);
         int t0 = sp * len, t1 = min(ctx, t0 + len);
-        float q[ATT_MAX_DL], acc[ATT_MAX_DL];
-#pragma unroll
-        for (int i = 0; i < ATT_MAX_DL; i++) {
-            int d = lane + 32 * i;
-            q[i] = d < D ? __ldcg(qkv + (size_t)m * 3 * C + h * D + d) * scale : 0.0f;
-            acc[i] = 0.0f;
-        }
-        float mx = -INFINITY, l = 0.0f;
         const float* keys = k_cache + (size_t)row_seq[m] * max_seq * C + h * D;
         const float* values = v_cache + (size_t)row_seq[m] * max_seq * C + h * D;
-        for (int t = t0 + warp; t < t1; t += STEP_WARPS) {
-            float kv[ATT_MAX_DL], vv[ATT_MAX_DL];
-#pragma unroll
-            for (int i = 0; i < ATT_MAX_DL; i++) {
-                int d = lane + 32 * i;
-                kv[i] = d < D ? __ldcg(keys + (size_t)t * C + d) : 0.0f;
-                vv[i] = d < D ? __ldcg(values + (size_t)t * C + d) : 0.0f;
-            }
-            float sc = 0.0f;
-#pragma unroll
-            for (int i = 0; i < ATT_MAX_DL; i++) sc += q[i] * kv[i];
-            sc = warp_sum(sc);
-            float mn = fmaxf(mx, sc);
-            float a = __expf(mx - mn), p = __expf(sc - mn);
-            l = l * a + p;
-#pragma unroll
-            for (int i = 0; i < ATT_MAX_DL; i++) acc[i] = acc[i] * a + p * vv[i];
-            mx = mn;
-        }
-        if (lane == 0) {
-            warp_ml[warp * 2] = mx;
-            warp_ml[warp * 2 + 1] = l;
-        }
-        __syncthreads();
-        float bm = -INFINITY;
-        for (int w = 0; w < STEP_WARPS; w++) bm = fmaxf(bm, warp_ml[w * 2]);
-        float f = mx == -INFINITY ? 0.0f : __expf(mx - bm);
-#pragma unroll
-        for (int i = 0; i < ATT_MAX_DL; i++) {
-            int d = lane + 32 * i;
-            if (d < D) warp_acc[warp * D + d] = acc[i] * f;
-        }
-        __syncthreads();
-        float* out = part + ((size_t)m * S + sp) * C + h * D;
-        for (int d = threadIdx.x; d < D; d += STEP_THREADS) {
-            float total = 0.0f;
-            for (int w = 0; w < STEP_WARPS; w++) total += warp_acc[w * D + d];
-            out[d] = total;
-        }
-        if (threadIdx.x == 0) {
-            float total = 0.0f;
-            for (int w = 0; w < STEP_WARPS; w++)
-                total += warp_ml[w * 2] == -INFINITY ? 0.0f : warp_ml[w * 2 + 1] * __expf(warp_ml[w * 2] - bm);
-            float* o = ml + (((size_t)m * S + sp) * H + h) * 2;
-            o[0] = bm;
-            o[1] = total;
-        }
+        attend<true>(qkv + (size_t)m * 3 * C + h * D, scale, keys, values, t0, t1, C, D,
+                     scratch + STEP_WARPS * D, scratch, part + ((size_t)m * S + sp) * C + h * D,
+                     ml + (((size_t)m * S + sp) * H + h) * 2);
         __syncthreads();
     }
 }
