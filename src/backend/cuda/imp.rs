@@ -673,6 +673,14 @@ impl Args {
         self.n += 1;
         self
     }
+    /// The driver's parameter array: the address of each used slot (valid while `self` is).
+    fn params(&mut self) -> [*mut c_void; 32] {
+        let mut params = [std::ptr::null_mut::<c_void>(); 32];
+        for (p, slot) in params.iter_mut().zip(self.slots.iter_mut()).take(self.n) {
+            *p = (slot as *mut u64).cast();
+        }
+        params
+    }
 }
 
 /// Split-K factor and k-range per split for a `[K, N]` weight.
@@ -914,10 +922,7 @@ impl CudaState {
         mut args: Args,
         mut attr: sys::CUlaunchAttribute,
     ) -> Result<()> {
-        let mut params = [std::ptr::null_mut::<c_void>(); 32];
-        for (p, slot) in params.iter_mut().zip(args.slots.iter_mut()).take(args.n) {
-            *p = (slot as *mut u64).cast();
-        }
+        let mut params = args.params();
         let config = sys::CUlaunchConfig {
             gridDimX: grid.0 as u32,
             gridDimY: grid.1 as u32,
@@ -944,10 +949,7 @@ impl CudaState {
         smem: usize,
         mut args: Args,
     ) -> Result<()> {
-        let mut params = [std::ptr::null_mut::<c_void>(); 32];
-        for (p, slot) in params.iter_mut().zip(args.slots.iter_mut()).take(args.n) {
-            *p = (slot as *mut u64).cast();
-        }
+        let mut params = args.params();
         // SAFETY: the arguments match the kernel's signature (each call site mirrors the .cu file)
         // and every pointer is a live device buffer of this state or its engine.
         unsafe {
