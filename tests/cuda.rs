@@ -122,7 +122,19 @@ fn batch_tokens(
     new_tokens: usize,
     sampling: SamplingParams,
 ) -> Vec<Vec<u32>> {
-    let prompts = prompts(engine.config().vocab_size, batch, prompt_len);
+    generated(engine, &prompts(engine.config().vocab_size, batch, prompt_len), batch, new_tokens, sampling)
+}
+
+/// The tokens of every sequence, chosen by `sampling`, for `batch` prompts of equal length back to
+/// back in `prompts`.
+fn generated(
+    engine: &Engine,
+    prompts: &[u32],
+    batch: usize,
+    new_tokens: usize,
+    sampling: SamplingParams,
+) -> Vec<Vec<u32>> {
+    let prompt_len = prompts.len() / batch;
     let lengths = vec![prompt_len; batch];
     let mut session = engine
         .new_session(SessionOptions { max_batch: batch, max_seq: prompt_len + new_tokens, kv_cache: true })
@@ -130,7 +142,7 @@ fn batch_tokens(
     let params = GenerateParams { max_new_tokens: new_tokens, sampling, ..GenerateParams::default() };
     let mut out = vec![Vec::new(); batch];
     session
-        .generate_tokens(&prompts, &lengths, &params, &mut |seq, token, _| {
+        .generate_tokens(prompts, &lengths, &params, &mut |seq, token, _| {
             out[seq].push(token);
             true
         })
@@ -330,8 +342,7 @@ fn cuda_concurrent_sessions_each_get_their_own_tokens() {
     let vocab = engine.config().vocab_size;
     let alone: Vec<Vec<u32>> = (0..4)
         .map(|t| {
-            let prompt: Vec<u32> = prompts(vocab, 5, 6)[t * 6..(t + 1) * 6].to_vec();
-            decode_one(&engine, &prompt, 40)
+            generated(&engine, &prompts(vocab, 5, 6)[t * 6..(t + 1) * 6], 1, 40, SamplingParams::greedy()).remove(0)
         })
         .collect();
     let together: Vec<Vec<u32>> = std::thread::scope(|scope| {
@@ -339,28 +350,12 @@ fn cuda_concurrent_sessions_each_get_their_own_tokens() {
             .map(|t| {
                 let engine = &engine;
                 scope.spawn(move || {
-                    let prompt: Vec<u32> = prompts(vocab, 5, 6)[t * 6..(t + 1) * 6].to_vec();
-                    decode_one(engine, &prompt, 40)
+                    let prompt = &prompts(vocab, 5, 6)[t * 6..(t + 1) * 6];
+                    generated(engine, prompt, 1, 40, SamplingParams::greedy()).remove(0)
                 })
             })
             .collect();
         handles.into_iter().map(|h| h.join().unwrap()).collect()
     });
     assert_eq!(together, alone);
-}
-
-/// Greedy tokens of one sequence.
-fn decode_one(engine: &Engine, prompt: &[u32], new_tokens: usize) -> Vec<u32> {
-    let mut session = engine
-        .new_session(SessionOptions { max_batch: 1, max_seq: prompt.len() + new_tokens, kv_cache: true })
-        .unwrap();
-    let params = GenerateParams { max_new_tokens: new_tokens, ..GenerateParams::default() };
-    let mut out = Vec::new();
-    session
-        .generate_tokens(prompt, &[prompt.len()], &params, &mut |_, token, _| {
-            out.push(token);
-            true
-        })
-        .unwrap();
-    out
 }
