@@ -563,62 +563,143 @@ extern "C" __global__ void attention_combine(const float* part, const float* att
     }
 }
 
-// Final LayerNorm (IN_LN, M <= GEMV_ROWS; or rows already normalised, IN_PLAIN) + LM head + the
-// first stage of the greedy argmax, for M <= GEMV_MAX_M rows. logits[m, v] = dot(x[m, :], wte[v, :]);
-// each warp walks vocabulary rows with a grid stride, each row's weights read once for all M rows.
-// Block b stores the best (value, index) of each row into best_value/best_index[m * gridDim.x + b]
-// (first index on ties); argmax_final picks among them. When `seq_len` is not NULL, block 0 then
-// advances the positions of the M sequences (the step's last kernel). Dynamic shared memory: M * C
-// floats for IN_LN.
-// The vocabulary loop of the fused LM head, for rows already in `x` (shared memory, M <= MAXM
-// rows of C, MAXM a multiple of GEMV_ROWS): each warp of the block walks vocabulary rows v0, v0 + stride, ...
-// (`next` holds v0's first chunk, already loaded), each row's weights read once for all M rows,
-// the logits stored and the best (value, index) of each row kept; block b then stores them into
-// best_value/best_index[m * gridDim.x + b] (first index on ties). When `seq_len` is not NULL,
-// block 0 then advances the positions of the M sequences (the step's last work).
+// The LM head's unit of work: a warp takes HEAD_ROWS<W> consecutive vocabulary rows at once, so
+// each input value it reads serves that many weights; C <= HEAD_SPAN weights of each row are held
+// in registers (HEAD_SPAN / (32 lanes x the vector width) 16-byte loads a lane a row: 4 rows of
+// halves or 2 of floats, 48 registers), longer rows go by in spans.
+#define HEAD_SPAN 768
+template <typename W>
+struct Head {
+    static constexpr int ROWS = sizeof(W) == 4 ? 2 : 4;
+    static constexpr int U = HEAD_SPAN / (32 * Vec<W>::N);
+};
+
+// Sums every one of the N values (N a power of two, 8..32) of each lane over the warp, halving the
+// values at each exchange (N - 1 + log2(32 / N) shuffles instead of 5 N). Lane l gets the total of
+// value l * N / 32 (32 / N lanes hold each total).
+template <int N, int n = N>
+__device__ __forceinline__ void scatter_halves(float (&v)[N], int lane) {
+    if constexpr (n > 1) {
+        constexpr int o = 16 * n / N;  // 16, 8, ... as the values halve
+        bool upper = lane & o;
+#pragma unroll
+        for (int i = 0; i < n / 2; i++) {
+            float send = upper ? v[i] : v[i + n / 2];
+            float keep = upper ? v[i + n / 2] : v[i];
+            v[i] = keep + __shfl_xor_sync(0xffffffffu, send, o);
+        }
+        scatter_halves<N, n / 2>(v, lane);
+    }
+}
+template <int N>
+__device__ __forceinline__ float warp_sum_scatter(float (&v)[N]) {
+    scatter_halves<N>(v, threadIdx.x & 31);
+    float s = v[0];
+#pragma unroll
+    for (int o = 16 / N; o >= 1; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+    return s;
+}
+
+// Logits and the first stage of the greedy argmax for M <= MAXM rows of x (C floats each, shared
+// or global memory): the warp's items (HEAD_ROWS<W> consecutive vocabulary rows each) are item0,
+// item0 + stride, ...; each item's weights are read once for all M rows, which go by in groups of
+// GEMV_ROWS. The logits are stored and the best (value, index) of each row kept; block b then
+// stores them into best_value/best_index[m * gridDim.x + b] (first index on ties). When `seq_len`
+// is not NULL, block 0 then advances the positions of the M sequences (the step's last work).
 template <typename W, int WARPS, int MAXM>
-__device__ void lm_head_rows(const float* x, int M, const W* __restrict__ wte, int V, int C, int v0, int stride,
-                             Chunk<W> next, float* logits, float* best_value, int* best_index, int* seq_len) {
+__device__ void lm_head_rows(const float* x, int M, const W* __restrict__ wte, int V, int C, int item0, int stride,
+                             float* logits, float* best_value, int* best_index, int* seq_len) {
+    constexpr int R = Head<W>::ROWS, U = Head<W>::U, VW = Vec<W>::N, N = R * GEMV_ROWS;
+    constexpr int GROUPS = MAXM / GEMV_ROWS;
     __shared__ float warp_value[WARPS][MAXM];
     __shared__ int warp_index[WARPS][MAXM];
-    constexpr int GROUPS = MAXM / GEMV_ROWS;
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     bool vec = vector_rows<W>(C);
+    // The (row of the item, row of the group) whose total this lane gets from warp_sum_scatter.
+    int mine = lane * N / 32, my_r = mine / GEMV_ROWS, my_m = mine % GEMV_ROWS;
     float bv[GROUPS];
     int bi[GROUPS];
 #pragma unroll
     for (int g = 0; g < GROUPS; g++) { bv[g] = -INFINITY; bi[g] = 0x7fffffff; }
-    for (int v = v0; v < V; v += stride) {
-        Chunk<W> first = next;
-        // Start the next row's loads before this row's arithmetic.
-        int vn = v + stride;
-        if (vec && vn < V) load_chunk<W>(wte + (size_t)vn * C, 0, C, next);
+    for (int v0 = item0 * R; v0 < V; v0 += stride * R) {
+        uint4 w[R][U];
+        auto load = [&](int k0) {
+#pragma unroll
+            for (int r = 0; r < R; r++) {
+                const W* row = wte + (size_t)min(v0 + r, V - 1) * C;
+#pragma unroll
+                for (int u = 0; u < U; u++) {
+                    int k = k0 + (u * 32 + lane) * VW;
+                    if (k < C) w[r][u] = *reinterpret_cast<const uint4*>(row + k);
+                }
+            }
+        };
+        if (vec) load(0);
 #pragma unroll
         for (int g = 0; g < GROUPS; g++) {
             int g0 = g * GEMV_ROWS;
             if (g0 >= M) break;
             int rows = min(GEMV_ROWS, M - g0);
-            float acc[GEMV_ROWS];
+            float acc[N];
 #pragma unroll
-            for (int m = 0; m < GEMV_ROWS; m++) acc[m] = 0.0f;
-            dot_rows<W>(wte + (size_t)v * C, first, x + (size_t)g0 * C, rows, C, C, vec, acc);
-            float mine = 0.0f;
+            for (int i = 0; i < N; i++) acc[i] = 0.0f;
+            if (vec) {
+                for (int k0 = 0; k0 < C; k0 += HEAD_SPAN) {
+                    // Rows longer than a span reload theirs (through L1) for each group after the first.
+                    if (k0 > 0 || (g > 0 && C > HEAD_SPAN)) load(k0);
 #pragma unroll
-            for (int m = 0; m < GEMV_ROWS; m++) {
-                if (m >= rows) break;
-                float s = warp_sum(acc[m]);
-                if (lane == m) mine = s;
+                    for (int u = 0; u < U; u++) {
+                        int k = k0 + (u * 32 + lane) * VW;
+                        if (k >= C) continue;
+                        float wf[R][VW];
+#pragma unroll
+                        for (int r = 0; r < R; r++) Vec<W>::convert(w[r][u], wf[r]);
+#pragma unroll
+                        for (int m = 0; m < GEMV_ROWS; m++) {
+                            if (m >= rows) break;
+                            const float* xr = x + (size_t)(g0 + m) * C + k;
+#pragma unroll
+                            for (int j = 0; j < VW; j += 4) {
+                                float4 xv = *reinterpret_cast<const float4*>(xr + j);
+#pragma unroll
+                                for (int r = 0; r < R; r++)
+                                    acc[r * GEMV_ROWS + m] += xv.x * wf[r][j] + xv.y * wf[r][j + 1] +
+                                                              xv.z * wf[r][j + 2] + xv.w * wf[r][j + 3];
+                            }
+                        }
+                    }
+                }
+            } else {
+                for (int k = lane; k < C; k += 32) {
+#pragma unroll
+                    for (int r = 0; r < R; r++) {
+                        float wv = to_f(wte[(size_t)min(v0 + r, V - 1) * C + k]);
+#pragma unroll
+                        for (int m = 0; m < GEMV_ROWS; m++)
+                            if (m < rows) acc[r * GEMV_ROWS + m] += x[(size_t)(g0 + m) * C + k] * wv;
+                    }
+                }
             }
-            if (lane < rows) {
-                logits[(size_t)(g0 + lane) * V + v] = mine;
-                if (better(mine, v, bv[g], bi[g])) { bv[g] = mine; bi[g] = v; }
+            float s = warp_sum_scatter<N>(acc);
+            int v = v0 + my_r;
+            if (v < V && my_m < rows) {
+                logits[(size_t)(g0 + my_m) * V + v] = s;
+                if (better(s, v, bv[g], bi[g])) { bv[g] = s; bi[g] = v; }
             }
         }
     }
+    // Lanes holding the same row of a group (they differ in the item-row bits of the lane) pick
+    // their best; the first 8 * 32 / N lanes then hold every row's.
 #pragma unroll
     for (int g = 0; g < GROUPS; g++) {
-        int m = g * GEMV_ROWS + lane;
-        if (lane < GEMV_ROWS && m < M) {
+#pragma unroll
+        for (int o = 8 * 32 / N; o < 32; o <<= 1) {
+            float ov = __shfl_xor_sync(0xffffffffu, bv[g], o);
+            int oi = __shfl_xor_sync(0xffffffffu, bi[g], o);
+            if (better(ov, oi, bv[g], bi[g])) { bv[g] = ov; bi[g] = oi; }
+        }
+        int m = g * GEMV_ROWS + my_m;
+        if (my_r == 0 && lane % (32 / N) == 0 && m < M) {
             warp_value[warp][m] = bv[g];
             warp_index[warp][m] = bi[g];
         }
@@ -635,9 +716,20 @@ __device__ void lm_head_rows(const float* x, int M, const W* __restrict__ wte, i
     }
 }
 
+// Asks L2 for the weights of the warp's first LM-head item (before work that does not need them).
+template <typename W>
+__device__ __forceinline__ void lm_head_prefetch(const W* wte, int V, int C, int item0) {
+    int v0 = item0 * Head<W>::ROWS;
+    if (v0 >= V) return;
+    const char* p = reinterpret_cast<const char*>(wte + (size_t)v0 * C);
+    size_t bytes = (size_t)(min(V, v0 + Head<W>::ROWS) - v0) * C * sizeof(W);
+    for (size_t i = (threadIdx.x & 31) * 128; i < bytes; i += 32 * 128)
+        asm volatile("prefetch.global.L2 [%0];" ::"l"(p + i));
+}
+
 // Final LayerNorm (IN_LN, M <= GEMV_ROWS; or rows already normalised, IN_PLAIN) + LM head + the
 // first stage of the greedy argmax, for M <= GEMV_MAX_M rows (lm_head_rows, 8 warps a block,
-// vocabulary rows in a grid stride). argmax_final picks among the blocks' results. Dynamic shared
+// vocabulary items in a grid stride). argmax_final picks among the blocks' results. Dynamic shared
 // memory: M * C floats for IN_LN.
 template <typename W, int IN>
 __device__ void lm_head_fused(const float* h, const W* gamma, const W* beta, float eps, int M, const W* __restrict__ wte,
@@ -645,13 +737,12 @@ __device__ void lm_head_fused(const float* h, const W* gamma, const W* beta, flo
     extern __shared__ float gemv_smem[];
     pdl_trigger();
     int warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
-    int v0 = blockIdx.x * warps + warp;
-    Chunk<W> next;
-    if (vector_rows<W>(C) && v0 < V) load_chunk<W>(wte + (size_t)v0 * C, 0, C, next);
+    int item0 = blockIdx.x * warps + warp;
+    lm_head_prefetch<W>(wte, V, C, item0);
     pdl_wait();
     const float* x =
         input_rows<W, IN>(h, nullptr, nullptr, nullptr, nullptr, nullptr, gamma, beta, eps, M, C, gemv_smem, nullptr, 1, 1, 1);
-    lm_head_rows<W, 8, GEMV_MAX_M>(x, M, wte, V, C, v0, gridDim.x * warps, next, logits, best_value, best_index, seq_len);
+    lm_head_rows<W, 8, GEMV_MAX_M>(x, M, wte, V, C, item0, gridDim.x * warps, logits, best_value, best_index, seq_len);
 }
 
 #define GEMV_KERNEL(W, S, NAME, IN)                                                                               \
@@ -963,9 +1054,9 @@ extern "C" __global__ void attention(const float* qkv, const float* k_cache, con
 
 #define ATT_MAX_DL 8
 // The keys [t0, t1) of one (row, head) of decode attention, over the block's warps: one key per
-// warp at a time with an online softmax (lanes across the head dimension, coalesced), then the
-// warps combine in shared memory into the unnormalised output out[0, D) and its (max, sum)
-// out_ml[0..1] (an empty range stores zeros and (-inf, 0)). q: the row's query for the head;
+// warp at a time with an online softmax (lanes across the head dimension, coalesced; four keys at
+// a time for heads of 64), then the warps combine in shared memory into the unnormalised output
+// out[0, D) and its (max, sum) out_ml[0..1] (an empty range stores zeros and (-inf, 0)). q: the row's query for the head;
 // keys/values: the head's cached columns of position 0 (row stride C). Shared scratch:
 // warp_ml[2 * warps], warp_acc[warps * D]. CG: read q, keys and values through L2 (written by
 // another block of the same kernel). Head dimension at most 32 * ATT_MAX_DL.
@@ -976,34 +1067,89 @@ __device__ __forceinline__ void attend(const float* q_in, float scale, const flo
     auto load = [](const float* p) { return CG ? __ldcg(p) : *p; };
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
     float q[ATT_MAX_DL], acc[ATT_MAX_DL];
-#pragma unroll
-    for (int i = 0; i < ATT_MAX_DL; i++) {
-        int d = lane + 32 * i;
-        q[i] = d < D ? load(q_in + d) * scale : 0.0f;
-        acc[i] = 0.0f;
-    }
     float mx = -INFINITY, l = 0.0f;
+    // GPT-2's head size: a warp takes four keys at a time (eight lanes a key, eight dimensions a
+    // lane), so that more of the keys' loads are in flight; lane j of each group of eight ends
+    // with dimensions [8j, 8j + 8) in acc.
+    bool d64 = D == 64 && ATT_MAX_DL >= 8;
+    if (d64) {
+        auto load4 = [](const float* p) {
+            return CG ? __ldcg(reinterpret_cast<const float4*>(p)) : *reinterpret_cast<const float4*>(p);
+        };
+        int g = lane >> 3, j = (lane & 7) * 8;
+#pragma unroll
+        for (int i = 0; i < 8; i++) {
+            q[i] = load(q_in + j + i) * scale;
+            acc[i] = 0.0f;
+        }
 #pragma unroll 2
-    for (int t = t0 + warp; t < t1; t += warps) {
-        const float* key = keys + (size_t)t * C;
-        const float* val = values + (size_t)t * C;
-        float kv[ATT_MAX_DL], vv[ATT_MAX_DL];
+        for (int tb = t0 + warp * 4; tb < t1; tb += warps * 4) {
+            int t = tb + g;
+            bool ok = t < t1;
+            float4 k0 = make_float4(0, 0, 0, 0), k1 = k0, v0 = k0, v1 = k0;
+            if (ok) {
+                const float* key = keys + (size_t)t * C + j;
+                const float* val = values + (size_t)t * C + j;
+                k0 = load4(key);
+                k1 = load4(key + 4);
+                v0 = load4(val);
+                v1 = load4(val + 4);
+            }
+            float sc = q[0] * k0.x + q[1] * k0.y + q[2] * k0.z + q[3] * k0.w + q[4] * k1.x + q[5] * k1.y +
+                       q[6] * k1.z + q[7] * k1.w;
+            sc += __shfl_xor_sync(0xffffffffu, sc, 1);
+            sc += __shfl_xor_sync(0xffffffffu, sc, 2);
+            sc += __shfl_xor_sync(0xffffffffu, sc, 4);
+            if (ok) {
+                float mn = fmaxf(mx, sc);
+                float a = __expf(mx - mn), p = __expf(sc - mn);
+                l = l * a + p;
+                float vv[8] = {v0.x, v0.y, v0.z, v0.w, v1.x, v1.y, v1.z, v1.w};
+#pragma unroll
+                for (int i = 0; i < 8; i++) acc[i] = acc[i] * a + p * vv[i];
+                mx = mn;
+            }
+        }
+        // The four groups' results, combined (every group ends with the warp's).
+#pragma unroll
+        for (int o = 8; o < 32; o <<= 1) {
+            float omx = __shfl_xor_sync(0xffffffffu, mx, o), ol = __shfl_xor_sync(0xffffffffu, l, o);
+            float mn = fmaxf(mx, omx);
+            float fa = mx == -INFINITY ? 0.0f : __expf(mx - mn), fb = omx == -INFINITY ? 0.0f : __expf(omx - mn);
+            l = l * fa + ol * fb;
+#pragma unroll
+            for (int i = 0; i < 8; i++) acc[i] = acc[i] * fa + __shfl_xor_sync(0xffffffffu, acc[i], o) * fb;
+            mx = mn;
+        }
+    } else {
 #pragma unroll
         for (int i = 0; i < ATT_MAX_DL; i++) {
             int d = lane + 32 * i;
-            kv[i] = d < D ? load(key + d) : 0.0f;
-            vv[i] = d < D ? load(val + d) : 0.0f;
+            q[i] = d < D ? load(q_in + d) * scale : 0.0f;
+            acc[i] = 0.0f;
         }
-        float sc = 0.0f;
+#pragma unroll 2
+        for (int t = t0 + warp; t < t1; t += warps) {
+            const float* key = keys + (size_t)t * C;
+            const float* val = values + (size_t)t * C;
+            float kv[ATT_MAX_DL], vv[ATT_MAX_DL];
 #pragma unroll
-        for (int i = 0; i < ATT_MAX_DL; i++) sc += q[i] * kv[i];
-        sc = warp_sum(sc);
-        float mn = fmaxf(mx, sc);
-        float a = __expf(mx - mn), p = __expf(sc - mn);
-        l = l * a + p;
+            for (int i = 0; i < ATT_MAX_DL; i++) {
+                int d = lane + 32 * i;
+                kv[i] = d < D ? load(key + d) : 0.0f;
+                vv[i] = d < D ? load(val + d) : 0.0f;
+            }
+            float sc = 0.0f;
 #pragma unroll
-        for (int i = 0; i < ATT_MAX_DL; i++) acc[i] = acc[i] * a + p * vv[i];
-        mx = mn;
+            for (int i = 0; i < ATT_MAX_DL; i++) sc += q[i] * kv[i];
+            sc = warp_sum(sc);
+            float mn = fmaxf(mx, sc);
+            float a = __expf(mx - mn), p = __expf(sc - mn);
+            l = l * a + p;
+#pragma unroll
+            for (int i = 0; i < ATT_MAX_DL; i++) acc[i] = acc[i] * a + p * vv[i];
+            mx = mn;
+        }
     }
     if (lane == 0) {
         warp_ml[warp * 2] = mx;
@@ -1013,10 +1159,17 @@ __device__ __forceinline__ void attend(const float* q_in, float scale, const flo
     float bm = -INFINITY;
     for (int w = 0; w < warps; w++) bm = fmaxf(bm, warp_ml[w * 2]);
     float f = mx == -INFINITY ? 0.0f : __expf(mx - bm);
+    if (d64) {
+        if (lane < 8) {
 #pragma unroll
-    for (int i = 0; i < ATT_MAX_DL; i++) {
-        int d = lane + 32 * i;
-        if (d < D) warp_acc[warp * D + d] = acc[i] * f;
+            for (int i = 0; i < 8; i++) warp_acc[warp * D + lane * 8 + i] = acc[i] * f;
+        }
+    } else {
+#pragma unroll
+        for (int i = 0; i < ATT_MAX_DL; i++) {
+            int d = lane + 32 * i;
+            if (d < D) warp_acc[warp * D + d] = acc[i] * f;
+        }
     }
     __syncthreads();
     for (int d = threadIdx.x; d < D; d += blockDim.x) {
@@ -1551,20 +1704,31 @@ __device__ __noinline__ void step_product(const W* slab, int nc, int K, const fl
             }
             fma_columns<CB, V>(w, x + k, K, M, global_x, acc);
         }
+        constexpr int N = CB * GEMV_ROWS;
+        if (N >= 16 && M >= 2) {
+            // Lane l ends with the total of value i = l * N / 32: column i / GEMV_ROWS, row
+            // i % GEMV_ROWS.
+            float s = warp_sum_scatter<N>(reinterpret_cast<float(&)[N]>(acc));
+            int i = lane * N / 32;
+            if (lane % (32 / N) == 0 && i % GEMV_ROWS < M) red[it * N + i] = s;
+        } else {
 #pragma unroll
-        for (int cc = 0; cc < CB; cc++)
+            for (int cc = 0; cc < CB; cc++)
 #pragma unroll
-            for (int m = 0; m < GEMV_ROWS; m++) {
-                if (m >= M) break;
-                float s = warp_sum(acc[cc][m]);
-                if (lane == 0) red[(it * CB + cc) * GEMV_ROWS + m] = s;
-            }
+                for (int m = 0; m < GEMV_ROWS; m++) {
+                    if (m >= M) break;
+                    float s = warp_sum(acc[cc][m]);
+                    if (lane == 0) red[(it * CB + cc) * GEMV_ROWS + m] = s;
+                }
+        }
     }
     __syncthreads();
 }
 
 // Columns a product's warp item covers for M rows: one (the most items) for one or two rows;
-// beyond, four, so that each input value read from shared memory serves four weights.
+// beyond, four, so that each input value read from shared memory serves four weights. (Two for one
+// row, so that QKV's and MLP-up's slabs fit one round of the warps, measured the same at batch 1
+// and 8% slower at f16 batch 2.)
 __device__ __forceinline__ int step_column_block(int M) { return M <= 2 ? 1 : 4; }
 
 // Phase B: item (m, h, split) per block in turn. Split sp of row m covers keys [sp * len,
@@ -1647,6 +1811,14 @@ __device__ __noinline__ void step_epilogue(const float* red, int CB, int S, int 
             }
         }
     }
+}
+
+// The LM head phase (out of line, like the other phases, so that its registers are its own).
+template <typename W>
+__device__ __noinline__ void step_head(const float* xs, int M, const W* head, int V, int C, int item0, float* logits,
+                                       float* best_value, int* best_index, int* pos) {
+    lm_head_rows<W, STEP_WARPS, GEMV_ROWS>(xs, M, head, V, C, item0, gridDim.x * STEP_WARPS, logits, best_value,
+                                           best_index, pos);
 }
 
 template <typename W>
@@ -1772,18 +1944,16 @@ __device__ void decode_step(const unsigned long long* table, int L, int C, int H
     }
     // The LM head: the final LayerNorm's parameters came with product 4L - 1's fetch.
     int warp = threadIdx.x >> 5;
-    int v0 = blockIdx.x * STEP_WARPS + warp;
+    int item0 = blockIdx.x * STEP_WARPS + warp;
     const W* head = at(T_HEAD);
-    Chunk<W> first_row;
-    if (vector_rows<W>(C) && v0 < V) load_chunk<W>(head + (size_t)v0 * C, 0, C, first_row);
+    lm_head_prefetch<W>(head, V, C, item0);
     copy_block(xs, x, (size_t)M * C * 4);
     copy_commit();
     copy_commit();
     copy_wait_all_but_newest();
     step_norm<W>(xs, ln(4 * L, 0), ln(4 * L, 1), eps, M, C);
     stamp(trace, stamps);
-    lm_head_rows<W, STEP_WARPS, GEMV_ROWS>(xs, M, head, V, C, v0, gridDim.x * STEP_WARPS, first_row, logits,
-                                           best_value, best_index, pos);
+    step_head<W>(xs, M, head, V, C, item0, logits, best_value, best_index, pos);
     stamp(trace, stamps);
     grid_barrier_done(bar, best_value, best_index, M, next);
 }
