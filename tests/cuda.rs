@@ -199,6 +199,46 @@ fn cuda_f32_matches_the_cpu_reference_at_every_batch_path() {
     }
 }
 
+#[test]
+fn cuda_step_takes_the_given_tokens_after_a_selection() {
+    if !gpu_available() {
+        return;
+    }
+    // After a selection the device already holds the chosen ids, and a step given those same ids
+    // uploads nothing; given others it must take them. Every other step here gets ids other than
+    // the selection's; the ids and logits of each step are compared with the CPU reference, at
+    // batch 1 (the fused step) and 3 (a kernel per phase).
+    let cpu = distilgpt2(BackendKind::Cpu, None);
+    let gpu = distilgpt2(BackendKind::Cuda, Some(DType::F32));
+    let vocab = cpu.config().vocab_size;
+    for batch in [1, 3] {
+        let prompt = prompts(vocab, batch, 5);
+        let run = |engine: &Engine| {
+            let mut session =
+                engine.new_session(SessionOptions { max_batch: batch, max_seq: 16, kv_cache: true }).unwrap();
+            session.prefill(&prompt, &vec![5; batch]).unwrap();
+            let (mut ids, mut logits) = (vec![0u32; batch], vec![0.0f32; batch * vocab]);
+            let mut steps = Vec::new();
+            for step in 0..6u32 {
+                session.select(&SamplingParams::greedy(), &mut ids).unwrap();
+                if step % 2 == 1 {
+                    ids.iter_mut().for_each(|t| *t = (*t + 1 + step) % vocab as u32);
+                }
+                session.step(&ids).unwrap();
+                session.read_logits(&mut logits).unwrap();
+                steps.push((ids.clone(), logits.clone()));
+            }
+            steps
+        };
+        for (step, ((want_ids, want), (got_ids, got))) in run(&cpu).iter().zip(&run(&gpu)).enumerate() {
+            assert_eq!(got_ids, want_ids, "batch {batch}, step {step}: the selections differ");
+            let scale = want.iter().fold(1.0f32, |m, v| m.max(v.abs()));
+            let worst = got.iter().zip(want).fold(0.0f32, |m, (g, w)| m.max((g - w).abs()));
+            assert!(worst / scale <= 1e-4, "batch {batch}, step {step}: logits differ by {worst} (scale {scale})");
+        }
+    }
+}
+
 /// The sampling rules the device runs, for a run of steps on real logits.
 const SAMPLING_RULES: [SamplingParams; 7] = [
     SamplingParams { temperature: 1.0, top_k: 0, top_p: 1.0, seed: 1 },

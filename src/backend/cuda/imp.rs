@@ -717,7 +717,8 @@ struct IntLayout {
     last_rows: usize,
     seq_len: usize,
     iota: usize,
-    step_tokens: usize,
+    /// The token ids a step reads, which the greedy or sampled selection writes (so a generation
+    /// step finds its tokens already there).
     next: usize,
     /// The sampling draws of a step, f32 bits.
     uniforms: usize,
@@ -734,10 +735,9 @@ impl IntLayout {
             last_rows: 3 * bs,
             seq_len: 3 * bs + b,
             iota: 3 * bs + 2 * b,
-            step_tokens: 3 * bs + 3 * b,
-            next: 3 * bs + 4 * b,
-            uniforms: 3 * bs + 5 * b,
-            total: 3 * bs + 6 * b,
+            next: 3 * bs + 3 * b,
+            uniforms: 3 * bs + 4 * b,
+            total: 3 * bs + 5 * b,
         }
     }
 }
@@ -777,6 +777,9 @@ struct CudaState {
     best_chunks: std::cell::Cell<usize>,
     /// Whether the last step already chose the greedy tokens into `next` (the fused step does).
     next_ready: std::cell::Cell<bool>,
+    /// Whether the device's ids at `next` are those in `host_ints` at the same offset (the last
+    /// selection's, read back), so a step given them needs no upload.
+    next_known: bool,
     host_ints: PinnedBuffer<i32>,
     host_logits: PinnedBuffer<f32>,
     /// Tokens of every sequence so far (`[seq][pos]`), for the recompute path.
@@ -843,6 +846,7 @@ impl CudaState {
             best: DeviceBuffer::new(d, 2 * b * LM_HEAD_BLOCKS.max(v.div_ceil(ARGMAX_CHUNK)) * f, "argmax")?,
             best_chunks: std::cell::Cell::new(0),
             next_ready: std::cell::Cell::new(false),
+            next_known: false,
             host_ints: PinnedBuffer::new(d, layout.total)?,
             host_logits: PinnedBuffer::new(d, b * v)?,
             history: History::new(profile),
@@ -1422,7 +1426,7 @@ impl CudaState {
                 .int(cfg.vocab_size)
                 .float(cfg.layer_norm_epsilon)
                 .int(b)
-                .ptr(self.ints.at::<i32>(lay.step_tokens))
+                .ptr(self.ints.at::<i32>(lay.next))
                 .ptr(self.ints.at::<i32>(lay.iota))
                 .ptr(self.ints.at::<i32>(lay.seq_len))
                 .ptr(self.x.ptr)
@@ -1446,7 +1450,7 @@ impl CudaState {
             return self.launch_cooperative(f, fs.blocks, STEP_THREADS, smem, args);
         }
         self.forward_rows(
-            self.ints.at::<i32>(lay.step_tokens),
+            self.ints.at::<i32>(lay.next),
             self.ints.at::<i32>(lay.iota),
             self.ints.at::<i32>(lay.seq_len),
             b,
@@ -1478,6 +1482,7 @@ impl CudaState {
         }
         .check("cuda: copying token ids to the host")?;
         self.sync()?;
+        self.next_known = true;
         for (o, &id) in out.iter_mut().zip(&self.host_ints.as_slice()[next..next + b]) {
             *o = id as u32;
         }
@@ -1551,6 +1556,7 @@ impl BackendState for CudaState {
     fn prefill(&mut self, tokens: &[u32], lengths: &[usize]) -> Result<()> {
         self.shared.device.bind()?;
         self.history.store_prompts(tokens, lengths);
+        self.next_known = false;
         self.run_history()
     }
 
@@ -1564,11 +1570,17 @@ impl BackendState for CudaState {
         // in the usual step -> select loop the stream is already idle here. The step itself is not
         // waited for: the next select / read_logits synchronises (and reports any device error).
         self.sync()?;
-        let st = self.layout.step_tokens;
-        for (i, &t) in tokens.iter().enumerate() {
-            self.host_ints.as_mut_slice()[st + i] = t as i32;
+        // A generation step's tokens are the last selection's, already on the device.
+        let (nx, b) = (self.layout.next, tokens.len());
+        let mirror = &mut self.host_ints.as_mut_slice()[nx..nx + b];
+        if !(self.next_known && tokens.iter().zip(mirror.iter()).all(|(&t, &h)| t as i32 == h)) {
+            for (h, &t) in mirror.iter_mut().zip(tokens) {
+                *h = t as i32;
+            }
+            self.upload_ints(nx, b)?;
         }
-        self.upload_ints(st, tokens.len())?;
+        // The step (the fused one writes its greedy choice there) changes them.
+        self.next_known = false;
         let exec = self.step_graph()?;
         // Replays do not run `head`, which records where the argmax's first stage went.
         self.best_chunks.set(self.step_best_chunks(tokens.len()));
@@ -1625,6 +1637,7 @@ impl BackendState for CudaState {
 
     fn select(&mut self, sampler: &mut Sampler, out: &mut [u32]) -> Result<()> {
         self.shared.device.bind()?;
+        self.next_known = false;
         let b = out.len();
         let v = self.shared.config.vocab_size;
         let next = self.layout.next;
