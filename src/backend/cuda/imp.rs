@@ -37,9 +37,11 @@ const GEMV_THREADS: usize = 256;
 /// Most blocks of the fused LM head (each a grid-stride share of the vocabulary and one partial
 /// argmax); sizes the argmax buffer.
 const LM_HEAD_BLOCKS: usize = 1056;
-/// Fused LM-head blocks an SM holds at once (256 threads of about 120 registers): the default grid
-/// is one wave of them. H100, batch 1, 32 new tokens, E2E ms for 1056 / 528 / 264 / 132 blocks:
-/// f16 8.75 / 8.56 / 8.46 / 8.89, f32 10.65 / 10.52 / 10.34 / 10.98.
+/// Fused LM-head blocks an SM for the default grid. H100, batch 1, 32 new tokens, E2E ms for 1056 /
+/// 528 / 264 / 132 blocks: f16 8.75 / 8.56 / 8.46 / 8.89, f32 10.65 / 10.52 / 10.34 / 10.98 (when a
+/// block had about 120 registers a thread and two fit an SM). With 4 vocabulary rows a warp the
+/// half modes take about 170 and one block fits, but two blocks an SM still measured at least as
+/// fast as one (H200, 32 tokens: f32 batch 8 15.16 vs 16.14 ms, f16 equal within 1%).
 const LM_HEAD_RESIDENT: usize = 2;
 /// Keys per block of the decode attention (longer contexts spread over more blocks). Must equal
 /// ATTENTION_SPLIT in the .cu file.
@@ -58,11 +60,13 @@ const SAMPLE_THREADS: usize = 1024;
 const ARGMAX_CHUNK: usize = 2048;
 /// Threads per block of the fused decode step (STEP_THREADS in the .cu file), one block an SM.
 const STEP_THREADS: usize = 512;
-/// Sequences up to which steps take the fused step by default. H100, prompt 12, 32 new tokens, E2E
-/// ms, fused vs a kernel per phase (same call): f16 batch 1 8.06 vs 8.42, 2 8.94 vs 9.03, 4 11.68
-/// vs 11.15, 8 16.22 vs 11.33; f32 batch 1 9.98 vs 10.36, 2 11.01 vs 9.87, 4 12.64 vs 11.89, 8
-/// 16.63 vs 16.52.
-const FUSED_ROWS: usize = 1;
+/// Batches that take the fused step by default (bit b: batch b), per dtype. H200, prompt 12, 32 new
+/// tokens, E2E ms, fused vs a kernel per phase (the tensor-core products from 4 rows in the half
+/// modes), same call: f16 batch 2 8.18 vs 8.50, 4 10.45 vs 10.85, 8 12.68 vs 11.11; f32 batch 2
+/// 9.59 vs 8.74, 4 10.64 vs 10.60, 8 12.87 vs 14.78. Batch 1 takes it in both (H100: f16 8.06 vs
+/// 8.42, f32 9.98 vs 10.36).
+const FUSED_BATCHES_F32: u32 = 0b1_1110_0010;
+const FUSED_BATCHES_HALF: u32 = 0b1_1110;
 /// Room for the fused step's trace stamps (13 a layer, 3 more).
 const TRACE_STAMPS: usize = 256;
 /// Warps of a fused-step block (STEP_WARPS in the .cu file).
@@ -481,9 +485,16 @@ struct FusedStep {
     table: DeviceBuffer,
     /// Rows up to which the MLP-down input is staged in shared memory (as much as fits).
     stage_rows: usize,
-    /// Steps of up to this many sequences take it: FUSED_ROWS, or `GPT2RT_CUDA_FUSED_ROWS` (at
-    /// most GEMV_MAX_ROWS; a tuning knob read when the engine loads).
-    max_rows: usize,
+    /// The batch sizes that take it (bit b: batch b): FUSED_BATCHES_*, or every batch up to
+    /// `GPT2RT_CUDA_FUSED_ROWS` (at most GEMV_MAX_ROWS; a tuning knob read when the engine loads).
+    batches: u32,
+}
+
+impl FusedStep {
+    /// Whether steps of `b` sequences take the fused step.
+    fn takes(&self, b: usize) -> bool {
+        b < 32 && self.batches & (1 << b) != 0
+    }
 }
 
 /// Dynamic shared memory of the fused step for `m` rows, with the MLP-down rows staged in it or not
@@ -569,8 +580,12 @@ fn fused_step(
         ]);
     }
     let table = DeviceBuffer::upload(device, &table, "weight table")?;
-    let max_rows = knob("GPT2RT_CUDA_FUSED_ROWS").unwrap_or(FUSED_ROWS).min(GEMV_MAX_ROWS);
-    Ok(Some(FusedStep { blocks, table, stage_rows, max_rows }))
+    let batches = match knob("GPT2RT_CUDA_FUSED_ROWS") {
+        Some(rows) => ((1u32 << (rows.min(GEMV_MAX_ROWS) + 1)) - 1) & !1,
+        None if dtype == DType::F32 => FUSED_BATCHES_F32,
+        None => FUSED_BATCHES_HALF,
+    };
+    Ok(Some(FusedStep { blocks, table, stage_rows, batches }))
 }
 
 struct Shared {
@@ -585,7 +600,7 @@ struct Shared {
     /// `GPT2RT_CUDA_LM_HEAD_BLOCKS`; at most LM_HEAD_BLOCKS, which sizes the argmax buffer (a tuning
     /// knob read when the engine loads).
     lm_head_blocks: usize,
-    /// The fused decode step (None where it cannot run), for steps of up to its `max_rows` sequences.
+    /// The fused decode step (None where it cannot run), for the batch sizes it `takes`.
     fused: Option<FusedStep>,
     device: Arc<Device>,
     weights: DeviceWeights,
@@ -1061,7 +1076,7 @@ impl CudaState {
 
     /// The fused decode step, where it serves a step of `b` sequences.
     fn fused_step(&self, b: usize) -> Option<&FusedStep> {
-        self.shared.fused.as_ref().filter(|fs| b <= fs.max_rows)
+        self.shared.fused.as_ref().filter(|fs| fs.takes(b))
     }
 
     /// First-stage argmax results a step of `b` sequences leaves in `best` (0: none).
