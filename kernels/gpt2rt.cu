@@ -1458,7 +1458,7 @@ extern "C" __global__ void sample_rows(const float* logits, int V, const float* 
 // ---- The fused decode step: a whole KV-cache step in one persistent kernel (sm_80+) ----
 //
 // One block of STEP_THREADS per SM, launched cooperatively (every block resident at once), runs
-// every phase of a step for M <= GEMV_ROWS rows with a grid-wide barrier between phases instead of
+// every phase of a step for M <= ROWS rows with a grid-wide barrier between phases instead of
 // a kernel boundary. Per layer: (A) LayerNorm (of the embeddings in layer 0) + QKV + KV-cache
 // append; (B) attention, (row, head, key split) items over the blocks; (C) the splits' combination
 // + output projection + residual; (D) LayerNorm + MLP up + GELU; (E) MLP down + residual. Then the
@@ -1476,6 +1476,9 @@ extern "C" __global__ void sample_rows(const float* logits, int V, const float* 
 // ld.global.cg): another SM wrote them, and L1 is not coherent.
 #define STEP_THREADS 512
 #define STEP_WARPS (STEP_THREADS / 32)
+// Rows of the wide fused step (decode_step16_f32; the others take GEMV_ROWS), which the products
+// take in groups of GEMV_ROWS. FUSED_WIDE_ROWS in imp.rs.
+#define STEP_ROWS 16
 // flags of decode_step: the MLP-down input rows are staged in shared memory.
 #define STEP_STAGE_H4 1
 
@@ -1584,10 +1587,10 @@ __device__ __forceinline__ size_t step_slab_bytes(int C, int blocks, int wsize) 
 __device__ __forceinline__ size_t step_buffer_bytes(int C, int blocks, int wsize) {
     return step_slab_bytes(C, blocks, wsize) + ((size_t)2 * C * wsize + 15) / 16 * 16;
 }
-__device__ __forceinline__ int step_scratch_floats(int C, int H, int blocks) {
-    int shares = max(STEP_WARPS * 4, ceil_div(4 * C, blocks) + 3) * GEMV_ROWS;
+__device__ __forceinline__ int step_scratch_floats(int C, int H, int blocks, int rows) {
+    int shares = max(STEP_WARPS * 4, ceil_div(4 * C, blocks) + 3) * rows;
     int attention = STEP_WARPS * (C / H) + 2 * STEP_WARPS;
-    int combine = 3 * max((int)blocks, GEMV_ROWS * H);
+    int combine = 3 * max((int)blocks, rows * H);
     return max(max(shares, attention), combine);
 }
 
@@ -1637,9 +1640,9 @@ __device__ __noinline__ void step_embed(const int* tokens, const int* pos, const
 
 // LayerNorm in place of the M rows of C in xs (shared), with gamma and beta from shared memory:
 // two-pass mean and variance in fp32, one warp a row; then every thread normalises.
-template <typename W>
+template <typename W, int ROWS>
 __device__ __noinline__ void step_norm(float* xs, const W* g, const W* b, float eps, int M, int C) {
-    __shared__ float stats[GEMV_ROWS][2];
+    __shared__ float stats[ROWS][2];
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     __syncthreads();
     for (int m = warp; m < M; m += STEP_WARPS) {
@@ -1677,49 +1680,75 @@ __device__ __noinline__ void step_norm(float* xs, const W* g, const W* b, float 
     __syncthreads();
 }
 
-// The block's share of a product: nc columns of K weights in `slab` (shared) against M rows of
-// `x` (shared, or global when `global_x`). Item it = (column group it / S of CB adjacent columns,
-// k-share it % S) belongs to warp it % STEP_WARPS, which reads each input value once for its CB
-// columns; red[(it * CB + cc) * GEMV_ROWS + m] gets its dot for column cc of the group, row m.
+// One warp item of a product for `rows` (<= GEMV_ROWS) rows of x: acc[cc][m] = its share of the
+// dot of row m with column c0 + cc of the slab, over k in [kb, ke).
 template <typename W, int CB>
+__device__ __forceinline__ void step_item(const W* slab, int c0, int nc, int K, int kb, int ke, const float* x,
+                                          bool global_x, int rows, float (&acc)[CB][GEMV_ROWS]) {
+    constexpr int V = Vec<W>::N;
+    int lane = threadIdx.x & 31;
+#pragma unroll
+    for (int cc = 0; cc < CB; cc++)
+#pragma unroll
+        for (int m = 0; m < GEMV_ROWS; m++) acc[cc][m] = 0.0f;
+    for (int k = kb + lane * V; k < ke; k += 32 * V) {
+        float w[CB][V];
+#pragma unroll
+        for (int cc = 0; cc < CB; cc++) {
+            // Past the last column: a valid row read and ignored.
+            const W* wr = slab + (size_t)min(c0 + cc, nc - 1) * K;
+            Vec<W>::convert(*reinterpret_cast<const uint4*>(wr + k), w[cc]);
+        }
+        fma_columns<CB, V>(w, x + k, K, rows, global_x, acc);
+    }
+}
+
+// Sums a warp item's shares over the lanes into out[cc * stride + m] for the rows m < rows.
+template <int CB>
+__device__ __forceinline__ void step_item_store(float (&acc)[CB][GEMV_ROWS], int rows, float* out, int stride) {
+    int lane = threadIdx.x & 31;
+    constexpr int N = CB * GEMV_ROWS;
+    if (N >= 16 && rows >= 2) {
+        // Lane l ends with the total of value i = l * N / 32: column i / GEMV_ROWS, row
+        // i % GEMV_ROWS.
+        float s = warp_sum_scatter<N>(reinterpret_cast<float(&)[N]>(acc));
+        int i = lane * N / 32;
+        if (lane % (32 / N) == 0 && i % GEMV_ROWS < rows) out[i / GEMV_ROWS * stride + i % GEMV_ROWS] = s;
+    } else {
+#pragma unroll
+        for (int cc = 0; cc < CB; cc++)
+#pragma unroll
+            for (int m = 0; m < GEMV_ROWS; m++) {
+                if (m >= rows) break;
+                float s = warp_sum(acc[cc][m]);
+                if (lane == 0) out[cc * stride + m] = s;
+            }
+    }
+}
+
+// The block's share of a product: nc columns of K weights in `slab` (shared) against M <= ROWS rows
+// of `x` (shared, or global when `global_x`), in groups of GEMV_ROWS. Item it = (column group it /
+// S of CB adjacent columns, k-share it % S) belongs to warp it % STEP_WARPS, which reads each input
+// value once for its CB columns; red[(it * CB + cc) * ROWS + m] gets its dot for column cc of the
+// group, row m.
+template <typename W, int CB, int ROWS>
 __device__ __noinline__ void step_product(const W* slab, int nc, int K, const float* x, bool global_x, int M, int S, float* red) {
     constexpr int V = Vec<W>::N;
-    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    int warp = threadIdx.x >> 5;
     int per = ceil_div(ceil_div(K, S), V) * V;
     int groups = ceil_div(nc, CB);
     for (int it = warp; it < groups * S; it += STEP_WARPS) {
         int c0 = it / S * CB, kb = (it % S) * per, ke = min(K, kb + per);
         float acc[CB][GEMV_ROWS];
-#pragma unroll
-        for (int cc = 0; cc < CB; cc++)
-#pragma unroll
-            for (int m = 0; m < GEMV_ROWS; m++) acc[cc][m] = 0.0f;
-        for (int k = kb + lane * V; k < ke; k += 32 * V) {
-            float w[CB][V];
-#pragma unroll
-            for (int cc = 0; cc < CB; cc++) {
-                // Past the last column: a valid row read and ignored.
-                const W* wr = slab + (size_t)min(c0 + cc, nc - 1) * K;
-                Vec<W>::convert(*reinterpret_cast<const uint4*>(wr + k), w[cc]);
-            }
-            fma_columns<CB, V>(w, x + k, K, M, global_x, acc);
-        }
-        constexpr int N = CB * GEMV_ROWS;
-        if (N >= 16 && M >= 2) {
-            // Lane l ends with the total of value i = l * N / 32: column i / GEMV_ROWS, row
-            // i % GEMV_ROWS.
-            float s = warp_sum_scatter<N>(reinterpret_cast<float(&)[N]>(acc));
-            int i = lane * N / 32;
-            if (lane % (32 / N) == 0 && i % GEMV_ROWS < M) red[it * N + i] = s;
+        if constexpr (ROWS == GEMV_ROWS) {
+            step_item<W, CB>(slab, c0, nc, K, kb, ke, x, global_x, M, acc);
+            step_item_store<CB>(acc, M, red + it * CB * ROWS, ROWS);
         } else {
-#pragma unroll
-            for (int cc = 0; cc < CB; cc++)
-#pragma unroll
-                for (int m = 0; m < GEMV_ROWS; m++) {
-                    if (m >= M) break;
-                    float s = warp_sum(acc[cc][m]);
-                    if (lane == 0) red[(it * CB + cc) * GEMV_ROWS + m] = s;
-                }
+            for (int g0 = 0; g0 < M; g0 += GEMV_ROWS) {
+                int rows = min(GEMV_ROWS, M - g0);
+                step_item<W, CB>(slab, c0, nc, K, kb, ke, x + (size_t)g0 * K, global_x, rows, acc);
+                step_item_store<CB>(acc, rows, red + it * CB * ROWS + g0, ROWS);
+            }
         }
     }
     __syncthreads();
@@ -1788,7 +1817,7 @@ __device__ __noinline__ void step_combine(const float* part, int M, int C, int H
 // Output (m, n0 + c) of a product: its S shares (column groups of CB) in order + bias, then by
 // mode as matmul_finish: 1 store gelu_new; 2 out += v (the residual); 3 store, and append k/v
 // columns to the KV cache. The thread's first output uses the bias and residual loaded ahead.
-template <typename W>
+template <typename W, int ROWS>
 __device__ __noinline__ void step_epilogue(const float* red, int CB, int S, int M, int n0, int nc, int N, int C,
                                            const W* bias, W bias0, float res0, float* out, int mode, float* kc,
                                            float* vc, const int* seq, const int* pos, int max_seq) {
@@ -1796,7 +1825,7 @@ __device__ __noinline__ void step_epilogue(const float* red, int CB, int S, int 
     for (int t = t0; t < nc * M; t += STEP_THREADS) {
         int c = t / M, m = t % M, n = n0 + c;
         float v = 0.0f;
-        for (int s = 0; s < S; s++) v += red[(((c / CB) * S + s) * CB + c % CB) * GEMV_ROWS + m];
+        for (int s = 0; s < S; s++) v += red[(((c / CB) * S + s) * CB + c % CB) * ROWS + m];
         v += to_f(t == t0 ? bias0 : bias[n]);
         size_t i = (size_t)m * N + n;
         if (mode == 1) {
@@ -1814,14 +1843,14 @@ __device__ __noinline__ void step_epilogue(const float* red, int CB, int S, int 
 }
 
 // The LM head phase (out of line, like the other phases, so that its registers are its own).
-template <typename W>
+template <typename W, int ROWS>
 __device__ __noinline__ void step_head(const float* xs, int M, const W* head, int V, int C, int item0, float* logits,
                                        float* best_value, int* best_index, int* pos) {
-    lm_head_rows<W, STEP_WARPS, GEMV_ROWS>(xs, M, head, V, C, item0, gridDim.x * STEP_WARPS, logits, best_value,
-                                           best_index, pos);
+    lm_head_rows<W, STEP_WARPS, ROWS>(xs, M, head, V, C, item0, gridDim.x * STEP_WARPS, logits, best_value,
+                                      best_index, pos);
 }
 
-template <typename W>
+template <typename W, int ROWS>
 __device__ void decode_step(const unsigned long long* table, int L, int C, int H, int V, float eps, int M,
                             const int* tokens, const int* row_seq, int* pos, float* x, float* qkv, float* h4,
                             float* part, float* ml, float* k_cache, float* v_cache, int max_seq,
@@ -1836,16 +1865,16 @@ __device__ void decode_step(const unsigned long long* table, int L, int C, int H
     float* scratch = h4s + (stage_h4 ? (size_t)M * 4 * C : 0);
     unsigned int smem_size;
     asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(smem_size));
-    if ((size_t)(reinterpret_cast<unsigned char*>(scratch + step_scratch_floats(C, H, gridDim.x)) - step_smem) >
+    if ((size_t)(reinterpret_cast<unsigned char*>(scratch + step_scratch_floats(C, H, gridDim.x, ROWS)) - step_smem) >
             smem_size ||
-        M > GEMV_ROWS)
+        M > ROWS)
         __trap();
     auto at = [&](int slot) { return reinterpret_cast<const W*>(table[slot]); };
     auto ln = [&](int p, int which) {
         return reinterpret_cast<const W*>(bufs[p & 1] + slab) + (which ? C : 0);
     };
     // Positions and sequences of the rows, read once.
-    __shared__ int s_pos[GEMV_ROWS], s_seq[GEMV_ROWS];
+    __shared__ int s_pos[ROWS], s_seq[ROWS];
     if (threadIdx.x < M) {
         s_pos[threadIdx.x] = pos[threadIdx.x];
         s_seq[threadIdx.x] = row_seq[threadIdx.x];
@@ -1902,9 +1931,9 @@ __device__ void decode_step(const unsigned long long* table, int L, int C, int H
         int CB = step_column_block(M);
         int S = max(1, STEP_WARPS / max(ceil_div(a.nc, CB), 1));
         const W* slab_p = reinterpret_cast<const W*>(bufs[p & 1]);
-        if (CB == 1) step_product<W, 1>(slab_p, a.nc, a.K, in, global_in, M, S, scratch);
-        else step_product<W, 4>(slab_p, a.nc, a.K, in, global_in, M, S, scratch);
-        step_epilogue<W>(scratch, CB, S, M, a.n0, a.nc, a.N, C, a.bias, a.bias0, a.res0, out, mode, kc, vc, s_seq,
+        if (CB == 1) step_product<W, 1, ROWS>(slab_p, a.nc, a.K, in, global_in, M, S, scratch);
+        else step_product<W, 4, ROWS>(slab_p, a.nc, a.K, in, global_in, M, S, scratch);
+        step_epilogue<W, ROWS>(scratch, CB, S, M, a.n0, a.nc, a.N, C, a.bias, a.bias0, a.res0, out, mode, kc, vc, s_seq,
                          s_pos, max_seq);
         // The next product's loads, unless that is the output projection: its residual (x) may
         // still be changing until after the attention barrier (block 0 embeds in layer 0).
@@ -1923,7 +1952,7 @@ __device__ void decode_step(const unsigned long long* table, int L, int C, int H
             },
             [&] {
                 if (l == 0) step_embed<W>(tokens, s_pos, at(T_WTE), at(T_WPE), x, M, C, xs);
-                step_norm<W>(xs, ln(p, 0), ln(p, 1), eps, M, C);
+                step_norm<W, ROWS>(xs, ln(p, 0), ln(p, 1), eps, M, C);
             });
         step_attention(qkv, kc, vc, s_seq, s_pos, part, ml, M, C, H, max_seq, S_att, scratch);
         next_product = ahead(p + 1);
@@ -1934,7 +1963,7 @@ __device__ void decode_step(const unsigned long long* table, int L, int C, int H
             [&] { step_combine(part, M, C, H, S_att, scratch, xs); });
         product(
             p + 2, xs, false, h4, 1, nullptr, nullptr, [&] { copy_block(xs, x, (size_t)M * C * 4); },
-            [&] { step_norm<W>(xs, ln(p + 2, 0), ln(p + 2, 1), eps, M, C); });
+            [&] { step_norm<W, ROWS>(xs, ln(p + 2, 0), ln(p + 2, 1), eps, M, C); });
         product(
             p + 3, stage_h4 ? h4s : h4, !stage_h4, x, 2, nullptr, nullptr,
             [&] {
@@ -1951,22 +1980,24 @@ __device__ void decode_step(const unsigned long long* table, int L, int C, int H
     copy_commit();
     copy_commit();
     copy_wait_all_but_newest();
-    step_norm<W>(xs, ln(4 * L, 0), ln(4 * L, 1), eps, M, C);
+    step_norm<W, ROWS>(xs, ln(4 * L, 0), ln(4 * L, 1), eps, M, C);
     stamp(trace, stamps);
-    step_head<W>(xs, M, head, V, C, item0, logits, best_value, best_index, pos);
+    step_head<W, ROWS>(xs, M, head, V, C, item0, logits, best_value, best_index, pos);
     stamp(trace, stamps);
     grid_barrier_done(bar, best_value, best_index, M, next);
 }
 
-#define STEP_KERNEL(W, S)                                                                                         \
-    extern "C" __global__ void __launch_bounds__(STEP_THREADS, 1) decode_step_##S(                                \
+#define STEP_KERNEL(W, NAME, ROWS)                                                                                \
+    extern "C" __global__ void __launch_bounds__(STEP_THREADS, 1) NAME(                                           \
         const unsigned long long* table, int L, int C, int H, int V, float eps, int M, const int* tokens,         \
         const int* row_seq, int* pos, float* x, float* qkv, float* h4, float* part, float* ml, float* kc,         \
         float* vc, int max_seq, long long layer_stride, float* logits, float* bv, int* bi, unsigned int* bar,     \
         int* next, int flags, unsigned long long* trace) {                                                        \
-        decode_step<W>(table, L, C, H, V, eps, M, tokens, row_seq, pos, x, qkv, h4, part, ml, kc, vc, max_seq,    \
-                       layer_stride, logits, bv, bi, bar, next, flags, trace);                                    \
+        decode_step<W, ROWS>(table, L, C, H, V, eps, M, tokens, row_seq, pos, x, qkv, h4, part, ml, kc, vc,       \
+                             max_seq, layer_stride, logits, bv, bi, bar, next, flags, trace);                     \
     }
-STEP_KERNEL(float, f32)
-STEP_KERNEL(__half, f16)
-STEP_KERNEL(__nv_bfloat16, bf16)
+STEP_KERNEL(float, decode_step_f32, GEMV_ROWS)
+STEP_KERNEL(__half, decode_step_f16, GEMV_ROWS)
+STEP_KERNEL(__nv_bfloat16, decode_step_bf16, GEMV_ROWS)
+// Up to 16 rows, f32 only: in the half modes the tensor-core products are faster past 4 rows.
+STEP_KERNEL(float, decode_step16_f32, STEP_ROWS)

@@ -62,13 +62,17 @@ const ARGMAX_CHUNK: usize = 2048;
 const STEP_THREADS: usize = 512;
 /// Batches that take the fused step by default (bit b: batch b), per dtype. H200, prompt 12, 32 new
 /// tokens, E2E ms, fused vs a kernel per phase (the tensor-core products from 4 rows in the half
-/// modes), same call: f16 batch 2 8.18 vs 8.50, 4 10.45 vs 10.85, 8 12.68 vs 11.11; f32 batch 2
-/// 9.59 vs 8.74, 4 10.64 vs 10.60, 8 12.87 vs 14.78. Batch 1 takes it in both (H100: f16 8.06 vs
-/// 8.42, f32 9.98 vs 10.36).
-const FUSED_BATCHES_F32: u32 = 0b1_1110_0010;
+/// modes), same call: f16 batch 2 8.18 vs 8.50, 4 10.45 vs 10.85, 8 12.68 vs 11.11, 16 23.15 vs
+/// 11.93; f32 batch 2 9.59 vs 8.74, 4 10.64 vs 10.60, 8 12.87 vs 14.78, 12 18.52 vs 27.80, 16
+/// 21.11 vs 27.89 (9-16: the wide kernel). Batch 1 takes it in both (H100: f16 8.06 vs 8.42, f32
+/// 9.98 vs 10.36). H100, the same comparison: f16 batch 2 8.80 vs 8.56, 4 10.86 vs 10.99; f32
+/// batch 8 13.91 vs 16.19, 12 19.37 vs 27.95, 16 21.47 vs 28.06.
+const FUSED_BATCHES_F32: u32 = 0b1_1111_1111_1110_0010;
 const FUSED_BATCHES_HALF: u32 = 0b1_1110;
 /// Room for the fused step's trace stamps (13 a layer, 3 more).
 const TRACE_STAMPS: usize = 256;
+/// Rows of the wide (f32) fused-step kernel (STEP_ROWS in the .cu file).
+const FUSED_WIDE_ROWS: usize = 16;
 /// Warps of a fused-step block (STEP_WARPS in the .cu file).
 const STEP_WARPS: usize = STEP_THREADS / 32;
 /// Threads per block of the attention kernel.
@@ -194,8 +198,9 @@ struct Kernels {
     sample_rows: sys::CUfunction,
     advance: sys::CUfunction,
     /// The fused decode step, where the GPU launches cooperatively and has cp.async (8.0+), unless
-    /// `GPT2RT_CUDA_FUSED_STEP=0` (for comparisons).
+    /// `GPT2RT_CUDA_FUSED_STEP=0` (for comparisons); and, in f32, its 16-row variant.
     decode_step: Option<sys::CUfunction>,
+    decode_step_wide: Option<sys::CUfunction>,
 }
 
 /// A device context with the module loaded. Shared by the backend and its sessions.
@@ -230,6 +235,7 @@ impl Device {
             err!(BackendUnavailable, "cuda: the driver cannot load the embedded kernels for this GPU: {e:?}")
         })?;
         let suffix = dtype.name();
+        let fused = probe.capability >= (8, 0) && probe.cooperative && knob_on("GPT2RT_CUDA_FUSED_STEP");
         let get = |name: &str| -> Result<sys::CUfunction> {
             let cname = std::ffi::CString::new(name).expect("kernel names have no NUL");
             // SAFETY: module is loaded; the name is NUL-terminated.
@@ -268,11 +274,8 @@ impl Device {
             argmax_final: get("argmax_final")?,
             sample_rows: get("sample_rows")?,
             advance: get("advance")?,
-            decode_step: if probe.capability >= (8, 0) && probe.cooperative && knob_on("GPT2RT_CUDA_FUSED_STEP") {
-                Some(get(&format!("decode_step_{suffix}"))?)
-            } else {
-                None
-            },
+            decode_step: if fused { Some(get(&format!("decode_step_{suffix}"))?) } else { None },
+            decode_step_wide: if fused && dtype == DType::F32 { Some(get("decode_step16_f32")?) } else { None },
         };
         Ok(Arc::new(Self {
             ctx,
@@ -477,17 +480,29 @@ pub struct CudaBackend {
     shared: Arc<Shared>,
 }
 
-/// The fused decode step of an engine (see decode_step in the .cu file; the kernel is
-/// `Kernels::decode_step`): one block an SM, and the weight table it reads.
+/// The fused decode step of an engine (see decode_step in the .cu file; the kernels are
+/// `Kernels::decode_step` and `decode_step_wide`): one block an SM, and the weight table it reads.
 struct FusedStep {
     blocks: usize,
     /// Device addresses of the weights, in the order of the .cu file's T_* slots.
     table: DeviceBuffer,
+    /// Its kernels, fewest rows first.
+    kernels: Vec<StepKernel>,
+    /// The batch sizes that take it (bit b: batch b): FUSED_BATCHES_*, or every batch up to
+    /// `GPT2RT_CUDA_FUSED_ROWS` (a tuning knob read when the engine loads); either way at most the
+    /// rows whose inputs fit a kernel's shared memory.
+    batches: u32,
+}
+
+/// One kernel of the fused step.
+struct StepKernel {
+    /// `Kernels::decode_step_wide` (or `decode_step`).
+    wide: bool,
+    /// The rows it is compiled for (its ROWS), and those whose inputs fit its shared memory.
+    kernel_rows: usize,
+    rows: usize,
     /// Rows up to which the MLP-down input is staged in shared memory (as much as fits).
     stage_rows: usize,
-    /// The batch sizes that take it (bit b: batch b): FUSED_BATCHES_*, or every batch up to
-    /// `GPT2RT_CUDA_FUSED_ROWS` (at most GEMV_MAX_ROWS; a tuning knob read when the engine loads).
-    batches: u32,
 }
 
 impl FusedStep {
@@ -495,18 +510,31 @@ impl FusedStep {
     fn takes(&self, b: usize) -> bool {
         b < 32 && self.batches & (1 << b) != 0
     }
+
+    /// The kernel for steps of `b` sequences: the one with the fewest rows that takes them.
+    fn kernel(&self, b: usize) -> &StepKernel {
+        self.kernels.iter().find(|k| b <= k.rows).expect("a fused step takes only the rows a kernel fits")
+    }
 }
 
-/// Dynamic shared memory of the fused step for `m` rows, with the MLP-down rows staged in it or not
-/// (mirrors step_buffer_bytes and step_scratch_floats in the .cu file).
-fn fused_step_smem(cfg: &ModelConfig, blocks: usize, wsize: usize, m: usize, stage_h4: bool) -> usize {
+/// Dynamic shared memory of the fused-step kernel for `kernel_rows` rows (its ROWS) at `m` rows,
+/// with the MLP-down rows staged in it or not (mirrors step_buffer_bytes and step_scratch_floats in
+/// the .cu file).
+fn fused_step_smem(
+    cfg: &ModelConfig,
+    blocks: usize,
+    wsize: usize,
+    m: usize,
+    stage_h4: bool,
+    kernel_rows: usize,
+) -> usize {
     let c = cfg.n_embd;
     let cpb = |n: usize| n.div_ceil(blocks);
     let elems = (cpb(3 * c) * c).max(cpb(4 * c) * c).max(cpb(c) * 4 * c);
     let buffer = (elems * wsize).next_multiple_of(16) + (2 * c * wsize).next_multiple_of(16);
-    let shares = (STEP_WARPS * 4).max(cpb(4 * c) + 3) * GEMV_MAX_ROWS;
+    let shares = (STEP_WARPS * 4).max(cpb(4 * c) + 3) * kernel_rows;
     let attention = STEP_WARPS * cfg.head_dim() + 2 * STEP_WARPS;
-    let combine = 3 * blocks.max(GEMV_MAX_ROWS * cfg.n_head);
+    let combine = 3 * blocks.max(kernel_rows * cfg.n_head);
     let rows = m * c + if stage_h4 { m * 4 * c } else { 0 };
     2 * buffer + (rows + shares.max(attention).max(combine)) * 4
 }
@@ -519,47 +547,23 @@ fn fused_step(
     weights: &DeviceWeights,
     dtype: DType,
 ) -> Result<Option<FusedStep>> {
-    let Some(function) = device.kernels.decode_step else { return Ok(None) };
+    let Some(narrow) = device.kernels.decode_step else { return Ok(None) };
     let (c, h) = (cfg.n_embd, cfg.n_head);
     if c % 8 != 0 || h == 0 || c % h != 0 || c / h > 256 {
         return Ok(None);
     }
     let blocks =
         knob("GPT2RT_CUDA_STEP_BLOCKS").unwrap_or(device.sm_count).clamp(1, device.sm_count.min(LM_HEAD_BLOCKS));
-    // SAFETY: the function belongs to the loaded module.
-    let static_smem = unsafe {
-        result::function::get_function_attribute(
-            function,
-            sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES,
-        )
+    let mut kernels = Vec::new();
+    for (function, kernel_rows) in [(Some(narrow), GEMV_MAX_ROWS), (device.kernels.decode_step_wide, FUSED_WIDE_ROWS)] {
+        let Some(function) = function else { continue };
+        match step_kernel(device, cfg, dtype, blocks, function, kernel_rows)? {
+            // The wide kernel only for rows the narrow one cannot take.
+            Some(k) if k.rows > kernels.last().map_or(0, |n: &StepKernel| n.rows) => kernels.push(k),
+            _ => {}
+        }
     }
-    .check("cuda: sizing the fused step")?
-    .max(0) as usize;
-    let limit = device.smem_optin.saturating_sub(static_smem);
-    let smem = fused_step_smem(cfg, blocks, dtype.size(), GEMV_MAX_ROWS, false);
-    if smem > limit {
-        return Ok(None);
-    }
-    // The MLP-down rows go through shared memory for the row counts where they fit.
-    let stage_rows =
-        (1..=GEMV_MAX_ROWS).take_while(|&m| fused_step_smem(cfg, blocks, dtype.size(), m, true) <= limit).count();
-    let smem = smem.max(fused_step_smem(cfg, blocks, dtype.size(), stage_rows, true));
-    // SAFETY: the function belongs to the loaded module; the size is within the opt-in limit.
-    unsafe {
-        result::function::set_function_attribute(
-            function,
-            sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-            smem as i32,
-        )
-    }
-    .check("cuda: configuring the fused step")?;
-    // SAFETY: as above.
-    let resident =
-        unsafe { result::occupancy::max_active_block_per_multiprocessor(function, STEP_THREADS as i32, smem) }
-            .check("cuda: sizing the fused step")?;
-    if resident < 1 {
-        return Ok(None);
-    }
+    let Some(max_rows) = kernels.last().map(|k| k.rows) else { return Ok(None) };
     let w = weights;
     let mut table =
         vec![w.wte.ptr, w.wpe.ptr, w.ln_f_weight.ptr, w.ln_f_bias.ptr, w.lm_head.as_ref().unwrap_or(&w.wte).ptr];
@@ -580,12 +584,58 @@ fn fused_step(
         ]);
     }
     let table = DeviceBuffer::upload(device, &table, "weight table")?;
+    let upto = |rows: usize| ((1u32 << (rows.min(max_rows) + 1)) - 1) & !1;
     let batches = match knob("GPT2RT_CUDA_FUSED_ROWS") {
-        Some(rows) => ((1u32 << (rows.min(GEMV_MAX_ROWS) + 1)) - 1) & !1,
-        None if dtype == DType::F32 => FUSED_BATCHES_F32,
-        None => FUSED_BATCHES_HALF,
+        Some(rows) => upto(rows),
+        None if dtype == DType::F32 => FUSED_BATCHES_F32 & upto(max_rows),
+        None => FUSED_BATCHES_HALF & upto(max_rows),
     };
-    Ok(Some(FusedStep { blocks, table, stage_rows, batches }))
+    Ok(Some(FusedStep { blocks, table, kernels, batches }))
+}
+
+/// Sizes one fused-step kernel (compiled for `kernel_rows` rows) for this device: the rows whose
+/// inputs fit its shared memory and the rows whose MLP-down input fits too; None where none fit or
+/// one block an SM does not.
+fn step_kernel(
+    device: &Arc<Device>,
+    cfg: &ModelConfig,
+    dtype: DType,
+    blocks: usize,
+    function: sys::CUfunction,
+    kernel_rows: usize,
+) -> Result<Option<StepKernel>> {
+    // SAFETY: the function belongs to the loaded module.
+    let static_smem = unsafe {
+        result::function::get_function_attribute(
+            function,
+            sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES,
+        )
+    }
+    .check("cuda: sizing the fused step")?
+    .max(0) as usize;
+    let limit = device.smem_optin.saturating_sub(static_smem);
+    let smem_for = |m: usize, stage_h4: bool| fused_step_smem(cfg, blocks, dtype.size(), m, stage_h4, kernel_rows);
+    let rows = (1..=kernel_rows).take_while(|&m| smem_for(m, false) <= limit).count();
+    if rows == 0 {
+        return Ok(None);
+    }
+    let stage_rows = (1..=rows).take_while(|&m| smem_for(m, true) <= limit).count();
+    let smem = smem_for(rows, false).max(smem_for(stage_rows, true));
+    // SAFETY: the function belongs to the loaded module; the size is within the opt-in limit.
+    unsafe {
+        result::function::set_function_attribute(
+            function,
+            sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            smem as i32,
+        )
+    }
+    .check("cuda: configuring the fused step")?;
+    // SAFETY: as above.
+    let resident =
+        unsafe { result::occupancy::max_active_block_per_multiprocessor(function, STEP_THREADS as i32, smem) }
+            .check("cuda: sizing the fused step")?;
+    let wide = kernel_rows > GEMV_MAX_ROWS;
+    Ok((resident >= 1).then_some(StepKernel { wide, kernel_rows, rows, stage_rows }))
 }
 
 struct Shared {
@@ -826,7 +876,7 @@ impl CudaState {
         let f = std::mem::size_of::<f32>();
         let layout = IntLayout::new(b, s);
         let kv_bytes = cfg.n_layer * b * s * c * f;
-        let step_items = shared.fused.as_ref().map_or(0, |fs| fs.blocks.max(GEMV_MAX_ROWS * cfg.n_head));
+        let step_items = shared.fused.as_ref().map_or(0, |fs| fs.blocks.max(FUSED_WIDE_ROWS * cfg.n_head));
         d.bind()?;
         let stream =
             result::stream::create(result::stream::StreamKind::NonBlocking).check("cuda: creating a stream")?;
@@ -1433,6 +1483,7 @@ impl CudaState {
         let lay = &self.layout;
         if let Some(fs) = self.fused_step(b) {
             let cfg = &self.shared.config;
+            let kernel = fs.kernel(b);
             let args = Args::new()
                 .ptr(fs.table.ptr)
                 .int(cfg.n_layer)
@@ -1458,10 +1509,13 @@ impl CudaState {
                 .ptr(self.best.at::<f32>(b * fs.blocks))
                 .ptr(self.barrier.ptr)
                 .ptr(self.ints.at::<i32>(lay.next))
-                .int(usize::from(b <= fs.stage_rows))
+                .int(usize::from(b <= kernel.stage_rows))
                 .ptr(self.trace.as_ref().map_or(0, |t| t.ptr));
-            let smem = fused_step_smem(cfg, fs.blocks, self.shared.dtype.size(), b, b <= fs.stage_rows);
-            let f = self.shared.device.kernels.decode_step.expect("a fused step has its kernel");
+            let wsize = self.shared.dtype.size();
+            let smem = fused_step_smem(cfg, fs.blocks, wsize, b, b <= kernel.stage_rows, kernel.kernel_rows);
+            let k = &self.shared.device.kernels;
+            let f = if kernel.wide { k.decode_step_wide } else { k.decode_step };
+            let f = f.expect("a fused step has its kernels");
             return self.launch_cooperative(f, fs.blocks, STEP_THREADS, smem, args);
         }
         self.forward_rows(
