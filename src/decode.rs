@@ -73,6 +73,12 @@ pub struct Decoder {
     lens: Vec<usize>,
     sampler: Sampler,
     next: Vec<u32>,
+    /// After a generation that stopped with a step started ahead (see `generate`): the input of
+    /// the last kept step, to replay once the positions are set back (`settle`), and room for
+    /// those positions.
+    replay: Vec<u32>,
+    replay_pending: bool,
+    rewind_lens: Vec<usize>,
 }
 
 impl Decoder {
@@ -108,6 +114,9 @@ impl Decoder {
             lens: Vec::with_capacity(profile.max_batch),
             sampler: Sampler::new(profile.max_batch, vocab_size),
             next: vec![0; profile.max_batch],
+            replay: vec![0; profile.max_batch],
+            replay_pending: false,
+            rewind_lens: Vec::with_capacity(profile.max_batch),
             backend,
         })
     }
@@ -172,6 +181,7 @@ impl Decoder {
         }
         self.check_tokens(tokens)?;
         self.lens.clear();
+        self.replay_pending = false;
         let result = {
             let _range = nvtx::range(nvtx::PREFILL);
             self.state.prefill(tokens, lengths)
@@ -198,6 +208,7 @@ impl Decoder {
             );
         }
         self.check_tokens(tokens)?;
+        self.settle()?;
         if let Some((i, l)) = self.lens.iter().enumerate().find(|(_, l)| **l >= self.profile.max_seq) {
             bail!(
                 SequenceExceedsProfile,
@@ -232,6 +243,7 @@ impl Decoder {
                 out.len()
             );
         }
+        self.settle()?;
         let _range = nvtx::range(nvtx::READ_LOGITS);
         self.state.read_logits(&mut out[..needed])?;
         Ok(needed)
@@ -262,8 +274,60 @@ impl Decoder {
         if self.sampler.params() != params {
             self.sampler.set_params(*params);
         }
+        self.settle()?;
         self.select_into(batch, out)?;
         Ok(batch)
+    }
+
+    /// Finishes undoing a step a generation started ahead and did not keep: the positions go back
+    /// to before the last kept step, which is replayed, so that its logits are the last again.
+    /// (Deferred until the session is used without a new prefill, which needs none of it.)
+    fn settle(&mut self) -> Result<()> {
+        if !self.replay_pending {
+            return Ok(());
+        }
+        self.replay_pending = false;
+        let batch = self.lens.len();
+        self.rewind_lens.clear();
+        self.rewind_lens.extend(self.lens.iter().map(|l| l - 1));
+        let result = self.state.rewind(&self.rewind_lens).and_then(|()| {
+            let _range = nvtx::range(nvtx::STEP);
+            self.state.step(&self.replay[..batch])
+        });
+        if result.is_err() {
+            self.lens.clear();
+        }
+        result
+    }
+
+    /// Starts the next step on the device ahead of the host (`BackendState::step_ahead`): 1 if
+    /// the backend did, 0 if it declined.
+    fn start_ahead(&mut self) -> Result<usize> {
+        let started = {
+            let _range = nvtx::range(nvtx::STEP);
+            self.state.step_ahead()
+        };
+        match started {
+            Ok(true) => {
+                self.lens.iter_mut().for_each(|l| *l += 1);
+                Ok(1)
+            }
+            Ok(false) => Ok(0),
+            Err(e) => {
+                self.lens.clear();
+                Err(e)
+            }
+        }
+    }
+
+    /// The ids chosen after the oldest step started ahead.
+    fn collect_into(&mut self, batch: usize, out: &mut [u32]) -> Result<()> {
+        let _range = nvtx::range(nvtx::SELECT);
+        let result = self.state.collect_ahead(&mut out[..batch]);
+        if result.is_err() {
+            self.lens.clear();
+        }
+        result
     }
 
     /// The backend's selection of the batch's next tokens, inside its NVTX range.
@@ -308,15 +372,35 @@ impl Decoder {
         let mut out = vec![Vec::with_capacity(params.max_new_tokens); batch];
         let mut done = vec![false; batch];
         let mut next = std::mem::take(&mut self.next);
+        // Greedy generation keeps the next step queued on the device while the host reads the
+        // current tokens and hands them out (steps started ahead, where the backend can; at most
+        // two outstanding). A step started ahead that a stop leaves unused is undone by `settle`.
+        let pipelined = self.kv_cache && params.sampling.is_greedy() && self.state.steps_ahead();
+        let mut ahead = 0;
         let result = (|| {
             for produced in 0..params.max_new_tokens {
                 if cancel.load(Ordering::Relaxed) {
                     return Ok(FinishReason::Cancelled);
                 }
-                if produced > 0 {
-                    self.step(&next[..batch])?;
+                if pipelined && produced > 0 {
+                    if ahead == 0 {
+                        ahead += self.start_ahead()?;
+                    }
+                    if ahead == 1 && produced + 1 < params.max_new_tokens {
+                        ahead += self.start_ahead()?;
+                    }
                 }
-                self.select_into(batch, &mut next)?;
+                if ahead > 0 {
+                    // The input of the step whose ids these are, for a replay.
+                    self.replay[..batch].copy_from_slice(&next[..batch]);
+                    self.collect_into(batch, &mut next)?;
+                    ahead -= 1;
+                } else {
+                    if produced > 0 {
+                        self.step(&next[..batch])?;
+                    }
+                    self.select_into(batch, &mut next)?;
+                }
                 for seq in 0..batch {
                     if done[seq] {
                         continue;
@@ -337,7 +421,220 @@ impl Decoder {
             }
             Ok(FinishReason::Length)
         })();
+        debug_assert!(ahead <= 1, "at most one step is outstanding between iterations");
+        if ahead > 0 && result.is_ok() {
+            self.lens.iter_mut().for_each(|l| *l -= ahead);
+            self.replay_pending = true;
+        }
         self.next = next;
         Ok(GenerateOutput { tokens: out, finish_reason: result? })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The generate loop's steps started ahead, against a toy backend whose "model" is arithmetic:
+    //! the same backend with and without them must leave every observable thing equal.
+    use super::*;
+    use crate::backend::BackendKind;
+    use crate::model::ModelConfig;
+    use std::collections::VecDeque;
+    use std::sync::atomic::AtomicUsize;
+
+    const VOCAB: usize = 13;
+
+    #[derive(Debug)]
+    struct Toy {
+        config: ModelConfig,
+        ahead: bool,
+        started: Arc<AtomicUsize>,
+    }
+
+    impl Backend for Toy {
+        fn kind(&self) -> BackendKind {
+            BackendKind::Cpu
+        }
+        fn config(&self) -> &ModelConfig {
+            &self.config
+        }
+        fn limits(&self) -> Profile {
+            Profile { max_batch: 4, max_seq: 64 }
+        }
+        fn describe(&self) -> String {
+            "toy".into()
+        }
+        fn new_state(&self, _profile: Profile, _kv_cache: bool) -> Result<Box<dyn BackendState>> {
+            Ok(Box::new(ToyState { ahead: self.ahead, started: self.started.clone(), ..ToyState::default() }))
+        }
+    }
+
+    /// Each sequence's state is (length, last token); its logits have one maximum that depends on
+    /// both. Like a device, it keeps the ids of the last selection for a step started ahead, and
+    /// a rewind sets the lengths only (the replayed step restores the last token).
+    #[derive(Debug, Default)]
+    struct ToyState {
+        ahead: bool,
+        started: Arc<AtomicUsize>,
+        lens: Vec<usize>,
+        last: Vec<u32>,
+        device_ids: Vec<u32>,
+        queue: VecDeque<Vec<u32>>,
+    }
+
+    impl ToyState {
+        fn best(&self, seq: usize) -> u32 {
+            ((7 * self.lens[seq] + 3 * self.last[seq] as usize + seq) % VOCAB) as u32
+        }
+        fn advance(&mut self, tokens: &[u32]) {
+            for (seq, &t) in tokens.iter().enumerate() {
+                self.lens[seq] += 1;
+                self.last[seq] = t;
+            }
+        }
+        fn greedy(&self) -> Vec<u32> {
+            (0..self.lens.len()).map(|s| self.best(s)).collect()
+        }
+    }
+
+    impl BackendState for ToyState {
+        fn prefill(&mut self, tokens: &[u32], lengths: &[usize]) -> Result<()> {
+            self.lens = lengths.to_vec();
+            let mut end = 0;
+            self.last = lengths
+                .iter()
+                .map(|l| {
+                    end += l;
+                    tokens[end - 1]
+                })
+                .collect();
+            self.queue.clear();
+            Ok(())
+        }
+        fn step(&mut self, tokens: &[u32]) -> Result<()> {
+            self.advance(tokens);
+            Ok(())
+        }
+        fn read_logits(&mut self, out: &mut [f32]) -> Result<()> {
+            for (seq, row) in out.chunks_mut(VOCAB).enumerate() {
+                let best = self.best(seq) as usize;
+                for (v, x) in row.iter_mut().enumerate() {
+                    *x = if v == best { 1.0 } else { -(v as f32) / 100.0 };
+                }
+            }
+            Ok(())
+        }
+        fn select(&mut self, _sampler: &mut Sampler, out: &mut [u32]) -> Result<()> {
+            self.device_ids = self.greedy();
+            out.copy_from_slice(&self.device_ids);
+            Ok(())
+        }
+        fn steps_ahead(&self) -> bool {
+            self.ahead
+        }
+        fn step_ahead(&mut self) -> Result<bool> {
+            if !self.ahead || self.queue.len() >= 2 {
+                return Ok(false);
+            }
+            self.started.fetch_add(1, Ordering::Relaxed);
+            let ids = std::mem::take(&mut self.device_ids);
+            self.advance(&ids);
+            self.device_ids = self.greedy();
+            self.queue.push_back(self.device_ids.clone());
+            Ok(true)
+        }
+        fn collect_ahead(&mut self, out: &mut [u32]) -> Result<()> {
+            out.copy_from_slice(&self.queue.pop_front().expect("a step was started ahead"));
+            Ok(())
+        }
+        fn rewind(&mut self, lens: &[usize]) -> Result<()> {
+            self.queue.clear();
+            self.lens = lens.to_vec();
+            Ok(())
+        }
+    }
+
+    fn decoder(ahead: bool, started: &Arc<AtomicUsize>) -> Decoder {
+        let config = ModelConfig {
+            n_layer: 1,
+            n_embd: 8,
+            n_head: 1,
+            n_positions: 64,
+            vocab_size: VOCAB,
+            layer_norm_epsilon: 1e-5,
+        };
+        let backend = Arc::new(Toy { config, ahead, started: started.clone() });
+        Decoder::new(backend, SessionOptions { max_batch: 4, max_seq: 40, kv_cache: true }).unwrap()
+    }
+
+    /// Generates with `stop` ending it after `calls` callbacks (0: never), then reads what a host
+    /// can observe: the output, the lengths, the last logits, and a further select + step.
+    fn observe(
+        ahead: bool,
+        batch: usize,
+        stop: &str,
+        calls: usize,
+        max_new_tokens: usize,
+    ) -> (GenerateOutput, Vec<usize>, Vec<f32>, Vec<u32>, Vec<f32>, usize) {
+        let started = Arc::new(AtomicUsize::new(0));
+        let mut d = decoder(ahead, &started);
+        let prompts: Vec<u32> = (0..batch * 3).map(|i| (i * 5 % VOCAB) as u32).collect();
+        let cancel = AtomicBool::new(false);
+        let params = GenerateParams {
+            max_new_tokens,
+            // The first sequence's 4th greedy token (computed without steps ahead) stops sequences.
+            stop_tokens: if stop == "stop tokens" { vec![calls as u32] } else { Vec::new() },
+            ..GenerateParams::default()
+        };
+        let mut n = 0;
+        let out = d
+            .generate(&prompts, &vec![3; batch], &params, &cancel, &mut |_, _| {
+                n += 1;
+                if stop == "cancel" && n == calls {
+                    cancel.store(true, Ordering::Relaxed);
+                }
+                !(stop == "callback" && n == calls)
+            })
+            .unwrap();
+        let lengths = d.lengths().to_vec();
+        let mut logits = vec![0.0; batch * VOCAB];
+        d.read_logits(&mut logits).unwrap();
+        let mut ids = vec![0; batch];
+        d.select(&SamplingParams::greedy(), &mut ids).unwrap();
+        d.step(&ids).unwrap();
+        let mut after = vec![0.0; batch * VOCAB];
+        d.read_logits(&mut after).unwrap();
+        (out, lengths, logits, ids, after, started.load(Ordering::Relaxed))
+    }
+
+    #[test]
+    fn steps_started_ahead_change_nothing_a_host_can_observe() {
+        let mut ahead_steps = 0;
+        for batch in [1, 3] {
+            for (stop, calls) in [
+                ("length", 0),
+                ("callback", 1),
+                ("callback", 2),
+                ("callback", 5),
+                ("callback", 7),
+                ("stop tokens", 4),
+                ("stop tokens", 9),
+                ("cancel", 1),
+                ("cancel", 4),
+            ] {
+                for max_new_tokens in [1, 2, 3, 8] {
+                    let want = observe(false, batch, stop, calls, max_new_tokens);
+                    let got = observe(true, batch, stop, calls, max_new_tokens);
+                    let what = format!("batch {batch}, {stop} after {calls}, {max_new_tokens} tokens");
+                    assert_eq!(want.5, 0, "{what}: the reference started steps ahead");
+                    assert_eq!(
+                        (&got.0, &got.1, &got.2, &got.3, &got.4),
+                        (&want.0, &want.1, &want.2, &want.3, &want.4),
+                        "{what}"
+                    );
+                    ahead_steps += got.5;
+                }
+            }
+        }
+        assert!(ahead_steps > 100, "the loop started only {ahead_steps} steps ahead");
     }
 }

@@ -240,6 +240,68 @@ fn cuda_step_takes_the_given_tokens_after_a_selection() {
     }
 }
 
+#[test]
+fn cuda_generation_stopped_early_leaves_the_session_as_the_cpu_does() {
+    if !gpu_available() {
+        return;
+    }
+    // Greedy generation keeps the next step queued on the device while the host hands out the
+    // current tokens; a generation that stops early leaves that step unused, and it is undone.
+    // Whatever ends it (the callback, stop tokens, cancellation from the callback), the session
+    // must then hold what the CPU reference (which starts nothing ahead) holds: the same lengths,
+    // last logits and next steps. Batch 1 (fused step) and 3 (a kernel per phase).
+    let cpu = distilgpt2(BackendKind::Cpu, None);
+    let gpu = distilgpt2(BackendKind::Cuda, Some(DType::F32));
+    let vocab = cpu.config().vocab_size;
+    for batch in [1, 3] {
+        let prompt = prompts(vocab, batch, 5);
+        let greedy = batch_tokens(&cpu, batch, 5, 12, SamplingParams::greedy());
+        // Each sequence's 6th token stops it (or an earlier occurrence of another's).
+        let stops: Vec<u32> = greedy.iter().map(|g| g[5]).collect();
+        for how in ["callback", "stop tokens", "cancel", "length"] {
+            let run = |engine: &Engine| {
+                let mut session = engine
+                    .new_session(SessionOptions { max_batch: batch, max_seq: 5 + 12 + 2, kv_cache: true })
+                    .unwrap();
+                let cancel = session.cancel_flag();
+                let params = GenerateParams {
+                    max_new_tokens: if how == "length" { 7 } else { 12 },
+                    stop_tokens: if how == "stop tokens" { stops.clone() } else { Vec::new() },
+                    ..GenerateParams::default()
+                };
+                let mut calls = 0;
+                let out = session
+                    .generate_tokens(&prompt, &vec![5; batch], &params, &mut |_, _, _| {
+                        calls += 1;
+                        if how == "cancel" && calls == 3 * batch {
+                            cancel.store(true, std::sync::atomic::Ordering::Relaxed);
+                        }
+                        !(how == "callback" && calls == 4 * batch + 1)
+                    })
+                    .unwrap();
+                let lengths = session.lengths().to_vec();
+                let (mut logits, mut ids) = (vec![0.0f32; batch * vocab], vec![0u32; batch]);
+                session.read_logits(&mut logits).unwrap();
+                session.select(&SamplingParams::greedy(), &mut ids).unwrap();
+                session.step(&ids).unwrap();
+                let mut after = vec![0.0f32; batch * vocab];
+                session.read_logits(&mut after).unwrap();
+                (out, lengths, logits, ids, after)
+            };
+            let (want, got) = (run(&cpu), run(&gpu));
+            let what = format!("batch {batch}, ended by {how}");
+            assert_eq!(got.0, want.0, "{what}: the generations differ");
+            assert_eq!(got.1, want.1, "{what}: the lengths differ");
+            assert_eq!(got.3, want.3, "{what}: the next selections differ");
+            for (g, w, which) in [(&got.2, &want.2, "last"), (&got.4, &want.4, "next step's")] {
+                let scale = w.iter().fold(1.0f32, |m, v| m.max(v.abs()));
+                let worst = g.iter().zip(w).fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+                assert!(worst / scale <= 1e-4, "{what}: {which} logits differ by {worst} (scale {scale})");
+            }
+        }
+    }
+}
+
 /// The sampling rules the device runs, for a run of steps on real logits.
 const SAMPLING_RULES: [SamplingParams; 7] = [
     SamplingParams { temperature: 1.0, top_k: 0, top_p: 1.0, seed: 1 },

@@ -79,6 +79,26 @@ pub trait BackendState: Send + fmt::Debug {
     fn read_logits(&mut self, out: &mut [f32]) -> Result<()>;
     /// Chooses the next token of every sequence of the current batch into `out`.
     fn select(&mut self, sampler: &mut Sampler, out: &mut [u32]) -> Result<()>;
+    /// Pipelined greedy decoding, used by the decoder's generate loop only (a backend may decline
+    /// with `Ok(false)`, the default). Starts, without waiting, a step on the ids the last
+    /// selection (or step started ahead) left on the device, then the greedy choice of its next
+    /// ids; at most two are outstanding. `collect_ahead` returns their ids in order.
+    fn step_ahead(&mut self) -> Result<bool> {
+        Ok(false)
+    }
+    /// Whether `step_ahead` may start steps (the decoder does not try where it cannot).
+    fn steps_ahead(&self) -> bool {
+        false
+    }
+    /// Waits for the ids chosen after the oldest step started by `step_ahead` not yet collected.
+    fn collect_ahead(&mut self, _out: &mut [u32]) -> Result<()> {
+        bail!(Internal, "this backend starts no step ahead")
+    }
+    /// After steps started ahead that are not kept: waits for them and sets the positions of the
+    /// batch's sequences to `lens` (the decoder then replays a step, which leaves its logits).
+    fn rewind(&mut self, _lens: &[usize]) -> Result<()> {
+        bail!(Internal, "this backend starts no step ahead")
+    }
     /// Turns on (or off) timing of the forward passes on the device. Backends without a device
     /// ignore it.
     fn set_device_timing(&mut self, _on: bool) -> Result<()> {

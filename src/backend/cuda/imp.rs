@@ -392,6 +392,31 @@ impl<T> Drop for PinnedBuffer<T> {
     }
 }
 
+/// A CUDA event without timing (for waiting on one point of a stream), destroyed on drop.
+struct Event {
+    event: sys::CUevent,
+    _device: Arc<Device>,
+}
+
+impl Event {
+    fn new(device: &Arc<Device>) -> Result<Self> {
+        device.bind()?;
+        let event =
+            result::event::create(sys::CUevent_flags::CU_EVENT_DISABLE_TIMING).check("cuda: creating an event")?;
+        Ok(Self { event, _device: device.clone() })
+    }
+}
+
+impl Drop for Event {
+    fn drop(&mut self) {
+        // SAFETY: created by event::create, destroyed once; errors at teardown are moot.
+        unsafe {
+            let _ = self._device.bind();
+            let _ = result::event::destroy(self.event);
+        }
+    }
+}
+
 struct LayerBuffers {
     ln_1_weight: DeviceBuffer,
     ln_1_bias: DeviceBuffer,
@@ -787,6 +812,8 @@ struct IntLayout {
     next: usize,
     /// The sampling draws of a step, f32 bits.
     uniforms: usize,
+    /// Two slots (host side only) for the ids of the steps started ahead (`step_ahead`).
+    ahead: usize,
     total: usize,
 }
 
@@ -802,7 +829,8 @@ impl IntLayout {
             iota: 3 * bs + 2 * b,
             next: 3 * bs + 3 * b,
             uniforms: 3 * bs + 4 * b,
-            total: 3 * bs + 5 * b,
+            ahead: 3 * bs + 5 * b,
+            total: 3 * bs + 7 * b,
         }
     }
 }
@@ -851,10 +879,16 @@ struct CudaState {
     history: History,
     /// One captured step per batch size.
     graphs: Vec<(usize, sys::CUgraphExec)>,
-    /// Events around the last forward pass when timing is on, whether they await reading, and the
-    /// device milliseconds read so far.
-    timing: Option<(sys::CUevent, sys::CUevent)>,
-    timing_pending: bool,
+    /// Steps started by `step_ahead` and collected so far (slot: count % 2), and the events after
+    /// each slot's copy of the ids.
+    ahead_started: usize,
+    ahead_collected: usize,
+    ahead_copied: [Event; 2],
+    /// Events around forward passes when timing is on (0: the last prefill or step; 1 and 2: the
+    /// steps started ahead in each slot), whether they await reading, and the device milliseconds
+    /// read so far.
+    timing: Option<[(sys::CUevent, sys::CUevent); 3]>,
+    timing_pending: [bool; 3],
     device_ms: f64,
 }
 
@@ -916,8 +950,11 @@ impl CudaState {
             host_logits: PinnedBuffer::new(d, b * v)?,
             history: History::new(profile),
             graphs: Vec::new(),
+            ahead_started: 0,
+            ahead_collected: 0,
+            ahead_copied: [Event::new(d)?, Event::new(d)?],
             timing: None,
-            timing_pending: false,
+            timing_pending: [false; 3],
             device_ms: 0.0,
             layout,
             stream,
@@ -1051,21 +1088,34 @@ impl CudaState {
     fn sync(&mut self) -> Result<()> {
         // SAFETY: the stream belongs to this state.
         unsafe { result::stream::synchronize(self.stream) }.check("cuda: running the step")?;
-        if let (Some((start, end)), true) = (self.timing, self.timing_pending) {
-            // SAFETY: both events were recorded on this stream, which is idle now.
-            self.device_ms += f64::from(unsafe { result::event::elapsed(start, end) }.check("cuda: reading a timer")?);
-            self.timing_pending = false;
+        for i in 0..3 {
+            self.read_timer(i)?;
         }
         Ok(())
     }
 
-    /// Records the start (or the end) of a timed forward pass, when timing is on.
+    /// Adds timer `i`'s forward pass to the device time, if it awaits reading and has run.
+    fn read_timer(&mut self, i: usize) -> Result<()> {
+        if let (Some(pairs), true) = (self.timing, self.timing_pending[i]) {
+            let (start, end) = pairs[i];
+            // SAFETY: both events were recorded on this stream, and the pass has finished.
+            self.device_ms += f64::from(unsafe { result::event::elapsed(start, end) }.check("cuda: reading a timer")?);
+            self.timing_pending[i] = false;
+        }
+        Ok(())
+    }
+
+    /// Records the start (or the end) of a timed forward pass, when timing is on (timer 0).
     fn mark(&mut self, end: bool) -> Result<()> {
-        if let Some((start_event, end_event)) = self.timing {
-            let event = if end { end_event } else { start_event };
+        self.mark_timer(0, end)
+    }
+
+    fn mark_timer(&mut self, i: usize, end: bool) -> Result<()> {
+        if let Some(pairs) = self.timing {
+            let event = if end { pairs[i].1 } else { pairs[i].0 };
             // SAFETY: the event and the stream belong to this state.
             unsafe { result::event::record(event, self.stream) }.check("cuda: recording a timer")?;
-            self.timing_pending = end;
+            self.timing_pending[i] = end;
         }
         Ok(())
     }
@@ -1538,6 +1588,26 @@ impl CudaState {
     }
 
     /// Copies the `out.len()` chosen token ids back (the only data a step sends to the host).
+    /// Enqueues the greedy choice of the batch's `b` next ids into `next`, unless the step made it.
+    fn choose_greedy(&self, b: usize) -> Result<()> {
+        if self.next_ready.get() {
+            return Ok(());
+        }
+        let v = self.shared.config.vocab_size;
+        let kernels = &self.shared.device.kernels;
+        let next = self.layout.next;
+        let mut chunks = self.best_chunks.get();
+        if chunks == 0 {
+            chunks = v.div_ceil(ARGMAX_CHUNK);
+            let (best_value, best_index) = (self.best.ptr, self.best.at::<f32>(b * chunks));
+            let args = Args::new().ptr(self.logits.ptr).int(v).int(ARGMAX_CHUNK).ptr(best_value).ptr(best_index);
+            self.launch_grid(kernels.argmax_partial, (chunks, b, 1), 256, 0, args)?;
+        }
+        let (best_value, best_index) = (self.best.ptr, self.best.at::<f32>(b * chunks));
+        let args = Args::new().ptr(best_value).ptr(best_index).int(chunks).ptr(self.ints.at::<i32>(next));
+        self.launch(kernels.argmax_final, b, 256, 0, args)
+    }
+
     fn read_next(&mut self, out: &mut [u32]) -> Result<()> {
         let _range = nvtx::range(nvtx::D2H_TOKEN_IDS);
         let (next, b) = (self.layout.next, out.len());
@@ -1612,7 +1682,7 @@ impl Drop for CudaState {
             for (_, exec) in self.graphs.drain(..) {
                 let _ = result::graph::exec_destroy(exec);
             }
-            if let Some((start, end)) = self.timing.take() {
+            for (start, end) in self.timing.take().into_iter().flatten() {
                 let _ = result::event::destroy(start);
                 let _ = result::event::destroy(end);
             }
@@ -1626,6 +1696,9 @@ impl BackendState for CudaState {
         self.shared.device.bind()?;
         self.history.store_prompts(tokens, lengths);
         self.next_known = false;
+        // Steps started ahead and not collected are dropped (the decoder rewinds before a prefill
+        // anyway).
+        self.ahead_collected = self.ahead_started;
         self.run_history()
     }
 
@@ -1666,15 +1739,29 @@ impl BackendState for CudaState {
         match (on, self.timing) {
             (true, None) => {
                 let flags = sys::CUevent_flags::CU_EVENT_DEFAULT;
-                let start = result::event::create(flags).check("cuda: creating a timer")?;
-                let end = result::event::create(flags).check("cuda: creating a timer")?;
-                self.timing = Some((start, end));
+                let mut events = Vec::with_capacity(6);
+                for _ in 0..6 {
+                    match result::event::create(flags) {
+                        Ok(e) => events.push(e),
+                        Err(e) => {
+                            for made in events {
+                                // SAFETY: created just above, not recorded.
+                                let _ = unsafe { result::event::destroy(made) };
+                            }
+                            return Err(e).check("cuda: creating a timer");
+                        }
+                    }
+                }
+                self.timing = Some([(events[0], events[1]), (events[2], events[3]), (events[4], events[5])]);
+                self.timing_pending = [false; 3];
             }
-            (false, Some((start, end))) => {
+            (false, Some(pairs)) => {
                 // SAFETY: the stream is idle; the events are not used again.
-                unsafe {
-                    let _ = result::event::destroy(start);
-                    let _ = result::event::destroy(end);
+                for (start, end) in pairs {
+                    unsafe {
+                        let _ = result::event::destroy(start);
+                        let _ = result::event::destroy(end);
+                    }
                 }
                 self.timing = None;
             }
@@ -1685,7 +1772,7 @@ impl BackendState for CudaState {
 
     fn take_device_ms(&mut self) -> Option<f64> {
         self.timing?;
-        if self.timing_pending {
+        if self.timing_pending.contains(&true) {
             let _ = self.shared.device.bind();
             let _ = self.sync();
         }
@@ -1734,19 +1821,90 @@ impl BackendState for CudaState {
             self.launch(kernels.sample_rows, b, SAMPLE_THREADS, 0, args)?;
             return self.read_next(out);
         }
-        if self.next_ready.get() {
-            return self.read_next(out);
-        }
-        let mut chunks = self.best_chunks.get();
-        if chunks == 0 {
-            chunks = v.div_ceil(ARGMAX_CHUNK);
-            let (best_value, best_index) = (self.best.ptr, self.best.at::<f32>(b * chunks));
-            let args = Args::new().ptr(self.logits.ptr).int(v).int(ARGMAX_CHUNK).ptr(best_value).ptr(best_index);
-            self.launch_grid(kernels.argmax_partial, (chunks, b, 1), 256, 0, args)?;
-        }
-        let (best_value, best_index) = (self.best.ptr, self.best.at::<f32>(b * chunks));
-        let args = Args::new().ptr(best_value).ptr(best_index).int(chunks).ptr(self.ints.at::<i32>(next));
-        self.launch(kernels.argmax_final, b, 256, 0, args)?;
+        self.choose_greedy(b)?;
         self.read_next(out)
+    }
+
+    fn steps_ahead(&self) -> bool {
+        self.kv_cache
+    }
+
+    fn step_ahead(&mut self) -> Result<bool> {
+        let b = self.history.batch();
+        if !self.kv_cache || b == 0 || self.ahead_started - self.ahead_collected >= 2 {
+            return Ok(false);
+        }
+        self.shared.device.bind()?;
+        let exec = match self.graphs.iter().find(|(n, _)| *n == b) {
+            Some((_, exec)) => *exec,
+            // Capture wants the stream idle (the first step of a batch size).
+            None => {
+                self.sync()?;
+                self.step_graph()?
+            }
+        };
+        self.best_chunks.set(self.step_best_chunks(b));
+        self.next_ready.set(self.fused_step(b).is_some());
+        self.next_known = false;
+        let slot = self.ahead_started % 2;
+        self.mark_timer(1 + slot, false)?;
+        // SAFETY: the graph was captured on this stream with this state's buffers; it reads the ids
+        // the last selection left at `next`, which the stream orders before it.
+        unsafe { result::graph::launch(exec, self.stream) }.check("cuda: launching the step graph")?;
+        self.mark_timer(1 + slot, true)?;
+        self.choose_greedy(b)?;
+        let (next, at) = (self.layout.next, self.layout.ahead + slot * b);
+        let _range = nvtx::range(nvtx::D2H_TOKEN_IDS);
+        // SAFETY: b ints in both buffers; the host reads the slot only after its event, and the
+        // slot is not copied into again before it is collected.
+        unsafe {
+            result::memcpy_dtoh_async(
+                &mut self.host_ints.as_mut_slice()[at..at + b],
+                self.ints.at::<i32>(next),
+                self.stream,
+            )
+        }
+        .check("cuda: copying token ids to the host")?;
+        // SAFETY: the event and the stream belong to this state.
+        unsafe { result::event::record(self.ahead_copied[slot].event, self.stream) }
+            .check("cuda: recording an event")?;
+        self.ahead_started += 1;
+        Ok(true)
+    }
+
+    fn collect_ahead(&mut self, out: &mut [u32]) -> Result<()> {
+        if self.ahead_collected == self.ahead_started {
+            bail!(Internal, "cuda: no step was started ahead");
+        }
+        self.shared.device.bind()?;
+        let slot = self.ahead_collected % 2;
+        // SAFETY: the event was recorded on this state's stream after the slot's copy.
+        unsafe { result::event::synchronize(self.ahead_copied[slot].event) }.check("cuda: running the step")?;
+        self.read_timer(1 + slot)?;
+        self.ahead_collected += 1;
+        let (at, b) = (self.layout.ahead + slot * out.len(), out.len());
+        for (o, &id) in out.iter_mut().zip(&self.host_ints.as_slice()[at..at + b]) {
+            *o = id as u32;
+        }
+        Ok(())
+    }
+
+    fn rewind(&mut self, lens: &[usize]) -> Result<()> {
+        self.shared.device.bind()?;
+        // The steps not kept run to their end first; their time is not counted.
+        self.timing_pending[1] = false;
+        self.timing_pending[2] = false;
+        self.sync()?;
+        self.timing_pending[1] = false;
+        self.timing_pending[2] = false;
+        self.ahead_collected = self.ahead_started;
+        self.next_known = false;
+        let sl = self.layout.seq_len;
+        for (h, &l) in self.host_ints.as_mut_slice()[sl..sl + lens.len()].iter_mut().zip(lens) {
+            *h = l as i32;
+        }
+        self.upload_ints(sl, lens.len())?;
+        // Done before the pinned positions can be written again.
+        self.sync()
     }
 }
