@@ -1610,27 +1610,60 @@ impl CudaState {
 
     fn read_next(&mut self, out: &mut [u32]) -> Result<()> {
         let _range = nvtx::range(nvtx::D2H_TOKEN_IDS);
-        let (next, b) = (self.layout.next, out.len());
-        // SAFETY: b ints in both buffers; synchronised before reading.
-        unsafe {
-            result::memcpy_dtoh_async(
-                &mut self.host_ints.as_mut_slice()[next..next + b],
-                self.ints.at::<i32>(next),
-                self.stream,
-            )
-        }
-        .check("cuda: copying token ids to the host")?;
+        let next = self.layout.next;
+        self.copy_ids_back(next, out.len())?;
         self.sync()?;
         self.next_known = true;
-        for (o, &id) in out.iter_mut().zip(&self.host_ints.as_slice()[next..next + b]) {
-            *o = id as u32;
-        }
+        self.ids_from_host(next, out);
         Ok(())
     }
 
+    /// Enqueues the copy of the `b` ids at `next` (device) into the pinned ints at `at`; the
+    /// caller waits (stream or event) before reading them.
+    fn copy_ids_back(&mut self, at: usize, b: usize) -> Result<()> {
+        // SAFETY: b ints in both buffers; not read before the copy has run (above).
+        unsafe {
+            result::memcpy_dtoh_async(
+                &mut self.host_ints.as_mut_slice()[at..at + b],
+                self.ints.at::<i32>(self.layout.next),
+                self.stream,
+            )
+        }
+        .check("cuda: copying token ids to the host")
+    }
+
+    /// The ids in the pinned ints at `at`, into `out`.
+    fn ids_from_host(&self, at: usize, out: &mut [u32]) {
+        let n = out.len();
+        for (o, &id) in out.iter_mut().zip(&self.host_ints.as_slice()[at..at + n]) {
+            *o = id as u32;
+        }
+    }
+
+    /// The captured step graph of the current batch size, if there is one yet.
+    fn captured_step(&self) -> Option<sys::CUgraphExec> {
+        let b = self.history.batch();
+        self.graphs.iter().find(|(n, _)| *n == b).map(|(_, exec)| *exec)
+    }
+
+    /// Launches a step graph (timed with timer `timer` when timing is on), noting what it leaves
+    /// for the selection: where the argmax's first stage went (replays do not run `head`, which
+    /// records it), whether it chose the greedy ids (the fused step does, into `next`), and that
+    /// the ids at `next` are no longer the host's.
+    fn launch_step(&mut self, exec: sys::CUgraphExec, timer: usize) -> Result<()> {
+        let b = self.history.batch();
+        self.best_chunks.set(self.step_best_chunks(b));
+        self.next_ready.set(self.fused_step(b).is_some());
+        self.next_known = false;
+        self.mark_timer(timer, false)?;
+        // SAFETY: the graph was captured on this stream with this state's buffers.
+        unsafe { result::graph::launch(exec, self.stream) }.check("cuda: launching the step graph")?;
+        self.mark_timer(timer, true)
+    }
+
     fn step_graph(&mut self) -> Result<sys::CUgraphExec> {
-        if let Some((_, exec)) = self.graphs.iter().find(|(b, _)| *b == self.history.batch()) {
-            return Ok(*exec);
+        if let Some(exec) = self.captured_step() {
+            return Ok(exec);
         }
         // SAFETY: capture of this state's own stream; the graph is destroyed in Drop.
         unsafe {
@@ -1721,16 +1754,8 @@ impl BackendState for CudaState {
             }
             self.upload_ints(nx, b)?;
         }
-        // The step (the fused one writes its greedy choice there) changes them.
-        self.next_known = false;
         let exec = self.step_graph()?;
-        // Replays do not run `head`, which records where the argmax's first stage went.
-        self.best_chunks.set(self.step_best_chunks(tokens.len()));
-        self.next_ready.set(self.fused_step(tokens.len()).is_some());
-        self.mark(false)?;
-        // SAFETY: the graph was captured on this stream with this state's buffers.
-        unsafe { result::graph::launch(exec, self.stream) }.check("cuda: launching the step graph")?;
-        self.mark(true)
+        self.launch_step(exec, 0)
     }
 
     fn set_device_timing(&mut self, on: bool) -> Result<()> {
@@ -1835,36 +1860,23 @@ impl BackendState for CudaState {
             return Ok(false);
         }
         self.shared.device.bind()?;
-        let exec = match self.graphs.iter().find(|(n, _)| *n == b) {
-            Some((_, exec)) => *exec,
+        let exec = match self.captured_step() {
+            Some(exec) => exec,
             // Capture wants the stream idle (the first step of a batch size).
             None => {
                 self.sync()?;
                 self.step_graph()?
             }
         };
-        self.best_chunks.set(self.step_best_chunks(b));
-        self.next_ready.set(self.fused_step(b).is_some());
-        self.next_known = false;
         let slot = self.ahead_started % 2;
-        self.mark_timer(1 + slot, false)?;
-        // SAFETY: the graph was captured on this stream with this state's buffers; it reads the ids
-        // the last selection left at `next`, which the stream orders before it.
-        unsafe { result::graph::launch(exec, self.stream) }.check("cuda: launching the step graph")?;
-        self.mark_timer(1 + slot, true)?;
+        // The graph reads the ids the last selection left at `next`, which the stream orders
+        // before it.
+        self.launch_step(exec, 1 + slot)?;
         self.choose_greedy(b)?;
-        let (next, at) = (self.layout.next, self.layout.ahead + slot * b);
+        // The host reads the slot only after its event, and the slot is not copied into again
+        // before it is collected.
         let _range = nvtx::range(nvtx::D2H_TOKEN_IDS);
-        // SAFETY: b ints in both buffers; the host reads the slot only after its event, and the
-        // slot is not copied into again before it is collected.
-        unsafe {
-            result::memcpy_dtoh_async(
-                &mut self.host_ints.as_mut_slice()[at..at + b],
-                self.ints.at::<i32>(next),
-                self.stream,
-            )
-        }
-        .check("cuda: copying token ids to the host")?;
+        self.copy_ids_back(self.layout.ahead + slot * b, b)?;
         // SAFETY: the event and the stream belong to this state.
         unsafe { result::event::record(self.ahead_copied[slot].event, self.stream) }
             .check("cuda: recording an event")?;
@@ -1882,10 +1894,7 @@ impl BackendState for CudaState {
         unsafe { result::event::synchronize(self.ahead_copied[slot].event) }.check("cuda: running the step")?;
         self.read_timer(1 + slot)?;
         self.ahead_collected += 1;
-        let (at, b) = (self.layout.ahead + slot * out.len(), out.len());
-        for (o, &id) in out.iter_mut().zip(&self.host_ints.as_slice()[at..at + b]) {
-            *o = id as u32;
-        }
+        self.ids_from_host(self.layout.ahead + slot * out.len(), out);
         Ok(())
     }
 
@@ -1895,8 +1904,6 @@ impl BackendState for CudaState {
         self.timing_pending[1] = false;
         self.timing_pending[2] = false;
         self.sync()?;
-        self.timing_pending[1] = false;
-        self.timing_pending[2] = false;
         self.ahead_collected = self.ahead_started;
         self.next_known = false;
         let sl = self.layout.seq_len;
