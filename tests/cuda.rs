@@ -200,6 +200,13 @@ fn cuda_f32_matches_the_cpu_reference_at_every_batch_path() {
     }
 }
 
+/// Asserts f32 logits within 1e-4 of the reference's largest magnitude (at least 1).
+fn assert_logits_close(got: &[f32], want: &[f32], what: &str) {
+    let scale = want.iter().fold(1.0f32, |m, v| m.max(v.abs()));
+    let worst = got.iter().zip(want).fold(0.0f32, |m, (g, w)| m.max((g - w).abs()));
+    assert!(worst / scale <= 1e-4, "{what}: logits differ by {worst} (scale {scale})");
+}
+
 #[test]
 fn cuda_step_takes_the_given_tokens_after_a_selection() {
     if !gpu_available() {
@@ -233,9 +240,7 @@ fn cuda_step_takes_the_given_tokens_after_a_selection() {
         };
         for (step, ((want_ids, want), (got_ids, got))) in run(&cpu).iter().zip(&run(&gpu)).enumerate() {
             assert_eq!(got_ids, want_ids, "batch {batch}, step {step}: the selections differ");
-            let scale = want.iter().fold(1.0f32, |m, v| m.max(v.abs()));
-            let worst = got.iter().zip(want).fold(0.0f32, |m, (g, w)| m.max((g - w).abs()));
-            assert!(worst / scale <= 1e-4, "batch {batch}, step {step}: logits differ by {worst} (scale {scale})");
+            assert_logits_close(got, want, &format!("batch {batch}, step {step}"));
         }
     }
 }
@@ -293,11 +298,8 @@ fn cuda_generation_stopped_early_leaves_the_session_as_the_cpu_does() {
             assert_eq!(got.0, want.0, "{what}: the generations differ");
             assert_eq!(got.1, want.1, "{what}: the lengths differ");
             assert_eq!(got.3, want.3, "{what}: the next selections differ");
-            for (g, w, which) in [(&got.2, &want.2, "last"), (&got.4, &want.4, "next step's")] {
-                let scale = w.iter().fold(1.0f32, |m, v| m.max(v.abs()));
-                let worst = g.iter().zip(w).fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
-                assert!(worst / scale <= 1e-4, "{what}: {which} logits differ by {worst} (scale {scale})");
-            }
+            assert_logits_close(&got.2, &want.2, &format!("{what}: last"));
+            assert_logits_close(&got.4, &want.4, &format!("{what}: next step's"));
         }
     }
 }
