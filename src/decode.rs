@@ -4,6 +4,7 @@
 
 use crate::backend::{Backend, BackendState, Profile};
 use crate::error::Result;
+use crate::model::SplitMix64;
 use crate::nvtx;
 use crate::sampling::{Sampler, SamplingParams};
 use std::sync::Arc;
@@ -79,6 +80,8 @@ pub struct Decoder {
     replay: Vec<u32>,
     replay_pending: bool,
     rewind_lens: Vec<usize>,
+    /// The sampler's streams before the last step started ahead drew (put back when it is undone).
+    streams: Vec<SplitMix64>,
 }
 
 impl Decoder {
@@ -117,6 +120,7 @@ impl Decoder {
             replay: vec![0; profile.max_batch],
             replay_pending: false,
             rewind_lens: Vec::with_capacity(profile.max_batch),
+            streams: Vec::with_capacity(profile.max_batch),
             backend,
         })
     }
@@ -303,9 +307,10 @@ impl Decoder {
     /// Starts the next step on the device ahead of the host (`BackendState::step_ahead`): 1 if
     /// the backend did, 0 if it declined.
     fn start_ahead(&mut self) -> Result<usize> {
+        self.sampler.save_streams(&mut self.streams);
         let started = {
             let _range = nvtx::range(nvtx::STEP);
-            self.state.step_ahead()
+            self.state.step_ahead(&mut self.sampler)
         };
         match started {
             Ok(true) => {
@@ -372,10 +377,11 @@ impl Decoder {
         let mut out = vec![Vec::with_capacity(params.max_new_tokens); batch];
         let mut done = vec![false; batch];
         let mut next = std::mem::take(&mut self.next);
-        // Greedy generation keeps the next step queued on the device while the host reads the
-        // current tokens and hands them out (steps started ahead, where the backend can; at most
-        // two outstanding). A step started ahead that a stop leaves unused is undone by `settle`.
-        let pipelined = self.kv_cache && params.sampling.is_greedy() && self.state.steps_ahead();
+        // Generation keeps the next step queued on the device while the host reads the current
+        // tokens and hands them out (steps started ahead, where the backend can; at most two
+        // outstanding). A step started ahead that a stop leaves unused is undone: its draws at
+        // once, the rest by `settle`.
+        let pipelined = self.kv_cache && self.state.steps_ahead();
         let mut ahead = 0;
         let result = (|| {
             for produced in 0..params.max_new_tokens {
@@ -424,6 +430,7 @@ impl Decoder {
         debug_assert!(ahead <= 1, "at most one step is outstanding between iterations");
         if ahead > 0 && result.is_ok() {
             self.lens.iter_mut().for_each(|l| *l -= ahead);
+            self.sampler.restore_streams(&self.streams);
             self.replay_pending = true;
         }
         self.next = next;
@@ -491,8 +498,14 @@ mod tests {
                 self.last[seq] = t;
             }
         }
-        fn greedy(&self) -> Vec<u32> {
-            (0..self.lens.len()).map(|s| self.best(s)).collect()
+        /// The best id of each sequence, or with a draw one of the next few after it.
+        fn choose(&self, sampler: &mut Sampler) -> Vec<u32> {
+            (0..self.lens.len())
+                .map(|s| {
+                    let shift = sampler.draw(s).map_or(0, |u| (u * 4.0) as u32);
+                    (self.best(s) + shift) % VOCAB as u32
+                })
+                .collect()
         }
     }
 
@@ -523,22 +536,22 @@ mod tests {
             }
             Ok(())
         }
-        fn select(&mut self, _sampler: &mut Sampler, out: &mut [u32]) -> Result<()> {
-            self.device_ids = self.greedy();
+        fn select(&mut self, sampler: &mut Sampler, out: &mut [u32]) -> Result<()> {
+            self.device_ids = self.choose(sampler);
             out.copy_from_slice(&self.device_ids);
             Ok(())
         }
         fn steps_ahead(&self) -> bool {
             self.ahead
         }
-        fn step_ahead(&mut self) -> Result<bool> {
+        fn step_ahead(&mut self, sampler: &mut Sampler) -> Result<bool> {
             if !self.ahead || self.queue.len() >= 2 {
                 return Ok(false);
             }
             self.started.fetch_add(1, Ordering::Relaxed);
             let ids = std::mem::take(&mut self.device_ids);
             self.advance(&ids);
-            self.device_ids = self.greedy();
+            self.device_ids = self.choose(sampler);
             self.queue.push_back(self.device_ids.clone());
             Ok(true)
         }
@@ -574,6 +587,7 @@ mod tests {
         stop: &str,
         calls: usize,
         max_new_tokens: usize,
+        sampling: SamplingParams,
     ) -> (GenerateOutput, Vec<usize>, Vec<f32>, Vec<u32>, Vec<f32>, usize) {
         let started = Arc::new(AtomicUsize::new(0));
         let mut d = decoder(ahead, &started);
@@ -581,9 +595,8 @@ mod tests {
         let cancel = AtomicBool::new(false);
         let params = GenerateParams {
             max_new_tokens,
-            // The first sequence's 4th greedy token (computed without steps ahead) stops sequences.
             stop_tokens: if stop == "stop tokens" { vec![calls as u32] } else { Vec::new() },
-            ..GenerateParams::default()
+            sampling,
         };
         let mut n = 0;
         let out = d
@@ -599,7 +612,8 @@ mod tests {
         let mut logits = vec![0.0; batch * VOCAB];
         d.read_logits(&mut logits).unwrap();
         let mut ids = vec![0; batch];
-        d.select(&SamplingParams::greedy(), &mut ids).unwrap();
+        // The same rules: sampled, this continues the streams where the generation left them.
+        d.select(&sampling, &mut ids).unwrap();
         d.step(&ids).unwrap();
         let mut after = vec![0.0; batch * VOCAB];
         d.read_logits(&mut after).unwrap();
@@ -621,10 +635,15 @@ mod tests {
                 ("cancel", 1),
                 ("cancel", 4),
             ] {
-                for max_new_tokens in [1, 2, 3, 8] {
-                    let want = observe(false, batch, stop, calls, max_new_tokens);
-                    let got = observe(true, batch, stop, calls, max_new_tokens);
-                    let what = format!("batch {batch}, {stop} after {calls}, {max_new_tokens} tokens");
+                for (max_new_tokens, sampling) in [1, 2, 3, 8].into_iter().flat_map(|n| {
+                    [
+                        (n, SamplingParams::greedy()),
+                        (n, SamplingParams { temperature: 1.0, top_k: 0, top_p: 1.0, seed: 5 }),
+                    ]
+                }) {
+                    let want = observe(false, batch, stop, calls, max_new_tokens, sampling);
+                    let got = observe(true, batch, stop, calls, max_new_tokens, sampling);
+                    let what = format!("batch {batch}, {stop} after {calls}, {max_new_tokens} tokens, {sampling:?}");
                     assert_eq!(want.5, 0, "{what}: the reference started steps ahead");
                     assert_eq!(
                         (&got.0, &got.1, &got.2, &got.3, &got.4),

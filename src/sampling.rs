@@ -94,6 +94,18 @@ impl Sampler {
         }
     }
 
+    /// Copies the sequences' random streams into `into` (room for them: `Sampler::new`'s
+    /// `max_batch`), for `restore_streams`.
+    pub(crate) fn save_streams(&self, into: &mut Vec<SplitMix64>) {
+        into.clear();
+        into.extend_from_slice(&self.rngs);
+    }
+
+    /// Puts back streams saved by `save_streams` (the draws since then are drawn again).
+    pub(crate) fn restore_streams(&mut self, from: &[SplitMix64]) {
+        self.rngs.clone_from_slice(from);
+    }
+
     /// Chooses the next token of sequence `b` from its logits row.
     pub fn select(&mut self, b: usize, row: &[f32]) -> u32 {
         match self.draw(b) {

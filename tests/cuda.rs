@@ -250,11 +250,12 @@ fn cuda_generation_stopped_early_leaves_the_session_as_the_cpu_does() {
     if !gpu_available() {
         return;
     }
-    // Greedy generation keeps the next step queued on the device while the host hands out the
-    // current tokens; a generation that stops early leaves that step unused, and it is undone.
-    // Whatever ends it (the callback, stop tokens, cancellation from the callback), the session
-    // must then hold what the CPU reference (which starts nothing ahead) holds: the same lengths,
-    // last logits and next steps. Batch 1 (fused step) and 3 (a kernel per phase).
+    // Generation keeps the next step queued on the device while the host hands out the current
+    // tokens; a generation that stops early leaves that step unused, and it is undone (its
+    // sampling draws too). Whatever ends it (the callback, stop tokens, cancellation from the
+    // callback), the session must then hold what the CPU reference (which starts nothing ahead)
+    // holds: the same lengths, last logits and next steps, greedy and sampled (the next selection
+    // continues the random streams). Batch 1 (fused step) and 3 (a kernel per phase).
     let cpu = distilgpt2(BackendKind::Cpu, None);
     let gpu = distilgpt2(BackendKind::Cuda, Some(DType::F32));
     let vocab = cpu.config().vocab_size;
@@ -263,7 +264,11 @@ fn cuda_generation_stopped_early_leaves_the_session_as_the_cpu_does() {
         let greedy = batch_tokens(&cpu, batch, 5, 12, SamplingParams::greedy());
         // Each sequence's 6th token stops it (or an earlier occurrence of another's).
         let stops: Vec<u32> = greedy.iter().map(|g| g[5]).collect();
-        for how in ["callback", "stop tokens", "cancel", "length"] {
+        let sampled = SamplingParams { temperature: 0.8, top_k: 40, top_p: 0.95, seed: 3 };
+        for (how, sampling) in ["callback", "stop tokens", "cancel", "length"]
+            .into_iter()
+            .flat_map(|how| [(how, SamplingParams::greedy()), (how, sampled)])
+        {
             let run = |engine: &Engine| {
                 let mut session = engine
                     .new_session(SessionOptions { max_batch: batch, max_seq: 5 + 12 + 2, kv_cache: true })
@@ -272,7 +277,7 @@ fn cuda_generation_stopped_early_leaves_the_session_as_the_cpu_does() {
                 let params = GenerateParams {
                     max_new_tokens: if how == "length" { 7 } else { 12 },
                     stop_tokens: if how == "stop tokens" { stops.clone() } else { Vec::new() },
-                    ..GenerateParams::default()
+                    sampling,
                 };
                 let mut calls = 0;
                 let out = session
@@ -287,14 +292,14 @@ fn cuda_generation_stopped_early_leaves_the_session_as_the_cpu_does() {
                 let lengths = session.lengths().to_vec();
                 let (mut logits, mut ids) = (vec![0.0f32; batch * vocab], vec![0u32; batch]);
                 session.read_logits(&mut logits).unwrap();
-                session.select(&SamplingParams::greedy(), &mut ids).unwrap();
+                session.select(&sampling, &mut ids).unwrap();
                 session.step(&ids).unwrap();
                 let mut after = vec![0.0f32; batch * vocab];
                 session.read_logits(&mut after).unwrap();
                 (out, lengths, logits, ids, after)
             };
             let (want, got) = (run(&cpu), run(&gpu));
-            let what = format!("batch {batch}, ended by {how}");
+            let what = format!("batch {batch}, ended by {how}, {sampling:?}");
             assert_eq!(got.0, want.0, "{what}: the generations differ");
             assert_eq!(got.1, want.1, "{what}: the lengths differ");
             assert_eq!(got.3, want.3, "{what}: the next selections differ");

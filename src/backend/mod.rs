@@ -79,11 +79,11 @@ pub trait BackendState: Send + fmt::Debug {
     fn read_logits(&mut self, out: &mut [f32]) -> Result<()>;
     /// Chooses the next token of every sequence of the current batch into `out`.
     fn select(&mut self, sampler: &mut Sampler, out: &mut [u32]) -> Result<()>;
-    /// Pipelined greedy decoding, used by the decoder's generate loop only (a backend may decline
-    /// with `Ok(false)`, the default). Starts, without waiting, a step on the ids the last
-    /// selection (or step started ahead) left on the device, then the greedy choice of its next
-    /// ids; at most two are outstanding. `collect_ahead` returns their ids in order.
-    fn step_ahead(&mut self) -> Result<bool> {
+    /// Pipelined decoding, used by the decoder's generate loop only (a backend may decline with
+    /// `Ok(false)`, the default). Starts, without waiting, a step on the ids the last selection (or
+    /// step started ahead) left on the device, then the choice of its next ids by `sampler` (its
+    /// draws taken now); at most two are outstanding. `collect_ahead` returns their ids in order.
+    fn step_ahead(&mut self, _sampler: &mut Sampler) -> Result<bool> {
         Ok(false)
     }
     /// Whether `step_ahead` may start steps (the decoder does not try where it cannot).

@@ -812,7 +812,8 @@ struct IntLayout {
     next: usize,
     /// The sampling draws of a step, f32 bits.
     uniforms: usize,
-    /// Two slots (host side only) for the ids of the steps started ahead (`step_ahead`).
+    /// Host side only: two slots for the ids of the steps started ahead (`step_ahead`), then two
+    /// for their sampling draws.
     ahead: usize,
     total: usize,
 }
@@ -830,7 +831,7 @@ impl IntLayout {
             next: 3 * bs + 3 * b,
             uniforms: 3 * bs + 4 * b,
             ahead: 3 * bs + 5 * b,
-            total: 3 * bs + 7 * b,
+            total: 3 * bs + 9 * b,
         }
     }
 }
@@ -1588,6 +1589,49 @@ impl CudaState {
     }
 
     /// Copies the `out.len()` chosen token ids back (the only data a step sends to the host).
+    /// Enqueues the sampled choice of the batch's `b` next ids into `next`: the draws come from the
+    /// host sampler's per-sequence streams, so a seed gives the same tokens as on the CPU backend,
+    /// staged at `host_at` in the pinned ints and copied to the device's draws; the rules run in
+    /// `sample_rows`. False (nothing enqueued) when the rules are greedy: they draw nothing.
+    fn choose_sampled(&mut self, sampler: &mut Sampler, b: usize, host_at: usize) -> Result<bool> {
+        let params = *sampler.params();
+        let v = self.shared.config.vocab_size;
+        let mut draws = 0;
+        for i in 0..b {
+            let Some(u) = sampler.draw(i) else { break };
+            self.host_ints.as_mut_slice()[host_at + i] = u.to_bits() as i32;
+            draws += 1;
+        }
+        if draws != b || b == 0 {
+            return Ok(false);
+        }
+        let uniforms = self.layout.uniforms;
+        {
+            let _range = nvtx::range(nvtx::H2D_TOKENS);
+            // SAFETY: b ints in both buffers; the pinned source is not written again before the
+            // stream has run the copy (the caller's slot discipline, or the select's sync).
+            unsafe {
+                result::memcpy_htod_async(
+                    self.ints.at::<i32>(uniforms),
+                    &self.host_ints.as_slice()[host_at..host_at + b],
+                    self.stream,
+                )
+            }
+            .check("cuda: copying sampling draws to the device")?;
+        }
+        let top_k = if params.top_k < v { params.top_k } else { 0 };
+        let args = Args::new()
+            .ptr(self.logits.ptr)
+            .int(v)
+            .ptr(self.ints.at::<i32>(uniforms))
+            .float(1.0 / params.temperature)
+            .int(top_k)
+            .float(params.top_p)
+            .ptr(self.ints.at::<i32>(self.layout.next));
+        self.launch(self.shared.device.kernels.sample_rows, b, SAMPLE_THREADS, 0, args)?;
+        Ok(true)
+    }
+
     /// Enqueues the greedy choice of the batch's `b` next ids into `next`, unless the step made it.
     fn choose_greedy(&self, b: usize) -> Result<()> {
         if self.next_ready.get() {
@@ -1820,30 +1864,7 @@ impl BackendState for CudaState {
         self.shared.device.bind()?;
         self.next_known = false;
         let b = out.len();
-        let v = self.shared.config.vocab_size;
-        let next = self.layout.next;
-        let kernels = &self.shared.device.kernels;
-        let params = *sampler.params();
-        // The draws come from the host sampler's per-sequence streams (greedy rules draw none), so
-        // a seed gives the same tokens as on the CPU backend; the rules run in `sample_rows`.
-        let mut draws = 0;
-        for i in 0..b {
-            let Some(u) = sampler.draw(i) else { break };
-            self.host_ints.as_mut_slice()[self.layout.uniforms + i] = u.to_bits() as i32;
-            draws += 1;
-        }
-        if draws == b && b > 0 {
-            self.upload_ints(self.layout.uniforms, b)?;
-            let top_k = if params.top_k < v { params.top_k } else { 0 };
-            let args = Args::new()
-                .ptr(self.logits.ptr)
-                .int(v)
-                .ptr(self.ints.at::<i32>(self.layout.uniforms))
-                .float(1.0 / params.temperature)
-                .int(top_k)
-                .float(params.top_p)
-                .ptr(self.ints.at::<i32>(next));
-            self.launch(kernels.sample_rows, b, SAMPLE_THREADS, 0, args)?;
+        if self.choose_sampled(sampler, b, self.layout.uniforms)? {
             return self.read_next(out);
         }
         self.choose_greedy(b)?;
@@ -1854,7 +1875,7 @@ impl BackendState for CudaState {
         self.kv_cache
     }
 
-    fn step_ahead(&mut self) -> Result<bool> {
+    fn step_ahead(&mut self, sampler: &mut Sampler) -> Result<bool> {
         let b = self.history.batch();
         if !self.kv_cache || b == 0 || self.ahead_started - self.ahead_collected >= 2 {
             return Ok(false);
@@ -1872,7 +1893,9 @@ impl BackendState for CudaState {
         // The graph reads the ids the last selection left at `next`, which the stream orders
         // before it.
         self.launch_step(exec, 1 + slot)?;
-        self.choose_greedy(b)?;
+        if !self.choose_sampled(sampler, b, self.layout.ahead + (2 + slot) * b)? {
+            self.choose_greedy(b)?;
+        }
         // The host reads the slot only after its event, and the slot is not copied into again
         // before it is collected.
         let _range = nvtx::range(nvtx::D2H_TOKEN_IDS);
