@@ -1073,17 +1073,23 @@ impl CudaState {
     }
 
     fn upload_ints(&self, offset: usize, len: usize) -> Result<()> {
+        self.upload_ints_from(offset, offset, len, "cuda: copying tokens to the device")
+    }
+
+    /// Enqueues the copy of the `len` pinned ints at `host_at` to the device's ints at `device_at`.
+    fn upload_ints_from(&self, host_at: usize, device_at: usize, len: usize, what: &str) -> Result<()> {
         let _range = nvtx::range(nvtx::H2D_TOKENS);
-        // SAFETY: the pinned source outlives the copy (synchronised before reuse), the range is in
-        // bounds of both buffers.
+        // SAFETY: the pinned source outlives the copy and is not written again before the stream
+        // has run it (synchronised before reuse, or a slot of its own); the ranges are in bounds
+        // of both buffers.
         unsafe {
             result::memcpy_htod_async(
-                self.ints.at::<i32>(offset),
-                &self.host_ints.as_slice()[offset..offset + len],
+                self.ints.at::<i32>(device_at),
+                &self.host_ints.as_slice()[host_at..host_at + len],
                 self.stream,
             )
         }
-        .check("cuda: copying tokens to the device")
+        .check(what)
     }
 
     fn sync(&mut self) -> Result<()> {
@@ -1606,7 +1612,6 @@ impl CudaState {
         )
     }
 
-    /// Copies the `out.len()` chosen token ids back (the only data a step sends to the host).
     /// Enqueues the sampled choice of the batch's `b` next ids into `next`: the draws come from the
     /// host sampler's per-sequence streams, so a seed gives the same tokens as on the CPU backend,
     /// staged at `host_at` in the pinned ints and copied to the device's draws; the rules run in
@@ -1624,19 +1629,7 @@ impl CudaState {
             return Ok(false);
         }
         let uniforms = self.layout.uniforms;
-        {
-            let _range = nvtx::range(nvtx::H2D_TOKENS);
-            // SAFETY: b ints in both buffers; the pinned source is not written again before the
-            // stream has run the copy (the caller's slot discipline, or the select's sync).
-            unsafe {
-                result::memcpy_htod_async(
-                    self.ints.at::<i32>(uniforms),
-                    &self.host_ints.as_slice()[host_at..host_at + b],
-                    self.stream,
-                )
-            }
-            .check("cuda: copying sampling draws to the device")?;
-        }
+        self.upload_ints_from(host_at, uniforms, b, "cuda: copying sampling draws to the device")?;
         let top_k = if params.top_k < v { params.top_k } else { 0 };
         let args = Args::new()
             .ptr(self.logits.ptr)
@@ -1670,6 +1663,7 @@ impl CudaState {
         self.launch(kernels.argmax_final, b, 256, 0, args)
     }
 
+    /// Copies the `out.len()` chosen token ids back (the only data a step sends to the host).
     fn read_next(&mut self, out: &mut [u32]) -> Result<()> {
         let _range = nvtx::range(nvtx::D2H_TOKEN_IDS);
         let next = self.layout.next;
@@ -1683,7 +1677,7 @@ impl CudaState {
     /// Enqueues the copy of the `b` ids at `next` (device) into the pinned ints at `at`; the
     /// caller waits (stream or event) before reading them.
     fn copy_ids_back(&mut self, at: usize, b: usize) -> Result<()> {
-        // SAFETY: b ints in both buffers; not read before the copy has run (above).
+        // SAFETY: b ints in both buffers; the caller reads them only after the copy has run.
         unsafe {
             result::memcpy_dtoh_async(
                 &mut self.host_ints.as_mut_slice()[at..at + b],
