@@ -216,6 +216,9 @@ __device__ void matmul_finish(const float* partial, int splits, int M, int N, co
 // LayerNorm computed in the kernel's prologue (each block normalises the few rows it needs).
 
 // VEC consecutive weights (16 bytes) as floats.
+template <typename W> struct IsF32 { static constexpr bool value = false; };
+template <> struct IsF32<float> { static constexpr bool value = true; };
+
 template <typename W> struct Vec;
 // Loads keep the raw 16 bytes (4 registers) until the arithmetic needs them.
 template <> struct Vec<float> {
@@ -1481,6 +1484,8 @@ extern "C" __global__ void sample_rows(const float* logits, int V, const float* 
 #define STEP_ROWS 16
 // flags of decode_step: the MLP-down input rows are staged in shared memory.
 #define STEP_STAGE_H4 1
+// Flag: the products run on tensor cores (step_product_mma; half weights, K % 32 == 0).
+#define STEP_MMA 2
 
 // The weight table (a device array of addresses): STEP_GLOBALS entries, then STEP_PER_LAYER for
 // each layer. The host writes it in this order (fused_step in imp.rs).
@@ -1588,7 +1593,7 @@ __device__ __forceinline__ size_t step_buffer_bytes(int C, int blocks, int wsize
     return step_slab_bytes(C, blocks, wsize) + ((size_t)2 * C * wsize + 15) / 16 * 16;
 }
 __device__ __forceinline__ int step_scratch_floats(int C, int H, int blocks, int rows) {
-    int shares = max(STEP_WARPS * 4, ceil_div(4 * C, blocks) + 3) * rows;
+    int shares = max(STEP_WARPS * 8, ceil_div(4 * C, blocks) + 7) * rows;
     int attention = STEP_WARPS * (C / H) + 2 * STEP_WARPS;
     int combine = 3 * max((int)blocks, rows * H);
     return max(max(shares, attention), combine);
@@ -1754,6 +1759,56 @@ __device__ __noinline__ void step_product(const W* slab, int nc, int K, const fl
     __syncthreads();
 }
 
+// step_product on tensor cores (f16/bf16 weights, M <= 8 rows, K % 32 == 0): item it = (group
+// it / S of 8 adjacent columns, k-share it % S) belongs to warp it % STEP_WARPS and runs two
+// m16n8k16 products a 32 k (rows 8..15 of the A operand are zero). Lane (g, tig) loads 8
+// consecutive k (from 8 tig) of column g and of row g; the first product takes k 0-3 of them as
+// its logical k {2 tig, 2 tig + 1, 2 tig + 8, 2 tig + 9}, the second k 4-7: a dot product does
+// not mind which k pairs with which so long as both operands agree, and every lane holding a
+// logical k maps it to the same k. The rows are rounded to W, as matmul_mma does. red as
+// step_product with CB = 8.
+template <typename W, int ROWS>
+__device__ __noinline__ void step_product_mma(const W* slab, int nc, int K, const float* x, bool global_x, int M, int S,
+                                              float* red) {
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tig = lane & 3;
+    int per = ceil_div(ceil_div(K, S), 32) * 32;
+    int groups = ceil_div(nc, 8);
+    bool row_ok = g < M;
+    const float* xr = x + (size_t)min(g, M - 1) * K + tig * 8;
+    for (int it = warp; it < groups * S; it += STEP_WARPS) {
+        int c0 = it / S * 8, kb = (it % S) * per, ke = min(K, kb + per);
+        // Past the last column: a valid row read and ignored.
+        const W* wr = slab + (size_t)min(c0 + g, nc - 1) * K + tig * 8;
+        float d[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll 4
+        for (int k = kb; k < ke; k += 32) {
+            uint4 b = *reinterpret_cast<const uint4*>(wr + k);
+            float4 x0, x1;
+            if (global_x) {
+                x0 = __ldcg(reinterpret_cast<const float4*>(xr + k));
+                x1 = __ldcg(reinterpret_cast<const float4*>(xr + k + 4));
+            } else {
+                x0 = *reinterpret_cast<const float4*>(xr + k);
+                x1 = *reinterpret_cast<const float4*>(xr + k + 4);
+            }
+            unsigned int a[4] = {row_ok ? Mma<W>::pack(x0.x, x0.y) : 0u, 0u, row_ok ? Mma<W>::pack(x0.z, x0.w) : 0u, 0u};
+            unsigned int bw[2] = {b.x, b.y};
+            Mma<W>::run(d, a, bw);
+            a[0] = row_ok ? Mma<W>::pack(x1.x, x1.y) : 0u;
+            a[2] = row_ok ? Mma<W>::pack(x1.z, x1.w) : 0u;
+            bw[0] = b.z;
+            bw[1] = b.w;
+            Mma<W>::run(d, a, bw);
+        }
+        // d[0], d[1]: row g, columns c0 + 2 tig and c0 + 2 tig + 1 (d[2], d[3]: the zero rows).
+        if (row_ok) {
+            red[(it * 8 + 2 * tig) * ROWS + g] = d[0];
+            red[(it * 8 + 2 * tig + 1) * ROWS + g] = d[1];
+        }
+    }
+    __syncthreads();
+}
+
 // Columns a product's warp item covers for M rows: one (the most items) for one or two rows;
 // beyond, four, so that each input value read from shared memory serves four weights. (Two for one
 // row, so that QKV's and MLP-up's slabs fit one round of the warps, measured the same at batch 1
@@ -1861,6 +1916,7 @@ __device__ void decode_step(const unsigned long long* table, int L, int C, int H
     unsigned char* bufs[2] = {step_smem, step_smem + buffer};
     float* xs = reinterpret_cast<float*>(step_smem + 2 * buffer);
     bool stage_h4 = flags & STEP_STAGE_H4;
+    bool mma = !IsF32<W>::value && ROWS <= 8 && (flags & STEP_MMA);
     float* h4s = xs + (size_t)M * C;
     float* scratch = h4s + (stage_h4 ? (size_t)M * 4 * C : 0);
     unsigned int smem_size;
@@ -1928,11 +1984,18 @@ __device__ void decode_step(const unsigned long long* table, int L, int C, int H
         __syncthreads();
         stamp(trace, stamps);
         prepare();
-        int CB = step_column_block(M);
+        int CB = mma ? 8 : step_column_block(M);
         int S = max(1, STEP_WARPS / max(ceil_div(a.nc, CB), 1));
         const W* slab_p = reinterpret_cast<const W*>(bufs[p & 1]);
-        if (CB == 1) step_product<W, 1, ROWS>(slab_p, a.nc, a.K, in, global_in, M, S, scratch);
-        else step_product<W, 4, ROWS>(slab_p, a.nc, a.K, in, global_in, M, S, scratch);
+        if constexpr (!IsF32<W>::value && ROWS <= 8) {
+            if (mma) step_product_mma<W, ROWS>(slab_p, a.nc, a.K, in, global_in, M, S, scratch);
+        }
+        if (mma) {
+        } else if (CB == 1) {
+            step_product<W, 1, ROWS>(slab_p, a.nc, a.K, in, global_in, M, S, scratch);
+        } else {
+            step_product<W, 4, ROWS>(slab_p, a.nc, a.K, in, global_in, M, S, scratch);
+        }
         step_epilogue<W, ROWS>(scratch, CB, S, M, a.n0, a.nc, a.N, C, a.bias, a.bias0, a.res0, out, mode, kc, vc, s_seq,
                          s_pos, max_seq);
         // The next product's loads, unless that is the output projection: its residual (x) may

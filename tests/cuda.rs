@@ -95,9 +95,16 @@ fn distilgpt2(backend: BackendKind, dtype: Option<DType>) -> Engine {
 /// The same on CUDA, loaded with the tuning variable `var` set to `value` (the backend reads it at
 /// load).
 fn distilgpt2_with(var: &str, value: &str, dtype: DType) -> Engine {
+    distilgpt2_with2([(var, value)], dtype)
+}
+
+/// The built-in DistilGPT2 on CUDA in `dtype`, loaded with the tuning knobs `vars` set.
+fn distilgpt2_with2<const N: usize>(vars: [(&str, &str); N], dtype: DType) -> Engine {
     // SAFETY: this test binary runs its tests on one thread (tools/gpu_check.sh passes
     // --test-threads 1); nothing else reads the environment concurrently.
-    unsafe { std::env::set_var(var, value) };
+    for (var, value) in vars {
+        unsafe { std::env::set_var(var, value) };
+    }
     let options = EngineOptions {
         builtin: Preset::DistilGpt2,
         backend: BackendKind::Cuda,
@@ -105,7 +112,9 @@ fn distilgpt2_with(var: &str, value: &str, dtype: DType) -> Engine {
         ..EngineOptions::default()
     };
     let engine = Engine::load(&options);
-    unsafe { std::env::remove_var(var) };
+    for (var, _) in vars {
+        unsafe { std::env::remove_var(var) };
+    }
     engine.unwrap()
 }
 
@@ -386,8 +395,43 @@ fn cuda_tensor_core_products_match_the_cpu_reference() {
     }
     // Batches past the decode rows (and every long prefill) take matmul_mma in the half modes on
     // 8.0+ GPUs. Its logits against the CPU reference (f32), beside the CUDA-core kernel's
-    // (GPT2RT_CUDA_MMA=0): prefill of 16 x 20 tokens (chunks of 128 and 64 rows), then 4 steps.
-    let (batch, prompt_len, steps) = (16, 20, 4);
+    // (GPT2RT_CUDA_MMA=0): prefill of 16 x 20 tokens in passes of 256 and 64 rows
+    // (GPT2RT_CUDA_PREFILL_ROWS), then 4 steps.
+    half_logits_against_the_cpu(
+        16,
+        "tensor cores",
+        |dtype| distilgpt2_with("GPT2RT_CUDA_PREFILL_ROWS", "256", dtype),
+        |dtype| distilgpt2_with2([("GPT2RT_CUDA_MMA", "0"), ("GPT2RT_CUDA_PREFILL_ROWS", "256")], dtype),
+    );
+}
+
+#[test]
+fn cuda_fused_step_on_tensor_cores_matches_the_cpu_reference() {
+    if !gpu_available() {
+        return;
+    }
+    // Batch 8 through the fused step (GPT2RT_CUDA_FUSED_ROWS=8), its products on tensor cores from
+    // 3 rows on 8.0+ GPUs in the half modes (step_product_mma), beside its CUDA-core products
+    // (GPT2RT_CUDA_STEP_MMA_ROWS past the batch).
+    half_logits_against_the_cpu(
+        8,
+        "the fused step on tensor cores",
+        |dtype| distilgpt2_with2([("GPT2RT_CUDA_FUSED_ROWS", "8"), ("GPT2RT_CUDA_STEP_MMA_ROWS", "3")], dtype),
+        |dtype| distilgpt2_with2([("GPT2RT_CUDA_FUSED_ROWS", "8"), ("GPT2RT_CUDA_STEP_MMA_ROWS", "99")], dtype),
+    );
+}
+
+/// Logits of `batch` prompts of 20 tokens and 4 steps from the CUDA engines `tested` makes (f16
+/// and bf16) against the CPU reference (f32), beside those of `beside` (printed only): the largest
+/// difference relative to the row's largest magnitude under 5e-2, and the same argmax in at least
+/// 90% of the rows.
+fn half_logits_against_the_cpu(
+    batch: usize,
+    what: &str,
+    tested: impl Fn(DType) -> Engine,
+    beside: impl Fn(DType) -> Engine,
+) {
+    let (prompt_len, steps) = (20, 4);
     let cpu = distilgpt2(BackendKind::Cpu, None);
     let vocab = cpu.config().vocab_size;
     let prompts = prompts(vocab, batch, prompt_len);
@@ -428,16 +472,14 @@ fn cuda_tensor_core_products_match_the_cpu_reference() {
         (worst, same)
     };
     for dtype in [DType::F16, DType::BF16] {
-        let mma = distilgpt2(BackendKind::Cuda, Some(dtype));
-        let cores = distilgpt2_with("GPT2RT_CUDA_MMA", "0", dtype);
         let total = batch * (steps + 1);
-        let (w_mma, s_mma) = worst(&trace(&mma, Some(&fed)).0);
-        let (w_cores, s_cores) = worst(&trace(&cores, Some(&fed)).0);
+        let (w, s) = worst(&trace(&tested(dtype), Some(&fed)).0);
+        let (wb, sb) = worst(&trace(&beside(dtype), Some(&fed)).0);
         println!(
-            "cuda {dtype}, batch {batch}: max relative logit difference from the CPU reference {w_mma:.2e} with tensor cores, {w_cores:.2e} without; same argmax {s_mma}/{total} and {s_cores}/{total}"
+            "cuda {dtype}, batch {batch}: max relative logit difference from the CPU reference {w:.2e} with {what}, {wb:.2e} without; same argmax {s}/{total} and {sb}/{total}"
         );
-        assert!(w_mma < 5e-2, "{dtype}: tensor-core logits too far from the CPU reference ({w_mma})");
-        assert!(s_mma * 10 >= total * 9, "{dtype}: tensor-core argmax agrees on only {s_mma}/{total}");
+        assert!(w < 5e-2, "{dtype}: logits with {what} too far from the CPU reference ({w})");
+        assert!(s * 10 >= total * 9, "{dtype}: argmax with {what} agrees on only {s}/{total}");
     }
 }
 

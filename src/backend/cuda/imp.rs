@@ -13,8 +13,13 @@ use std::sync::Arc;
 
 static FATBIN: &[u8] = include_bytes!("../../../kernels/gpt2rt.fatbin");
 
-/// Rows of a prefill processed per pass (bounds the activation buffers).
-const PREFILL_CHUNK: usize = 128;
+/// Rows of a prefill processed per pass (bounds the activation buffers). Each pass runs every
+/// layer, so short passes multiply the launches and split the products finely. H100, E2E ms of a
+/// prefill and one token for 128 / 256 / 512 / 1024 rows: f16 batch 16 prompt 12 1.23 / 0.96 /
+/// 0.95 / 0.98, batch 64 prompt 128 53.4 / 43.7 / 39.5 / 36.6; f32 batch 16 prompt 12 2.22 / 1.83 /
+/// 1.85 / 1.83, batch 64 prompt 128 88.1 / 78.5 / 74.3 / 72.6; f16 batch 1 prompt 1000 19.0 /
+/// 15.6 / 15.1 / 14.2.
+const PREFILL_CHUNK: usize = 1024;
 /// Rows the decode kernels take per group (GEMV_ROWS in the .cu file): up to this many, their
 /// prologues (LayerNorm, attention combination) run inside the matmul kernels.
 const GEMV_MAX_ROWS: usize = 8;
@@ -66,9 +71,20 @@ const STEP_THREADS: usize = 512;
 /// 11.93; f32 batch 2 9.59 vs 8.74, 4 10.64 vs 10.60, 8 12.87 vs 14.78, 12 18.52 vs 27.80, 16
 /// 21.11 vs 27.89 (9-16: the wide kernel). Batch 1 takes it in both (H100: f16 8.06 vs 8.42, f32
 /// 9.98 vs 10.36). H100, the same comparison: f16 batch 2 8.80 vs 8.56, 4 10.86 vs 10.99; f32
-/// batch 8 13.91 vs 16.19, 12 19.37 vs 27.95, 16 21.47 vs 28.06.
+/// batch 8 13.91 vs 16.19, 12 19.37 vs 27.95, 16 21.47 vs 28.06. In the half modes from 2 rows the
+/// fused step's products now run on tensor cores too (STEP_MMA_ROWS); H100, f16, the same
+/// comparison, twice: batch 2 8.10 / 8.08 vs 8.49 / 8.50 (its CUDA-core products), 4 9.19 / 9.20
+/// vs 10.55 / 10.55 (likewise), 5 9.54 / 9.54 vs 9.81 / 9.81, 6 9.90 / 9.80 vs 9.81 / 9.79, 7
+/// 10.16 / 10.18 vs 9.94 / 9.89, 8 10.85 / 10.87 vs 9.95 / 10.19.
 const FUSED_BATCHES_F32: u32 = 0b1_1111_1111_1110_0010;
-const FUSED_BATCHES_HALF: u32 = 0b1_1110;
+const FUSED_BATCHES_HALF: u32 = 0b11_1110;
+/// Batches from which the fused step's products run on tensor cores, where they can (the rows
+/// rounded to f16/bf16 as in matmul_mma). H100, f16, prompt 12, 32 new tokens, E2E ms, tensor
+/// cores vs CUDA cores: batch 1 7.87 vs 7.83 (so batch 1 keeps fp32 rows), 2 8.05 vs 8.51, 3 8.62
+/// vs 9.93, 4 9.13 vs 10.55, 8 10.87 vs 12.87.
+const STEP_MMA_ROWS: usize = 2;
+/// The fused step's flag for that (STEP_MMA in the .cu file).
+const STEP_MMA: usize = 2;
 /// Room for the fused step's trace stamps (13 a layer, 3 more).
 const TRACE_STAMPS: usize = 256;
 /// Rows of the wide (f32) fused-step kernel (STEP_ROWS in the .cu file).
@@ -77,8 +93,6 @@ const FUSED_WIDE_ROWS: usize = 16;
 const STEP_WARPS: usize = STEP_THREADS / 32;
 /// Threads per block of the attention kernel.
 const ATTENTION_THREADS: usize = 256;
-/// Output columns per block assumed when sizing the split-K of the tiled kernel.
-const MATMUL_THREADS: usize = 256;
 
 fn driver_error(what: &str, e: result::DriverError) -> Error {
     let name = e.error_name().ok().and_then(|n| n.to_str().ok()).unwrap_or("unknown CUDA error").to_string();
@@ -517,6 +531,10 @@ struct FusedStep {
     /// `GPT2RT_CUDA_FUSED_ROWS` (a tuning knob read when the engine loads); either way at most the
     /// rows whose inputs fit a kernel's shared memory.
     batches: u32,
+    /// Batches from which its products run on tensor cores (the half modes where matmul_mma runs
+    /// and n_embd % 32 == 0): STEP_MMA_ROWS, or `GPT2RT_CUDA_STEP_MMA_ROWS` (a tuning knob read
+    /// when the engine loads); usize::MAX where they cannot.
+    mma_rows: usize,
 }
 
 /// One kernel of the fused step.
@@ -557,7 +575,7 @@ fn fused_step_smem(
     let cpb = |n: usize| n.div_ceil(blocks);
     let elems = (cpb(3 * c) * c).max(cpb(4 * c) * c).max(cpb(c) * 4 * c);
     let buffer = (elems * wsize).next_multiple_of(16) + (2 * c * wsize).next_multiple_of(16);
-    let shares = (STEP_WARPS * 4).max(cpb(4 * c) + 3) * kernel_rows;
+    let shares = (STEP_WARPS * 8).max(cpb(4 * c) + 7) * kernel_rows;
     let attention = STEP_WARPS * cfg.head_dim() + 2 * STEP_WARPS;
     let combine = 3 * blocks.max(kernel_rows * cfg.n_head);
     let rows = m * c + if stage_h4 { m * 4 * c } else { 0 };
@@ -615,7 +633,12 @@ fn fused_step(
         None if dtype == DType::F32 => FUSED_BATCHES_F32 & upto(max_rows),
         None => FUSED_BATCHES_HALF & upto(max_rows),
     };
-    Ok(Some(FusedStep { blocks, table, kernels, batches }))
+    let mma_rows = if device.kernels.matmul_mma.is_some() && c % 32 == 0 {
+        knob("GPT2RT_CUDA_STEP_MMA_ROWS").unwrap_or(STEP_MMA_ROWS)
+    } else {
+        usize::MAX
+    };
+    Ok(Some(FusedStep { blocks, table, kernels, batches, mma_rows }))
 }
 
 /// Sizes one fused-step kernel (compiled for `kernel_rows` rows) for this device: the rows whose
@@ -664,6 +687,9 @@ fn step_kernel(
 }
 
 struct Shared {
+    /// Rows of a prefill processed per pass: PREFILL_CHUNK, or `GPT2RT_CUDA_PREFILL_ROWS` (a
+    /// tuning knob read when the engine loads).
+    prefill_rows: usize,
     /// Rows up to which forward passes take the decode path: DECODE_ROWS, or another value up to
     /// GEMV_MAX_M through the environment variable `GPT2RT_CUDA_DECODE_ROWS` (a tuning knob for
     /// benchmarks and tests, read when the engine loads).
@@ -681,6 +707,14 @@ struct Shared {
     weights: DeviceWeights,
     config: ModelConfig,
     dtype: DType,
+}
+
+impl Shared {
+    /// The k-slice of the split-K path's kernel for a product over `k`: MMA_SLICE where it runs on
+    /// tensor cores (see `CudaState::mma`), else 16 (matmul_tiled).
+    fn split_slice(&self, k: usize) -> usize {
+        if self.device.kernels.matmul_mma.is_some() && k % 16 == 0 { MMA_SLICE } else { 16 }
+    }
 }
 
 impl std::fmt::Debug for CudaBackend {
@@ -702,7 +736,18 @@ impl CudaBackend {
             knob("GPT2RT_CUDA_LM_HEAD_BLOCKS").unwrap_or(LM_HEAD_RESIDENT * device.sm_count).clamp(1, LM_HEAD_BLOCKS);
         let config = model.config.clone();
         let fused = fused_step(&device, &config, &weights, dtype)?;
-        let shared = Shared { decode_max_rows, split_blocks, lm_head_blocks, fused, device, weights, config, dtype };
+        let prefill_rows = knob("GPT2RT_CUDA_PREFILL_ROWS").unwrap_or(PREFILL_CHUNK).max(1);
+        let shared = Shared {
+            prefill_rows,
+            decode_max_rows,
+            split_blocks,
+            lm_head_blocks,
+            fused,
+            device,
+            weights,
+            config,
+            dtype,
+        };
         Ok(Self { shared: Arc::new(shared) })
     }
 }
@@ -773,17 +818,21 @@ impl Args {
     }
 }
 
-/// Split-K factor and k-range per split for a `[K, N]` weight.
-fn split_k(k: usize, n: usize) -> (usize, usize) {
-    let col_blocks = n.div_ceil(MATMUL_THREADS);
-    let splits = TARGET_BLOCKS.div_ceil(col_blocks).clamp(1, k.div_ceil(16));
-    let per_split = k.div_ceil(splits);
+/// Split-K factor and k-range per split of the split-K path's `m x [K, N]` product: about
+/// `target` blocks of 64 x 64 output tiles, each split at least 64 k and whole k-slices of `slice`
+/// (MMA_SLICE for the tensor-core kernel, 16 for the tiled one).
+fn split_k(m: usize, k: usize, n: usize, target: usize, slice: usize) -> (usize, usize) {
+    let tiles = n.div_ceil(64) * m.div_ceil(64);
+    let wanted = target.div_ceil(tiles).clamp(1, k.div_ceil(64));
+    let per_split = k.div_ceil(wanted).next_multiple_of(slice);
     (k.div_ceil(per_split), per_split)
 }
 
-/// Largest `splits * N` over the model's matmuls: the partial buffer per row.
-fn partial_per_row(c: usize) -> usize {
-    [(c, 3 * c), (c, c), (c, 4 * c), (4 * c, c)].iter().map(|&(k, n)| split_k(k, n).0 * n).max().unwrap_or(0)
+/// Floats of the split-K partial sums for up to `rows` rows: the largest `splits x m x N` over the
+/// model's products and every row count (`slice(k)`: the k-slice of the kernel for that K).
+fn partial_floats(c: usize, rows: usize, target: usize, slice: impl Fn(usize) -> usize) -> usize {
+    let shapes = [(c, 3 * c), (c, c), (c, 4 * c), (4 * c, c)];
+    (1..=rows).flat_map(|m| shapes.map(|(k, n)| split_k(m, k, n, target, slice(k)).0 * m * n)).max().unwrap_or(0)
 }
 
 /// Where a decode-path matmul's input rows come from.
@@ -907,7 +956,7 @@ impl CudaState {
         let d = &shared.device;
         let cfg = &shared.config;
         let (b, s, c, v) = (profile.max_batch, profile.max_seq, cfg.n_embd, cfg.vocab_size);
-        let rows = b.max(PREFILL_CHUNK.min(b * s));
+        let rows = b.max(shared.prefill_rows.min(b * s));
         let f = std::mem::size_of::<f32>();
         let layout = IntLayout::new(b, s);
         let kv_bytes = cfg.n_layer * b * s * c * f;
@@ -939,7 +988,11 @@ impl CudaState {
                 None
             },
             hidden4: DeviceBuffer::new(d, rows * 4 * c * f, "activations")?,
-            partial: DeviceBuffer::new(d, rows * partial_per_row(c) * f, "matmul partial sums")?,
+            partial: DeviceBuffer::new(
+                d,
+                partial_floats(c, rows, shared.split_blocks, |k| shared.split_slice(k)) * f,
+                "matmul partial sums",
+            )?,
             last_hidden: DeviceBuffer::new(d, b * c * f, "activations")?,
             last_norm: DeviceBuffer::new(d, b * c * f, "activations")?,
             logits: DeviceBuffer::new(d, b * v * f, "logits")?,
@@ -1149,13 +1202,9 @@ impl CudaState {
         kv: Option<(u64, u64, u64, u64)>,
     ) -> Result<()> {
         let kernels = &self.shared.device.kernels;
-        // Never more splits than split_k allows, which sized the partial buffer.
-        let (max_splits, _) = split_k(k, n);
-        let tiles = n.div_ceil(64) * m.div_ceil(64);
-        let wanted = self.shared.split_blocks.div_ceil(tiles).clamp(1, max_splits.min(k.div_ceil(64)));
         let mma = self.mma(k);
-        let per_split = k.div_ceil(wanted).next_multiple_of(if mma.is_some() { MMA_SLICE } else { 16 });
-        let splits = k.div_ceil(per_split);
+        // As partial_floats sized the partial buffer.
+        let (splits, per_split) = split_k(m, k, n, self.shared.split_blocks, self.shared.split_slice(k));
         let args = Args::new().ptr(input).int(m).int(k).ptr(w.ptr).int(n).ptr(self.partial.ptr).int(per_split);
         let (f, threads) = mma.map_or((kernels.matmul_tiled, 256), |f| (f, MMA_THREADS));
         self.launch_overlapped_grid(f, (n.div_ceil(64), m.div_ceil(64), splits), threads, 0, args)?;
@@ -1525,7 +1574,7 @@ impl CudaState {
         let k = &self.shared.device.kernels;
         let mut start = 0;
         while start < total {
-            let n = PREFILL_CHUNK.min(total - start);
+            let n = self.shared.prefill_rows.min(total - start);
             self.forward_rows(
                 self.ints.at::<i32>(t_off + start),
                 self.ints.at::<i32>(rs_off + start),
@@ -1559,6 +1608,8 @@ impl CudaState {
         if let Some(fs) = self.fused_step(b) {
             let cfg = &self.shared.config;
             let kernel = fs.kernel(b);
+            let mma = b >= fs.mma_rows;
+            let stage = b <= kernel.stage_rows;
             let args = Args::new()
                 .ptr(fs.table.ptr)
                 .int(cfg.n_layer)
@@ -1584,10 +1635,10 @@ impl CudaState {
                 .ptr(self.best.at::<f32>(b * fs.blocks))
                 .ptr(self.barrier.ptr)
                 .ptr(self.ints.at::<i32>(lay.next))
-                .int(usize::from(b <= kernel.stage_rows))
+                .int(usize::from(stage) | if mma { STEP_MMA } else { 0 })
                 .ptr(self.trace.as_ref().map_or(0, |t| t.ptr));
             let wsize = self.shared.dtype.size();
-            let smem = fused_step_smem(cfg, fs.blocks, wsize, b, b <= kernel.stage_rows, kernel.kernel_rows);
+            let smem = fused_step_smem(cfg, fs.blocks, wsize, b, stage, kernel.kernel_rows);
             let k = &self.shared.device.kernels;
             let f = if kernel.wide { k.decode_step_wide } else { k.decode_step };
             let f = f.expect("a fused step has its kernels");
