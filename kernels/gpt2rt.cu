@@ -169,10 +169,32 @@ __device__ __forceinline__ float gelu_new(float x) {
     return 0.5f * x * (1.0f + tanhf(k * (x + 0.044715f * x * x * x)));
 }
 
-// Finishes a split-K product: v = sum of the splits + bias[n], then by `mode`:
-// 0 store; 1 store gelu_new(v); 2 out += v (residual); 3 store, and append k/v columns to the
-// KV cache at each row's (seq, pos). Block (32 columns x 8 split lanes), grid (ceil(N/32), M); the
-// lanes' sums combine in a fixed order, so the result is deterministic.
+// Finishing a split-K product (matmul_finish, or matmul_finish_rows for many rows): v = the sum of
+// the splits + bias[n] in a fixed order (so deterministic, and the same in both), then by `mode`.
+// Output (m, n) of a finished product, v (its sum + bias), by mode: 0 store; 1 store gelu_new;
+// 2 out += v (the residual); 3 store, and append the k/v columns to the KV cache at the row's
+// (seq, pos).
+__device__ __forceinline__ void finish_store(float v, int m, int n, int N, float* out, int mode, float* k_cache,
+                                             float* v_cache, const int* row_seq, const int* row_pos, int max_seq) {
+    size_t i = (size_t)m * N + n;
+    if (mode == 1) v = gelu_new(v);
+    if (mode == 2) {
+        out[i] += v;
+        return;
+    }
+    out[i] = v;
+    if (mode == 3) {
+        int C = N / 3;
+        if (n >= C) {
+            size_t at = ((size_t)row_seq[m] * max_seq + row_pos[m]) * C + (n % C);
+            if (n < 2 * C) k_cache[at] = v; else v_cache[at] = v;
+        }
+    }
+}
+
+// The splits are summed in 8 interleaved shares (share i: splits i, i + 8, ... in order), then
+// bias + share 0 + ... + share 7. Grid (ceil(N/32), M), 256 threads: warp i sums share i of 32
+// columns of row m (for few rows and many splits).
 template <typename W>
 __device__ void matmul_finish(const float* partial, int splits, int M, int N, const W* bias, float* out, int mode,
                               float* k_cache, float* v_cache, const int* row_seq, const int* row_pos, int max_seq) {
@@ -191,20 +213,30 @@ __device__ void matmul_finish(const float* partial, int splits, int M, int N, co
     if (ty != 0 || n >= N) return;
     float v = to_f(bias[n]);
     for (int i = 0; i < 8; i++) v += sums[i][tx];
-    size_t i = (size_t)m * N + n;
-    if (mode == 1) v = gelu_new(v);
-    if (mode == 2) {
-        out[i] += v;
-        return;
+    finish_store(v, m, n, N, out, mode, k_cache, v_cache, row_seq, row_pos, max_seq);
+}
+
+// The same sums, one thread an output (its 8 shares in registers, so the result is the same bit
+// for bit), over the M x N outputs in blocks of 256 (for many rows and few splits).
+template <typename W>
+__device__ void matmul_finish_rows(const float* partial, int splits, int M, int N, const W* bias, float* out,
+                                   int mode, float* k_cache, float* v_cache, const int* row_seq, const int* row_pos,
+                                   int max_seq) {
+    pdl_trigger();
+    pdl_wait();
+    size_t o = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (o >= (size_t)M * N) return;
+    int m = (int)(o / N), n = (int)(o % N);
+    float share[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+    for (int s0 = 0; s0 < splits; s0 += 8) {
+#pragma unroll
+        for (int i = 0; i < 8; i++)
+            if (s0 + i < splits) share[i] += partial[(size_t)(s0 + i) * M * N + o];
     }
-    out[i] = v;
-    if (mode == 3) {
-        int C = N / 3;
-        if (n >= C) {
-            size_t at = ((size_t)row_seq[m] * max_seq + row_pos[m]) * C + (n % C);
-            if (n < 2 * C) k_cache[at] = v; else v_cache[at] = v;
-        }
-    }
+    float v = to_f(bias[n]);
+#pragma unroll
+    for (int i = 0; i < 8; i++) v += share[i];
+    finish_store(v, m, n, N, out, mode, k_cache, v_cache, row_seq, row_pos, max_seq);
 }
 
 // ---- Decode path (at most GEMV_ROWS rows): one warp per output column, weights streamed once. ----
@@ -790,6 +822,11 @@ __device__ void lm_head_fused(const float* h, const W* gamma, const W* beta, flo
                                                  const int* rp, int max_seq) {                                    \
         matmul_finish<W>(part, splits, M, N, bias, out, mode, kc, vc, rs, rp, max_seq);                           \
     }                                                                                                             \
+    extern "C" __global__ void matmul_finish_rows_##S(const float* part, int splits, int M, int N, const W* bias,  \
+                                                      float* out, int mode, float* kc, float* vc, const int* rs,  \
+                                                      const int* rp, int max_seq) {                               \
+        matmul_finish_rows<W>(part, splits, M, N, bias, out, mode, kc, vc, rs, rp, max_seq);                      \
+    }                                                                                                             \
     extern "C" __global__ void lm_head_##S(const float* h, int M, const W* wte, int V, int C, float* logits) {    \
         lm_head<W>(h, M, wte, V, C, logits);                                                                      \
     }                                                                                                             \
@@ -1052,6 +1089,126 @@ extern "C" __global__ void attention(const float* qkv, const float* k_cache, con
         float total = 0.0f;
         for (int i = 0; i < groups; i++) total += partial[i * D + dd];
         out[(size_t)r * C + h * D + dd] = total / sum;
+    }
+}
+
+// Causal attention of many rows with heads of 64 (long prefills): a block a (tile of ATT_ROWS
+// consecutive rows, head), 256 threads, 8 a row. The rows' keys and values go through shared
+// memory ATT_KEYS at a time, once for the whole tile (the `attention` kernel above reads them once
+// a row). Thread (r, i) scores keys i, i + 8, ... of each staged tile against row r, the 8 threads
+// of a row keep its running max and sum (online softmax), and thread (r, i) accumulates output
+// dimensions 8i..8i+7. A tile's rows may span sequences (a pass runs ragged prompts back to back):
+// each run of rows of one sequence goes over that sequence's keys up to the run's last position.
+// Grid (ceil(n / ATT_ROWS), H).
+#define ATT_ROWS 32
+#define ATT_KEYS 32
+extern "C" __global__ void __launch_bounds__(256) attention_tiled(const float* qkv, const float* k_cache,
+                                                                  const float* v_cache, const int* row_seq,
+                                                                  const int* row_pos, int n, float* out, int C,
+                                                                  int max_seq, float scale) {
+    constexpr int D = 64;
+    __shared__ float qs[ATT_ROWS][D + 1];
+    __shared__ float ks[ATT_KEYS][D + 1];
+    __shared__ __align__(16) float vs[ATT_KEYS][D];
+    __shared__ float ps[ATT_ROWS][ATT_KEYS + 1];
+    __shared__ int s_seq[ATT_ROWS], s_pos[ATT_ROWS];
+    pdl_trigger();
+    pdl_wait();
+    int tid = threadIdx.x, r = tid >> 3, i8 = tid & 7, h = blockIdx.y;
+    int row0 = blockIdx.x * ATT_ROWS, rows = min(ATT_ROWS, n - row0);
+    if (tid < ATT_ROWS) {
+        s_seq[tid] = tid < rows ? row_seq[row0 + tid] : -1;
+        s_pos[tid] = tid < rows ? row_pos[row0 + tid] : -1;
+    }
+    for (int e = tid; e < ATT_ROWS * D; e += 256) {
+        int rr = e / D, d = e % D;
+        qs[rr][d] = rr < rows ? qkv[(size_t)(row0 + rr) * 3 * C + h * D + d] * scale : 0.0f;
+    }
+    __syncthreads();
+    int my_pos = s_pos[r];
+    float mx = -INFINITY, l = 0.0f, acc[8];
+#pragma unroll
+    for (int k = 0; k < 8; k++) acc[k] = 0.0f;
+    for (int seg = 0; seg < rows;) {
+        int seq = s_seq[seg], end = seg, last = 0;
+        while (end < rows && s_seq[end] == seq) last = max(last, s_pos[end++]);
+        bool active = r >= seg && r < end;
+        const float* keys = k_cache + (size_t)seq * max_seq * C + h * D;
+        const float* values = v_cache + (size_t)seq * max_seq * C + h * D;
+        for (int t0 = 0; t0 <= last; t0 += ATT_KEYS) {
+            __syncthreads();  // the previous keys are no longer read
+            for (int e = tid; e < ATT_KEYS * D / 4; e += 256) {
+                int j = e / (D / 4), d = e % (D / 4) * 4;
+                float4 kv = make_float4(0.0f, 0.0f, 0.0f, 0.0f), vv = kv;
+                if (t0 + j <= last) {
+                    kv = *reinterpret_cast<const float4*>(keys + (size_t)(t0 + j) * C + d);
+                    vv = *reinterpret_cast<const float4*>(values + (size_t)(t0 + j) * C + d);
+                }
+                ks[j][d] = kv.x;
+                ks[j][d + 1] = kv.y;
+                ks[j][d + 2] = kv.z;
+                ks[j][d + 3] = kv.w;
+                *reinterpret_cast<float4*>(&vs[j][d]) = vv;
+            }
+            __syncthreads();
+            float sc[ATT_KEYS / 8];
+#pragma unroll
+            for (int i = 0; i < ATT_KEYS / 8; i++) sc[i] = 0.0f;
+#pragma unroll 8
+            for (int d = 0; d < D; d++) {
+                float q = qs[r][d];
+#pragma unroll
+                for (int i = 0; i < ATT_KEYS / 8; i++) sc[i] += q * ks[i8 + 8 * i][d];
+            }
+            float tile_max = -INFINITY;
+#pragma unroll
+            for (int i = 0; i < ATT_KEYS / 8; i++) {
+                bool ok = active && t0 + i8 + 8 * i <= my_pos;
+                sc[i] = ok ? sc[i] : -INFINITY;
+                tile_max = fmaxf(tile_max, sc[i]);
+            }
+            tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 1));
+            tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 2));
+            tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 4));
+            float mn = fmaxf(mx, tile_max);
+            float corr = mn == -INFINITY ? 1.0f : __expf(mx - mn), sum = 0.0f;
+#pragma unroll
+            for (int i = 0; i < ATT_KEYS / 8; i++) {
+                float p = sc[i] == -INFINITY ? 0.0f : __expf(sc[i] - mn);
+                ps[r][i8 + 8 * i] = p;
+                sum += p;
+            }
+            sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+            sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+            sum += __shfl_xor_sync(0xffffffffu, sum, 4);
+            l = l * corr + sum;
+            mx = mn;
+            __syncwarp();  // the row's probabilities, written by its 8 threads (one warp)
+#pragma unroll
+            for (int k = 0; k < 8; k++) acc[k] *= corr;
+#pragma unroll 4
+            for (int j = 0; j < ATT_KEYS; j++) {
+                float p = ps[r][j];
+                float4 v0 = *reinterpret_cast<const float4*>(&vs[j][i8 * 8]);
+                float4 v1 = *reinterpret_cast<const float4*>(&vs[j][i8 * 8 + 4]);
+                acc[0] += p * v0.x;
+                acc[1] += p * v0.y;
+                acc[2] += p * v0.z;
+                acc[3] += p * v0.w;
+                acc[4] += p * v1.x;
+                acc[5] += p * v1.y;
+                acc[6] += p * v1.z;
+                acc[7] += p * v1.w;
+            }
+            __syncwarp();  // ps is rewritten by the next keys
+        }
+        seg = end;
+    }
+    if (r < rows) {
+        float inv = 1.0f / l;
+        float* o = out + (size_t)(row0 + r) * C + h * D + i8 * 8;
+        *reinterpret_cast<float4*>(o) = make_float4(acc[0] * inv, acc[1] * inv, acc[2] * inv, acc[3] * inv);
+        *reinterpret_cast<float4*>(o + 4) = make_float4(acc[4] * inv, acc[5] * inv, acc[6] * inv, acc[7] * inv);
     }
 }
 

@@ -192,8 +192,9 @@ fn cuda_f32_matches_the_cpu_reference_at_every_batch_path() {
     for dtype in [DType::F16, DType::BF16] {
         let half = distilgpt2(BackendKind::Cuda, Some(dtype));
         let fused = distilgpt2_with("GPT2RT_CUDA_FUSED_ROWS", "8", dtype);
-        // On 8.0+ GPUs steps of batches 1 and 4 take the fused step, 6, 12 and 64 the tensor-core
-        // products (6 the fused step with GPT2RT_CUDA_FUSED_ROWS=8).
+        // On 8.0+ GPUs steps of batches 1 and 4 take the fused step (4 with its tensor-core
+        // products), 6, 12 and 64 the tensor-core products (6 the fused step with
+        // GPT2RT_CUDA_FUSED_ROWS=8).
         for (batch, engine) in [(1, &half), (4, &half), (6, &half), (6, &fused), (12, &half), (64, &half)] {
             let want = batch_tokens(&cpu, batch, 5, 12, SamplingParams::greedy());
             let got = batch_tokens(engine, batch, 5, 12, SamplingParams::greedy());
@@ -215,6 +216,51 @@ fn assert_logits_close(got: &[f32], want: &[f32], what: &str) {
     let scale = want.iter().fold(1.0f32, |m, v| m.max(v.abs()));
     let worst = got.iter().zip(want).fold(0.0f32, |m, (g, w)| m.max((g - w).abs()));
     assert!(worst / scale <= 1e-4, "{what}: logits differ by {worst} (scale {scale})");
+}
+
+#[test]
+fn cuda_long_prompts_attention_matches_the_cpu_reference() {
+    if !gpu_available() {
+        return;
+    }
+    // Prefills whose prompts average 64 tokens or more stage the keys of their attention
+    // (attention_tiled: a block a tile of 32 rows and head) where a pass makes a block an SM of
+    // it (471 rows: 180 blocks). Ragged prompts put tiles across sequence boundaries; passes of
+    // 400 rows (GPT2RT_CUDA_PREFILL_ROWS) split the last sequence between a staged pass and one
+    // too short for it. Prefill logits and two steps' against the CPU reference, in f32.
+    let lengths = [200, 37, 70, 64, 100];
+    let total: usize = lengths.iter().sum();
+    let cpu = distilgpt2(BackendKind::Cpu, None);
+    let vocab = cpu.config().vocab_size;
+    let tokens = prompts(vocab, 1, total);
+    let run = |engine: &Engine| {
+        let batch = lengths.len();
+        let mut session =
+            engine.new_session(SessionOptions { max_batch: batch, max_seq: 256, kv_cache: true }).unwrap();
+        session.prefill(&tokens, &lengths).unwrap();
+        let mut logits = vec![0.0f32; batch * vocab];
+        let mut all = Vec::new();
+        for step in 0..3 {
+            session.read_logits(&mut logits).unwrap();
+            all.push(logits.clone());
+            if step < 2 {
+                let next: Vec<u32> = logits.chunks(vocab).map(gpt2rt::sampling::argmax).collect();
+                session.step(&next).unwrap();
+            }
+        }
+        all
+    };
+    let want = run(&cpu);
+    let engines = [
+        (distilgpt2(BackendKind::Cuda, Some(DType::F32)), "default"),
+        (distilgpt2_with("GPT2RT_CUDA_PREFILL_ROWS", "400", DType::F32), "passes of 400 rows"),
+        (distilgpt2_with("GPT2RT_CUDA_TILED_ATTENTION", "0", DType::F32), "one block a (row, head)"),
+    ];
+    for (engine, what) in &engines {
+        for (i, (g, w)) in run(engine).iter().zip(&want).enumerate() {
+            assert_logits_close(g, w, &format!("{what}, after {i} steps"));
+        }
+    }
 }
 
 #[test]

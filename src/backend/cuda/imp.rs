@@ -91,6 +91,16 @@ const TRACE_STAMPS: usize = 256;
 const FUSED_WIDE_ROWS: usize = 16;
 /// Warps of a fused-step block (STEP_WARPS in the .cu file).
 const STEP_WARPS: usize = STEP_THREADS / 32;
+/// Rows a block of attention_tiled takes (ATT_ROWS in the .cu file).
+const ATTENTION_TILE_ROWS: usize = 32;
+/// Mean prompt length from which a prefill's attention past GEMV_MAX_M rows stages the keys
+/// (attention_tiled, heads of 64) instead of a block a (row, head) reading them (`attention`),
+/// where a pass makes at least a block an SM of it. H100, E2E ms of a prefill and one token,
+/// staged vs not: f16 batch 64 prompt 128 17.9 vs 26.6, batch 8 prompt 128 2.39 vs 3.42, prompt 64
+/// 1.37 vs 1.55, batch 1 prompt 1000 5.1 vs 12.8; f32 batch 8 prompt 64 3.51 vs 3.69. Not where
+/// the prompts are short (batch 16 prompt 12: 1.12 vs 0.82, 72 blocks each going over 2-3
+/// sequences' rows in turn) or the blocks few (batch 1 prompt 128: 0.94 vs 0.83, 48 blocks).
+const TILED_ATTENTION_LEN: usize = 64;
 /// Threads per block of the attention kernel.
 const ATTENTION_THREADS: usize = 256;
 
@@ -204,6 +214,9 @@ struct Kernels {
     /// The tensor-core product for f16/bf16 weights on 8.0+ (None: f32, or an older GPU).
     matmul_mma: Option<sys::CUfunction>,
     matmul_finish: sys::CUfunction,
+    matmul_finish_rows: sys::CUfunction,
+    /// The prefill attention with staged keys (heads of 64), unless `GPT2RT_CUDA_TILED_ATTENTION=0`.
+    attention_tiled: Option<sys::CUfunction>,
     lm_head: sys::CUfunction,
     attention: sys::CUfunction,
     gather_rows: sys::CUfunction,
@@ -281,8 +294,10 @@ impl Device {
                 None
             },
             matmul_finish: get(&format!("matmul_finish_{suffix}"))?,
+            matmul_finish_rows: get(&format!("matmul_finish_rows_{suffix}"))?,
             lm_head: get(&format!("lm_head_{suffix}"))?,
             attention: get("attention")?,
+            attention_tiled: if knob_on("GPT2RT_CUDA_TILED_ATTENTION") { Some(get("attention_tiled")?) } else { None },
             gather_rows: get("gather_rows")?,
             argmax_partial: get("argmax_partial")?,
             argmax_final: get("argmax_final")?,
@@ -1222,7 +1237,15 @@ impl CudaState {
             .ptr(rs)
             .ptr(rp)
             .int(self.profile.max_seq);
-        self.launch_overlapped_grid(kernels.matmul_finish, (n.div_ceil(32), m, 1), 256, 0, args)
+        // One thread an output from 64 rows; H100, f16, E2E ms, that vs warps sharing the splits:
+        // batch 64 prompt 128 + 128 tokens 103.9 vs 110.2 (it finishes every step's products too),
+        // batch 16 with 8 tokens 3.54 vs 3.32 (16-row steps). Prefill + one token at batch 64
+        // prompt 128 (1024-row passes): 17.9 vs 26.5.
+        if m >= GEMV_MAX_M {
+            self.launch_overlapped_grid(kernels.matmul_finish_rows, ((m * n).div_ceil(256), 1, 1), 256, 0, args)
+        } else {
+            self.launch_overlapped_grid(kernels.matmul_finish, (n.div_ceil(32), m, 1), 256, 0, args)
+        }
     }
 
     /// Blocks the decode attention spreads one (row, head) over: enough for max_seq.
@@ -1331,8 +1354,10 @@ impl CudaState {
     /// LayerNorms and the attention combination run as kernels of their own (their rows no longer
     /// fit shared memory). More rows take the split-K products (tensor cores in the half modes)
     /// after LayerNorm kernels; their attention is split across blocks as well up to GEMV_MAX_M
-    /// rows (every step of a batch up to 64, short prefills), one block a (row, head) beyond.
-    fn forward_rows(&self, tokens: u64, row_seq: u64, row_pos: u64, n: usize) -> Result<()> {
+    /// rows (every step of a batch up to 64, short prefills); beyond, one block a (row, head), or,
+    /// when `long_rows` (prefills of long prompts: runs of rows of one sequence), a block a tile
+    /// of rows and head with the keys staged once for the tile (attention_tiled).
+    fn forward_rows(&self, tokens: u64, row_seq: u64, row_pos: u64, n: usize, long_rows: bool) -> Result<()> {
         let cfg = &self.shared.config;
         let k = &self.shared.device.kernels;
         let w = &self.shared.weights;
@@ -1386,6 +1411,23 @@ impl CudaState {
                 // block a (row, head) does: H100, f16 batch 64, prompt 128 + 128 tokens, 165.0 ->
                 // 145.8 ms; batch 8 with 32 tokens 11.07 -> 10.23 ms.
                 self.attention_split(n, kc, vc, row_seq, row_pos, true)?;
+            } else if let Some(f) = k.attention_tiled.filter(|_| {
+                long_rows
+                    && cfg.head_dim() == 64
+                    && n.div_ceil(ATTENTION_TILE_ROWS) * cfg.n_head >= self.shared.device.sm_count
+            }) {
+                let args = Args::new()
+                    .ptr(self.qkv.ptr)
+                    .ptr(kc)
+                    .ptr(vc)
+                    .ptr(row_seq)
+                    .ptr(row_pos)
+                    .int(n)
+                    .ptr(self.att.ptr)
+                    .int(c)
+                    .int(s)
+                    .float(scale);
+                self.launch_overlapped_grid(f, (n.div_ceil(ATTENTION_TILE_ROWS), cfg.n_head, 1), 256, 0, args)?;
             } else {
                 self.launch_overlapped(
                     k.attention,
@@ -1570,6 +1612,7 @@ impl CudaState {
             self.upload_ints(offset, len)?;
         }
         self.mark(false)?;
+        let long_rows = total >= TILED_ATTENTION_LEN * self.history.batch();
         let c = self.shared.config.n_embd;
         let k = &self.shared.device.kernels;
         let mut start = 0;
@@ -1580,6 +1623,7 @@ impl CudaState {
                 self.ints.at::<i32>(rs_off + start),
                 self.ints.at::<i32>(rp_off + start),
                 n,
+                long_rows,
             )?;
             self.launch_overlapped(
                 k.gather_rows,
@@ -1649,6 +1693,7 @@ impl CudaState {
             self.ints.at::<i32>(lay.iota),
             self.ints.at::<i32>(lay.seq_len),
             b,
+            false,
         )?;
         let seq_len = self.ints.at::<i32>(lay.seq_len);
         if self.head(self.x.ptr, b, Some(seq_len))? {
