@@ -893,9 +893,10 @@ INSTANTIATE(__nv_bfloat16, bf16)
 // when there is one split). The activations are rounded to the weights' type on the way into
 // shared memory, as PyTorch's half modes do; products accumulate in fp32 (mma.sync m16n8k16).
 // 128 threads: warp j computes rows 0..63 x columns 16j..16j+15 of the block's 64x64 tile, from
-// k-slices of 32 staged in shared memory (the next slice's loads are in flight during the math).
-#define MMA_SLICE 32
-#define MMA_STRIDE 40  // halves per shared row: 80 bytes, so a fragment load hits 32 distinct banks
+// k-slices staged in shared memory (the next slice's loads are in flight during the math).
+// The k-slices (SLICE) are 32 or 64: 64 halves the rounds of a block's loop (fewer rows: its few
+// slices are latency), 32 keeps more blocks resident (many rows). Shared rows are SLICE + 8 halves
+// (80 or 144 bytes), so a fragment load hits 32 distinct banks.
 
 template <typename W> struct Mma;
 template <> struct Mma<__half> {
@@ -929,48 +930,49 @@ template <> struct Mma<__nv_bfloat16> {
     }
 };
 
-// Requires K % 8 == 0 (16-byte weight loads) and k_per_split % MMA_SLICE == 0.
-template <typename W>
+// Requires K % 16 == 0 (16-byte weight loads, whole 8-k chunks) and k_per_split % SLICE == 0.
+template <typename W, int SLICE>
 __device__ void matmul_mma(const float* __restrict__ in, int M, int K, const W* __restrict__ w, int N,
                            float* partial, int k_per_split) {
+    constexpr int MMA_SLICE = SLICE, MMA_STRIDE = SLICE + 8;
     __shared__ __align__(16) unsigned short a_s[64 * MMA_STRIDE];
     __shared__ __align__(16) unsigned short w_s[64 * MMA_STRIDE];
     int t = threadIdx.x, warp = t >> 5, lane = t & 31, g = lane >> 2, tig = lane & 3;
     int m0 = blockIdx.y * 64, n0 = blockIdx.x * 64;
     int k0 = blockIdx.z * k_per_split, k1 = min(K, k0 + k_per_split);
-    // This thread's share of a slice: row (and weight row) t / 2, 16 k from (t % 2) * 16.
-    int lr = t >> 1, lk = (t & 1) * 16;
+    // This thread's share of a slice: row (and weight row) t / 2, SLICE / 2 k from
+    // (t % 2) * SLICE / 2.
+    constexpr int HALF = MMA_SLICE / 2;
+    int lr = t >> 1, lk = (t & 1) * HALF;
     bool a_ok = m0 + lr < M, w_ok = n0 + lr < N;
     const float* a_src = in + (size_t)(m0 + lr) * K + lk;
     const W* w_src = w + (size_t)(n0 + lr) * K + lk;
-    float4 a_reg[4];
-    uint4 w_reg[2];
-    // Slices are whole: k1 - kb is a multiple of 16 here.
+    float4 a_reg[HALF / 4];
+    uint4 w_reg[HALF / 8];
+    // The last slice may be short: k1 - kb is a multiple of 16 (K % 16 == 0), so each 8 k are
+    // whole; those past k1 load as zeros.
     auto load_w = [&](int kb) {
-        bool in_k = kb + lk < k1;
 #pragma unroll
-        for (int i = 0; i < 2; i++)
-            w_reg[i] = (w_ok && in_k) ? *reinterpret_cast<const uint4*>(w_src + kb + 8 * i) : make_uint4(0, 0, 0, 0);
+        for (int i = 0; i < HALF / 8; i++)
+            w_reg[i] = (w_ok && kb + lk + 8 * i < k1) ? *reinterpret_cast<const uint4*>(w_src + kb + 8 * i)
+                                                       : make_uint4(0, 0, 0, 0);
     };
     auto load_a = [&](int kb) {
-        bool in_k = kb + lk < k1;
 #pragma unroll
-        for (int i = 0; i < 4; i++)
-            a_reg[i] = (a_ok && in_k) ? *reinterpret_cast<const float4*>(a_src + kb + 4 * i) : make_float4(0, 0, 0, 0);
+        for (int i = 0; i < HALF / 4; i++)
+            a_reg[i] = (a_ok && kb + lk + 4 * i < k1) ? *reinterpret_cast<const float4*>(a_src + kb + 4 * i)
+                                                       : make_float4(0, 0, 0, 0);
     };
     auto store = [&]() {
-        unsigned int packed[8];
-#pragma unroll
-        for (int i = 0; i < 4; i++) {
-            packed[2 * i] = Mma<W>::pack(a_reg[i].x, a_reg[i].y);
-            packed[2 * i + 1] = Mma<W>::pack(a_reg[i].z, a_reg[i].w);
-        }
         uint4* a_dst = reinterpret_cast<uint4*>(a_s + lr * MMA_STRIDE + lk);
-        a_dst[0] = make_uint4(packed[0], packed[1], packed[2], packed[3]);
-        a_dst[1] = make_uint4(packed[4], packed[5], packed[6], packed[7]);
+#pragma unroll
+        for (int i = 0; i < HALF / 8; i++)
+            a_dst[i] = make_uint4(Mma<W>::pack(a_reg[2 * i].x, a_reg[2 * i].y), Mma<W>::pack(a_reg[2 * i].z, a_reg[2 * i].w),
+                                  Mma<W>::pack(a_reg[2 * i + 1].x, a_reg[2 * i + 1].y),
+                                  Mma<W>::pack(a_reg[2 * i + 1].z, a_reg[2 * i + 1].w));
         uint4* w_dst = reinterpret_cast<uint4*>(w_s + lr * MMA_STRIDE + lk);
-        w_dst[0] = w_reg[0];
-        w_dst[1] = w_reg[1];
+#pragma unroll
+        for (int i = 0; i < HALF / 8; i++) w_dst[i] = w_reg[i];
     };
     float acc[4][2][4];
 #pragma unroll
@@ -1028,13 +1030,17 @@ __device__ void matmul_mma(const float* __restrict__ in, int M, int K, const W* 
             }
 }
 
-extern "C" __global__ void matmul_mma_f16(const float* in, int M, int K, const __half* w, int N, float* part, int kps) {
-    matmul_mma<__half>(in, M, K, w, N, part, kps);
-}
-extern "C" __global__ void matmul_mma_bf16(const float* in, int M, int K, const __nv_bfloat16* w, int N, float* part,
-                                           int kps) {
-    matmul_mma<__nv_bfloat16>(in, M, K, w, N, part, kps);
-}
+#define MMA_KERNELS(W, S)                                                                                         \
+    extern "C" __global__ void matmul_mma_##S(const float* in, int M, int K, const W* w, int N, float* part,       \
+                                              int kps) {                                                          \
+        matmul_mma<W, 32>(in, M, K, w, N, part, kps);                                                             \
+    }                                                                                                             \
+    extern "C" __global__ void matmul_mma64_##S(const float* in, int M, int K, const W* w, int N, float* part,     \
+                                                int kps) {                                                        \
+        matmul_mma<W, 64>(in, M, K, w, N, part, kps);                                                             \
+    }
+MMA_KERNELS(__half, f16)
+MMA_KERNELS(__nv_bfloat16, bf16)
 
 // Causal attention of one query row against its sequence's cached keys/values, one block per
 // (row, head). Dynamic shared memory: max_seq + head_dim floats.

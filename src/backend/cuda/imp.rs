@@ -56,9 +56,13 @@ const ATTENTION_SPLIT: usize = 64;
 const DEFAULT_SMEM: usize = 40 * 1024;
 /// Matmul blocks to aim for when choosing the split-K factor (about two per SM on an H100).
 const TARGET_BLOCKS: usize = 528;
-/// Threads per block of matmul_mma, and the k-slice it stages (MMA_SLICE in the .cu file).
+/// Threads per block of matmul_mma.
 const MMA_THREADS: usize = 128;
-const MMA_SLICE: usize = 32;
+/// Rows up to which the tensor-core product stages k-slices of 64 (matmul_mma64), past them of 32
+/// (matmul_mma). H100, f16, E2E ms, 64 vs 32: batch 8 with 32 tokens 9.30 / 9.37 vs 10.16 / 10.17
+/// (8-row steps), batch 16 10.28 / 10.32 vs 10.58 / 10.61; but batch 64 prompt 128 + 128 tokens
+/// 106.3 / 106.4 vs 103.4 / 103.7 (64-row steps, 1024-row prefill passes).
+const MMA_SLICE64_ROWS: usize = 16;
 /// Threads per block of `sample_rows` (one block a sequence). Must equal SAMPLE_THREADS in the .cu.
 const SAMPLE_THREADS: usize = 1024;
 /// Vocabulary entries per block in the first stage of the device argmax.
@@ -213,6 +217,8 @@ struct Kernels {
     matmul_tiled: sys::CUfunction,
     /// The tensor-core product for f16/bf16 weights on 8.0+ (None: f32, or an older GPU).
     matmul_mma: Option<sys::CUfunction>,
+    /// Its instance with k-slices of 64 (present with it).
+    matmul_mma64: Option<sys::CUfunction>,
     matmul_finish: sys::CUfunction,
     matmul_finish_rows: sys::CUfunction,
     /// The prefill attention with staged keys (heads of 64), unless `GPT2RT_CUDA_TILED_ATTENTION=0`.
@@ -263,6 +269,8 @@ impl Device {
         })?;
         let suffix = dtype.name();
         let fused = probe.capability >= (8, 0) && probe.cooperative && knob_on("GPT2RT_CUDA_FUSED_STEP");
+        // GPT2RT_CUDA_MMA=0 keeps the CUDA-core kernel (for comparisons).
+        let mma = dtype != DType::F32 && probe.capability >= (8, 0) && knob_on("GPT2RT_CUDA_MMA");
         let get = |name: &str| -> Result<sys::CUfunction> {
             let cname = std::ffi::CString::new(name).expect("kernel names have no NUL");
             // SAFETY: module is loaded; the name is NUL-terminated.
@@ -287,12 +295,8 @@ impl Device {
             lm_head_plain: get(&format!("lm_head_plain_{suffix}"))?,
             attention_combine: get("attention_combine")?,
             matmul_tiled: get(&format!("matmul_tiled_{suffix}"))?,
-            // GPT2RT_CUDA_MMA=0 keeps the CUDA-core kernel (for comparisons).
-            matmul_mma: if dtype != DType::F32 && probe.capability >= (8, 0) && knob_on("GPT2RT_CUDA_MMA") {
-                Some(get(&format!("matmul_mma_{suffix}"))?)
-            } else {
-                None
-            },
+            matmul_mma: if mma { Some(get(&format!("matmul_mma_{suffix}"))?) } else { None },
+            matmul_mma64: if mma { Some(get(&format!("matmul_mma64_{suffix}"))?) } else { None },
             matmul_finish: get(&format!("matmul_finish_{suffix}"))?,
             matmul_finish_rows: get(&format!("matmul_finish_rows_{suffix}"))?,
             lm_head: get(&format!("lm_head_{suffix}"))?,
@@ -725,10 +729,18 @@ struct Shared {
 }
 
 impl Shared {
-    /// The k-slice of the split-K path's kernel for a product over `k`: MMA_SLICE where it runs on
-    /// tensor cores (see `CudaState::mma`), else 16 (matmul_tiled).
-    fn split_slice(&self, k: usize) -> usize {
-        if self.device.kernels.matmul_mma.is_some() && k % 16 == 0 { MMA_SLICE } else { 16 }
+    /// The tensor-core kernel for `m` rows over `k`, and its k-slice, where the weights are
+    /// f16/bf16, the GPU has it (8.0+) and K suits it.
+    fn mma(&self, m: usize, k: usize) -> Option<(sys::CUfunction, usize)> {
+        let kernels = &self.device.kernels;
+        let (f, slice) = if m <= MMA_SLICE64_ROWS { (kernels.matmul_mma64, 64) } else { (kernels.matmul_mma, 32) };
+        f.filter(|_| k % 16 == 0).map(|f| (f, slice))
+    }
+
+    /// The k-slice of the split-K path's kernel for `m` rows over `k`: the tensor-core kernel's
+    /// where it runs, else 16 (matmul_tiled).
+    fn split_slice(&self, m: usize, k: usize) -> usize {
+        self.mma(m, k).map_or(16, |(_, slice)| slice)
     }
 }
 
@@ -835,7 +847,7 @@ impl Args {
 
 /// Split-K factor and k-range per split of the split-K path's `m x [K, N]` product: about
 /// `target` blocks of 64 x 64 output tiles, each split at least 64 k and whole k-slices of `slice`
-/// (MMA_SLICE for the tensor-core kernel, 16 for the tiled one).
+/// (32 or 64 for the tensor-core kernel, 16 for the tiled one).
 fn split_k(m: usize, k: usize, n: usize, target: usize, slice: usize) -> (usize, usize) {
     let tiles = n.div_ceil(64) * m.div_ceil(64);
     let wanted = target.div_ceil(tiles).clamp(1, k.div_ceil(64));
@@ -844,10 +856,10 @@ fn split_k(m: usize, k: usize, n: usize, target: usize, slice: usize) -> (usize,
 }
 
 /// Floats of the split-K partial sums for up to `rows` rows: the largest `splits x m x N` over the
-/// model's products and every row count (`slice(k)`: the k-slice of the kernel for that K).
-fn partial_floats(c: usize, rows: usize, target: usize, slice: impl Fn(usize) -> usize) -> usize {
+/// model's products and every row count (`slice(m, k)`: the k-slice of the kernel for them).
+fn partial_floats(c: usize, rows: usize, target: usize, slice: impl Fn(usize, usize) -> usize) -> usize {
     let shapes = [(c, 3 * c), (c, c), (c, 4 * c), (4 * c, c)];
-    (1..=rows).flat_map(|m| shapes.map(|(k, n)| split_k(m, k, n, target, slice(k)).0 * m * n)).max().unwrap_or(0)
+    (1..=rows).flat_map(|m| shapes.map(|(k, n)| split_k(m, k, n, target, slice(m, k)).0 * m * n)).max().unwrap_or(0)
 }
 
 /// Where a decode-path matmul's input rows come from.
@@ -1005,7 +1017,7 @@ impl CudaState {
             hidden4: DeviceBuffer::new(d, rows * 4 * c * f, "activations")?,
             partial: DeviceBuffer::new(
                 d,
-                partial_floats(c, rows, shared.split_blocks, |k| shared.split_slice(k)) * f,
+                partial_floats(c, rows, shared.split_blocks, |m, k| shared.split_slice(m, k)) * f,
                 "matmul partial sums",
             )?,
             last_hidden: DeviceBuffer::new(d, b * c * f, "activations")?,
@@ -1195,11 +1207,6 @@ impl CudaState {
         Ok(())
     }
 
-    /// The tensor-core kernel, where the weights are f16/bf16, the GPU has it (8.0+) and K suits it.
-    fn mma(&self, k: usize) -> Option<sys::CUfunction> {
-        self.shared.device.kernels.matmul_mma.filter(|_| k % 16 == 0)
-    }
-
     /// `out[M, N] = in[M, K] @ w + bias` (w stored `[N, K]`), then `mode` (see matmul_finish in the
     /// .cu file): the split-K path for row counts past the decode path, on tensor cores
     /// (matmul_mma) in the half modes where the GPU has them, else the CUDA-core tiled kernel.
@@ -1217,9 +1224,9 @@ impl CudaState {
         kv: Option<(u64, u64, u64, u64)>,
     ) -> Result<()> {
         let kernels = &self.shared.device.kernels;
-        let mma = self.mma(k);
+        let mma = self.shared.mma(m, k).map(|(f, _)| f);
         // As partial_floats sized the partial buffer.
-        let (splits, per_split) = split_k(m, k, n, self.shared.split_blocks, self.shared.split_slice(k));
+        let (splits, per_split) = split_k(m, k, n, self.shared.split_blocks, self.shared.split_slice(m, k));
         let args = Args::new().ptr(input).int(m).int(k).ptr(w.ptr).int(n).ptr(self.partial.ptr).int(per_split);
         let (f, threads) = mma.map_or((kernels.matmul_tiled, 256), |f| (f, MMA_THREADS));
         self.launch_overlapped_grid(f, (n.div_ceil(64), m.div_ceil(64), splits), threads, 0, args)?;
@@ -1567,7 +1574,7 @@ impl CudaState {
             return Ok(advance.is_some());
         }
         self.best_chunks.set(0);
-        if let Some(f) = self.mma(c) {
+        if let Some((f, _)) = self.shared.mma(m, c) {
             // One split: the product lands in the logits directly.
             let args =
                 Args::new().ptr(self.last_norm.ptr).int(m).int(c).ptr(head.ptr).int(v).ptr(self.logits.ptr).int(c);
