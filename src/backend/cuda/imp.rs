@@ -2053,3 +2053,45 @@ impl BackendState for CudaState {
         self.sync()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn split_k_covers_k_in_whole_slices_with_no_empty_split() {
+        // matmul_mma needs each split's k-range to start on a slice boundary, and every split
+        // block writes a partial tile the finish adds: each split must hold some of K, and the
+        // splits all of it.
+        for c in [64, 768, 1600] {
+            for (k, n) in [(c, 3 * c), (c, c), (c, 4 * c), (4 * c, c)] {
+                for m in [1, 3, 8, 16, 17, 64, 65, 96, 192, 1024] {
+                    for target in [1, 66, TARGET_BLOCKS] {
+                        for slice in [16, 32, 64] {
+                            let (splits, per) = split_k(m, k, n, target, slice);
+                            let at = format!("m {m} k {k} n {n} target {target} slice {slice}");
+                            assert_eq!(per % slice, 0, "{at}");
+                            assert!(splits >= 1 && splits * per >= k, "{at}: {splits} x {per}");
+                            assert!((splits - 1) * per < k, "{at}: {splits} x {per}, the last split is empty");
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_partial_buffer_holds_every_row_count_up_to_its_rows() {
+        let slice = |m: usize, _k: usize| if m <= MMA_SLICE64_ROWS { 64 } else { 32 };
+        for rows in [1, 5, 64, 300, 1024] {
+            let floats = partial_floats(768, rows, TARGET_BLOCKS, slice);
+            for m in 1..=rows {
+                for (k, n) in [(768, 2304), (768, 768), (768, 3072), (3072, 768)] {
+                    assert!(split_k(m, k, n, TARGET_BLOCKS, slice(m, k)).0 * m * n <= floats, "rows {rows}, m {m}");
+                }
+            }
+        }
+        // Far below the old sizing (the most splits any row count could take, for every row).
+        assert!(partial_floats(768, 1024, TARGET_BLOCKS, slice) < 1024 * 132_096 / 4);
+    }
+}
