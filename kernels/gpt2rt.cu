@@ -169,29 +169,30 @@ __device__ __forceinline__ float gelu_new(float x) {
     return 0.5f * x * (1.0f + tanhf(k * (x + 0.044715f * x * x * x)));
 }
 
-// Finishing a split-K product (matmul_finish, or matmul_finish_rows for many rows): v = the sum of
-// the splits + bias[n] in a fixed order (so deterministic, and the same in both), then by `mode`.
-// Output (m, n) of a finished product, v (its sum + bias), by mode: 0 store; 1 store gelu_new;
-// 2 out += v (the residual); 3 store, and append the k/v columns to the KV cache at the row's
-// (seq, pos).
-__device__ __forceinline__ void finish_store(float v, int m, int n, int N, float* out, int mode, float* k_cache,
-                                             float* v_cache, const int* row_seq, const int* row_pos, int max_seq) {
+// Output (m, n) of a product, v (bias included), by mode: 0 store; 1 store gelu_new; 2 out =
+// residual + v (`residual`: the old out value); 3 store, and append the k/v columns to the KV cache
+// at the row's (seq, pos). The epilogue of the split-K finishing and of the decode matmuls.
+__device__ __forceinline__ void gemv_store(float v, int m, int n, int N, int mode, float residual, float* out,
+                                           float* k_cache, float* v_cache, const int* row_seq, const int* pos,
+                                           int max_seq) {
     size_t i = (size_t)m * N + n;
     if (mode == 1) v = gelu_new(v);
     if (mode == 2) {
-        out[i] += v;
+        out[i] = residual + v;
         return;
     }
     out[i] = v;
     if (mode == 3) {
         int C = N / 3;
         if (n >= C) {
-            size_t at = ((size_t)row_seq[m] * max_seq + row_pos[m]) * C + (n % C);
+            size_t at = ((size_t)row_seq[m] * max_seq + pos[m]) * C + (n % C);
             if (n < 2 * C) k_cache[at] = v; else v_cache[at] = v;
         }
     }
 }
 
+// Finishing a split-K product (matmul_finish, or matmul_finish_rows for many rows): v = the sum of
+// the splits + bias[n] in a fixed order (so deterministic, and the same in both), then by `mode`.
 // The splits are summed in 8 interleaved shares (share i: splits i, i + 8, ... in order), then
 // bias + share 0 + ... + share 7. Grid (ceil(N/32), M), 256 threads: warp i sums share i of 32
 // columns of row m (for few rows and many splits).
@@ -213,7 +214,8 @@ __device__ void matmul_finish(const float* partial, int splits, int M, int N, co
     if (ty != 0 || n >= N) return;
     float v = to_f(bias[n]);
     for (int i = 0; i < 8; i++) v += sums[i][tx];
-    finish_store(v, m, n, N, out, mode, k_cache, v_cache, row_seq, row_pos, max_seq);
+    float residual = mode == 2 ? out[(size_t)m * N + n] : 0.0f;
+    gemv_store(v, m, n, N, mode, residual, out, k_cache, v_cache, row_seq, row_pos, max_seq);
 }
 
 // The same sums, one thread an output (its 8 shares in registers, so the result is the same bit
@@ -236,7 +238,8 @@ __device__ void matmul_finish_rows(const float* partial, int splits, int M, int 
     float v = to_f(bias[n]);
 #pragma unroll
     for (int i = 0; i < 8; i++) v += share[i];
-    finish_store(v, m, n, N, out, mode, k_cache, v_cache, row_seq, row_pos, max_seq);
+    float residual = mode == 2 ? out[(size_t)m * N + n] : 0.0f;
+    gemv_store(v, m, n, N, mode, residual, out, k_cache, v_cache, row_seq, row_pos, max_seq);
 }
 
 // ---- Decode path (at most GEMV_ROWS rows): one warp per output column, weights streamed once. ----
@@ -426,27 +429,6 @@ __device__ __forceinline__ const float* input_rows(const float* in, const int* t
 // and append the k/v columns to the KV cache at each row's (seq, pos). Dynamic shared memory:
 // M * K floats for every prologue but IN_PLAIN (those take M <= GEMV_ROWS).
 #define GEMV_MAX_M 64
-
-// The decode matmuls' epilogue for output (m, n) = v (bias included); `residual` is the old out
-// value in mode 2.
-__device__ __forceinline__ void gemv_store(float v, int m, int n, int N, int mode, float residual, float* out,
-                                           float* k_cache, float* v_cache, const int* row_seq, const int* pos,
-                                           int max_seq) {
-    size_t i = (size_t)m * N + n;
-    if (mode == 1) v = gelu_new(v);
-    if (mode == 2) {
-        out[i] = residual + v;
-        return;
-    }
-    out[i] = v;
-    if (mode == 3) {
-        int C = N / 3;
-        if (n >= C) {
-            size_t at = ((size_t)row_seq[m] * max_seq + pos[m]) * C + (n % C);
-            if (n < 2 * C) k_cache[at] = v; else v_cache[at] = v;
-        }
-    }
-}
 
 template <typename W, int IN>
 __device__ void gemv(const float* in, const int* tokens, const int* pos, const W* wte, const W* wpe, float* x_out,
@@ -2150,10 +2132,10 @@ __device__ void decode_step(const unsigned long long* table, int L, int C, int H
         int CB = mma ? 8 : step_column_block(M);
         int S = max(1, STEP_WARPS / max(ceil_div(a.nc, CB), 1));
         const W* slab_p = reinterpret_cast<const W*>(bufs[p & 1]);
-        if constexpr (!IsF32<W>::value && ROWS <= 8) {
-            if (mma) step_product_mma<W, ROWS>(slab_p, a.nc, a.K, in, global_in, M, S, scratch);
-        }
         if (mma) {
+            // mma is never set for f32 or wide kernels: no instance of those is made.
+            if constexpr (!IsF32<W>::value && ROWS <= 8)
+                step_product_mma<W, ROWS>(slab_p, a.nc, a.K, in, global_in, M, S, scratch);
         } else if (CB == 1) {
             step_product<W, 1, ROWS>(slab_p, a.nc, a.K, in, global_in, M, S, scratch);
         } else {

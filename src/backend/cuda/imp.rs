@@ -1224,11 +1224,11 @@ impl CudaState {
         kv: Option<(u64, u64, u64, u64)>,
     ) -> Result<()> {
         let kernels = &self.shared.device.kernels;
-        let mma = self.shared.mma(m, k).map(|(f, _)| f);
-        // As partial_floats sized the partial buffer.
-        let (splits, per_split) = split_k(m, k, n, self.shared.split_blocks, self.shared.split_slice(m, k));
+        let (f, threads, slice) =
+            self.shared.mma(m, k).map_or((kernels.matmul_tiled, 256, 16), |(f, slice)| (f, MMA_THREADS, slice));
+        // As partial_floats sized the partial buffer (through split_slice, the same slice).
+        let (splits, per_split) = split_k(m, k, n, self.shared.split_blocks, slice);
         let args = Args::new().ptr(input).int(m).int(k).ptr(w.ptr).int(n).ptr(self.partial.ptr).int(per_split);
-        let (f, threads) = mma.map_or((kernels.matmul_tiled, 256), |f| (f, MMA_THREADS));
         self.launch_overlapped_grid(f, (n.div_ceil(64), m.div_ceil(64), splits), threads, 0, args)?;
         let (kc, vc, rs, rp) = kv.unwrap_or((0, 0, 0, 0));
         let args = Args::new()
@@ -1423,17 +1423,8 @@ impl CudaState {
                     && cfg.head_dim() == 64
                     && n.div_ceil(ATTENTION_TILE_ROWS) * cfg.n_head >= self.shared.device.sm_count
             }) {
-                let args = Args::new()
-                    .ptr(self.qkv.ptr)
-                    .ptr(kc)
-                    .ptr(vc)
-                    .ptr(row_seq)
-                    .ptr(row_pos)
-                    .int(n)
-                    .ptr(self.att.ptr)
-                    .int(c)
-                    .int(s)
-                    .float(scale);
+                let args =
+                    self.attention_args(kc, vc, row_seq, row_pos).int(n).ptr(self.att.ptr).int(c).int(s).float(scale);
                 self.launch_overlapped_grid(f, (n.div_ceil(ATTENTION_TILE_ROWS), cfg.n_head, 1), 256, 0, args)?;
             } else {
                 self.launch_overlapped(
@@ -1441,12 +1432,7 @@ impl CudaState {
                     n * cfg.n_head,
                     ATTENTION_THREADS,
                     smem,
-                    Args::new()
-                        .ptr(self.qkv.ptr)
-                        .ptr(kc)
-                        .ptr(vc)
-                        .ptr(row_seq)
-                        .ptr(row_pos)
+                    self.attention_args(kc, vc, row_seq, row_pos)
                         .ptr(self.att.ptr)
                         .int(c)
                         .int(cfg.n_head)
@@ -1463,18 +1449,20 @@ impl CudaState {
         Ok(())
     }
 
+    /// The arguments every attention kernel starts with: the QKV rows, the layer's key and value
+    /// caches, and each row's sequence and position.
+    fn attention_args(&self, kc: u64, vc: u64, row_seq: u64, row_pos: u64) -> Args {
+        Args::new().ptr(self.qkv.ptr).ptr(kc).ptr(vc).ptr(row_seq).ptr(row_pos)
+    }
+
     /// Attention of `n` (at most GEMV_MAX_M) query rows split across blocks (attention_decode) into
     /// the per-split buffers, then, when `combine`, the splits' combination into `att`.
     fn attention_split(&self, n: usize, kc: u64, vc: u64, row_seq: u64, row_pos: u64, combine: bool) -> Result<()> {
         let cfg = &self.shared.config;
         let k = &self.shared.device.kernels;
         let c = cfg.n_embd;
-        let args = Args::new()
-            .ptr(self.qkv.ptr)
-            .ptr(kc)
-            .ptr(vc)
-            .ptr(row_seq)
-            .ptr(row_pos)
+        let args = self
+            .attention_args(kc, vc, row_seq, row_pos)
             .ptr(self.att_part.ptr)
             .ptr(self.att_ml.ptr)
             .int(c)
