@@ -95,11 +95,11 @@ fn distilgpt2(backend: BackendKind, dtype: Option<DType>) -> Engine {
 /// The same on CUDA, loaded with the tuning variable `var` set to `value` (the backend reads it at
 /// load).
 fn distilgpt2_with(var: &str, value: &str, dtype: DType) -> Engine {
-    distilgpt2_with2([(var, value)], dtype)
+    distilgpt2_with_vars([(var, value)], dtype)
 }
 
 /// The built-in DistilGPT2 on CUDA in `dtype`, loaded with the tuning knobs `vars` set.
-fn distilgpt2_with2<const N: usize>(vars: [(&str, &str); N], dtype: DType) -> Engine {
+fn distilgpt2_with_vars<const N: usize>(vars: [(&str, &str); N], dtype: DType) -> Engine {
     // SAFETY: this test binary runs its tests on one thread (tools/gpu_check.sh passes
     // --test-threads 1); nothing else reads the environment concurrently.
     for (var, value) in vars {
@@ -447,7 +447,7 @@ fn cuda_tensor_core_products_match_the_cpu_reference() {
         16,
         "tensor cores",
         |dtype| distilgpt2_with("GPT2RT_CUDA_PREFILL_ROWS", "256", dtype),
-        |dtype| distilgpt2_with2([("GPT2RT_CUDA_MMA", "0"), ("GPT2RT_CUDA_PREFILL_ROWS", "256")], dtype),
+        |dtype| distilgpt2_with_vars([("GPT2RT_CUDA_MMA", "0"), ("GPT2RT_CUDA_PREFILL_ROWS", "256")], dtype),
     );
 }
 
@@ -462,8 +462,8 @@ fn cuda_fused_step_on_tensor_cores_matches_the_cpu_reference() {
     half_logits_against_the_cpu(
         8,
         "the fused step on tensor cores",
-        |dtype| distilgpt2_with2([("GPT2RT_CUDA_FUSED_ROWS", "8"), ("GPT2RT_CUDA_STEP_MMA_ROWS", "3")], dtype),
-        |dtype| distilgpt2_with2([("GPT2RT_CUDA_FUSED_ROWS", "8"), ("GPT2RT_CUDA_STEP_MMA_ROWS", "99")], dtype),
+        |dtype| distilgpt2_with_vars([("GPT2RT_CUDA_FUSED_ROWS", "8"), ("GPT2RT_CUDA_STEP_MMA_ROWS", "3")], dtype),
+        |dtype| distilgpt2_with_vars([("GPT2RT_CUDA_FUSED_ROWS", "8"), ("GPT2RT_CUDA_STEP_MMA_ROWS", "99")], dtype),
     );
 }
 
