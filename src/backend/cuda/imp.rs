@@ -31,10 +31,11 @@ const GEMV_MAX_M: usize = 64;
 /// weights once but spend fp32 CUDA-core work per row; past a group of rows the tiled kernel wins.
 const DECODE_ROWS: usize = GEMV_MAX_ROWS;
 /// The same where the tensor-core product runs (f16/bf16 on 8.0+), which overtakes the decode
-/// kernels at 4 rows. H100, f16, prompt 12, 32 new tokens, E2E ms, decode kernels vs tensor
-/// cores: batch 2 9.24 vs 9.40, 3 10.73 vs 11.85, 4 12.10 vs 11.88, 6 14.92 vs 12.06, 8 17.45 vs
-/// 12.24.
-const DECODE_ROWS_MMA: usize = 3;
+/// kernels from 2 rows since its k-slices of 64 (matmul_mma64). H100, f16, prompt 12, 32 new
+/// tokens, E2E ms, decode kernels vs tensor cores (steps without the fused step): batch 2 8.75 /
+/// 8.74 vs 8.38 / 8.33, batch 3 9.60 / 9.53 vs 8.34 / 8.37 (before those slices: batch 2 9.24 vs
+/// 9.40, 3 10.73 vs 11.85, 4 12.10 vs 11.88).
+const DECODE_ROWS_MMA: usize = 1;
 /// Output columns a warp of the several-row GEMV kernels owns (GEMV_COLS in the .cu file).
 const GEMV_COLS: usize = 4;
 /// Threads per block of the GEMV kernels (each output column owned by 1, 2, 4 or 8 warps).
@@ -79,9 +80,16 @@ const STEP_THREADS: usize = 512;
 /// fused step's products now run on tensor cores too (STEP_MMA_ROWS); H100, f16, the same
 /// comparison, twice: batch 2 8.10 / 8.08 vs 8.49 / 8.50 (its CUDA-core products), 4 9.19 / 9.20
 /// vs 10.55 / 10.55 (likewise), 5 9.54 / 9.54 vs 9.81 / 9.81, 6 9.90 / 9.80 vs 9.81 / 9.79, 7
-/// 10.16 / 10.18 vs 9.94 / 9.89, 8 10.85 / 10.87 vs 9.95 / 10.19.
+/// 10.16 / 10.18 vs 9.94 / 9.89, 8 10.85 / 10.87 vs 9.95 / 10.19. Since the tensor-core path's
+/// k-slices of 64 (matmul_mma64), same comparison, twice: f16 batch 2 8.16 / 8.14 vs 8.75 / 8.74
+/// (decode kernels), 3 8.66 / 8.72 vs 9.60 / 9.53 (decode kernels), 4 9.07 / 9.06 vs 8.49 / 8.65,
+/// 5 9.47 / 9.52 vs 8.47 / 8.61, 6 9.65 / 9.51 vs 8.82 / 8.71; with batch 3 on the tensor-core
+/// path (DECODE_ROWS_MMA), fused vs that: f16 8.47 / 8.45 vs 8.34 / 8.37, bf16 8.43 / 8.46 vs
+/// 8.36 / 8.42, prompt 128 + 128 tokens f16 37.46 / 36.95 vs 36.76 / 36.48; batch 2 f16 8.00 /
+/// 8.03 vs 8.38 / 8.33. f32 batches 2-4 measured again, fused vs decode kernels: 10.26 vs 9.36,
+/// 10.81 vs 10.22, 11.22 vs 11.02.
 const FUSED_BATCHES_F32: u32 = 0b1_1111_1111_1110_0010;
-const FUSED_BATCHES_HALF: u32 = 0b11_1110;
+const FUSED_BATCHES_HALF: u32 = 0b110;
 /// Batches from which the fused step's products run on tensor cores, where they can (the rows
 /// rounded to f16/bf16 as in matmul_mma). H100, f16, prompt 12, 32 new tokens, E2E ms, tensor
 /// cores vs CUDA cores: batch 1 7.87 vs 7.83 (so batch 1 keeps fp32 rows), 2 8.05 vs 8.51, 3 8.62
@@ -1282,7 +1290,7 @@ impl CudaState {
     /// Whether the decode path's prologues (LayerNorm, embedding, attention combination) run
     /// inside the matmuls for `m` rows: rows on the decode path, one group of them, whose copies
     /// fit the shared memory. (Rows past the decode path get separate embedding and LayerNorm
-    /// kernels even when there are few: with tensor cores the decode path ends at 3 rows.)
+    /// kernels even when there are few: with tensor cores the decode path ends at 1 row.)
     fn fused_prologue(&self, m: usize) -> bool {
         self.decode_rows(m) && m <= GEMV_MAX_ROWS && m * self.shared.config.n_embd * 4 <= DEFAULT_SMEM
     }
