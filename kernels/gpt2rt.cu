@@ -87,9 +87,14 @@ __device__ void embed(const int* tokens, const int* pos, const W* wte, const W* 
     for (int c = threadIdx.x; c < C; c += blockDim.x) x[(size_t)r * C + c] = to_f(te[c]) + to_f(pe[c]);
 }
 
-// out[r, :] = LayerNorm(x[r, :]) * gamma + beta; one block per row, two-pass mean/variance.
-template <typename W>
-__device__ void layer_norm(const float* x, const W* gamma, const W* beta, float* out, int C, float eps) {
+__device__ __forceinline__ void store_as(float* p, float v) { *p = v; }
+__device__ __forceinline__ void store_as(__half* p, float v) { *p = __float2half_rn(v); }
+__device__ __forceinline__ void store_as(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
+
+// out[r, :] = LayerNorm(x[r, :]) * gamma + beta; one block per row, two-pass mean/variance. O: fp32,
+// or the weights' half type for a tensor-core product (rounded as matmul_mma rounds its rows).
+template <typename W, typename O>
+__device__ void layer_norm(const float* x, const W* gamma, const W* beta, O* out, int C, float eps) {
     __shared__ float scratch[32];
     pdl_trigger();
     pdl_wait();
@@ -104,7 +109,7 @@ __device__ void layer_norm(const float* x, const W* gamma, const W* beta, float*
     }
     float inv = rsqrtf(block_sum(v, scratch) / C + eps);
     for (int c = threadIdx.x; c < C; c += blockDim.x)
-        out[(size_t)blockIdx.x * C + c] = (row[c] - mean) * inv * to_f(gamma[c]) + to_f(beta[c]);
+        store_as(out + (size_t)blockIdx.x * C + c, (row[c] - mean) * inv * to_f(gamma[c]) + to_f(beta[c]));
 }
 
 #define GEMV_ROWS 8
@@ -793,7 +798,7 @@ __device__ void lm_head_fused(const float* h, const W* gamma, const W* beta, flo
         embed<W>(t, p, wte, wpe, x, C);                                                                           \
     }                                                                                                             \
     extern "C" __global__ void layer_norm_##S(const float* x, const W* g, const W* b, float* o, int C, float eps) { \
-        layer_norm<W>(x, g, b, o, C, eps);                                                                        \
+        layer_norm<W, float>(x, g, b, o, C, eps);                                                                 \
     }                                                                                                             \
     extern "C" __global__ void matmul_tiled_##S(const float* in, int M, int K, const W* w, int N, float* part,    \
                                                 int kps) {                                                        \
@@ -878,7 +883,9 @@ INSTANTIATE(__nv_bfloat16, bf16)
 // k-slices staged in shared memory (the next slice's loads are in flight during the math).
 // The k-slices (SLICE) are 32 or 64: 64 halves the rounds of a block's loop (fewer rows: its few
 // slices are latency), 32 keeps more blocks resident (many rows). Shared rows are SLICE + 8 halves
-// (80 or 144 bytes), so a fragment load hits 32 distinct banks.
+// (80 or 144 bytes), so a fragment load hits 32 distinct banks. The `_half` instances take rows
+// already in the weights' type (layer_norm_half's, rounded the same way), half the bytes to read:
+// every column tile of a product reads all of its rows.
 
 template <typename W> struct Mma;
 template <> struct Mma<__half> {
@@ -913,8 +920,8 @@ template <> struct Mma<__nv_bfloat16> {
 };
 
 // Requires K % 16 == 0 (16-byte weight loads, whole 8-k chunks) and k_per_split % SLICE == 0.
-template <typename W, int SLICE>
-__device__ void matmul_mma(const float* __restrict__ in, int M, int K, const W* __restrict__ w, int N,
+template <typename W, int SLICE, typename A = float>
+__device__ void matmul_mma(const A* __restrict__ in, int M, int K, const W* __restrict__ w, int N,
                            float* partial, int k_per_split) {
     constexpr int MMA_SLICE = SLICE, MMA_STRIDE = SLICE + 8;
     __shared__ __align__(16) unsigned short a_s[64 * MMA_STRIDE];
@@ -927,9 +934,12 @@ __device__ void matmul_mma(const float* __restrict__ in, int M, int K, const W* 
     constexpr int HALF = MMA_SLICE / 2;
     int lr = t >> 1, lk = (t & 1) * HALF;
     bool a_ok = m0 + lr < M, w_ok = n0 + lr < N;
-    const float* a_src = in + (size_t)(m0 + lr) * K + lk;
+    const A* a_src = in + (size_t)(m0 + lr) * K + lk;
     const W* w_src = w + (size_t)(n0 + lr) * K + lk;
-    float4 a_reg[HALF / 4];
+    // Rows in fp32 (converted on the way into shared memory) or already in the weights' type.
+    constexpr bool A_HALF = sizeof(A) == 2;
+    float4 a_reg[A_HALF ? 1 : HALF / 4];
+    uint4 a_raw[A_HALF ? HALF / 8 : 1];
     uint4 w_reg[HALF / 8];
     // The last slice may be short: k1 - kb is a multiple of 16 (K % 16 == 0), so each 8 k are
     // whole; those past k1 load as zeros.
@@ -940,18 +950,31 @@ __device__ void matmul_mma(const float* __restrict__ in, int M, int K, const W* 
                                                        : make_uint4(0, 0, 0, 0);
     };
     auto load_a = [&](int kb) {
+        if constexpr (A_HALF) {
 #pragma unroll
-        for (int i = 0; i < HALF / 4; i++)
-            a_reg[i] = (a_ok && kb + lk + 4 * i < k1) ? *reinterpret_cast<const float4*>(a_src + kb + 4 * i)
-                                                       : make_float4(0, 0, 0, 0);
+            for (int i = 0; i < HALF / 8; i++)
+                a_raw[i] = (a_ok && kb + lk + 8 * i < k1) ? *reinterpret_cast<const uint4*>(a_src + kb + 8 * i)
+                                                          : make_uint4(0, 0, 0, 0);
+        } else {
+#pragma unroll
+            for (int i = 0; i < HALF / 4; i++)
+                a_reg[i] = (a_ok && kb + lk + 4 * i < k1) ? *reinterpret_cast<const float4*>(a_src + kb + 4 * i)
+                                                           : make_float4(0, 0, 0, 0);
+        }
     };
     auto store = [&]() {
         uint4* a_dst = reinterpret_cast<uint4*>(a_s + lr * MMA_STRIDE + lk);
 #pragma unroll
-        for (int i = 0; i < HALF / 8; i++)
-            a_dst[i] = make_uint4(Mma<W>::pack(a_reg[2 * i].x, a_reg[2 * i].y), Mma<W>::pack(a_reg[2 * i].z, a_reg[2 * i].w),
-                                  Mma<W>::pack(a_reg[2 * i + 1].x, a_reg[2 * i + 1].y),
-                                  Mma<W>::pack(a_reg[2 * i + 1].z, a_reg[2 * i + 1].w));
+        for (int i = 0; i < HALF / 8; i++) {
+            if constexpr (A_HALF) {
+                a_dst[i] = a_raw[i];
+            } else {
+                a_dst[i] = make_uint4(Mma<W>::pack(a_reg[2 * i].x, a_reg[2 * i].y),
+                                      Mma<W>::pack(a_reg[2 * i].z, a_reg[2 * i].w),
+                                      Mma<W>::pack(a_reg[2 * i + 1].x, a_reg[2 * i + 1].y),
+                                      Mma<W>::pack(a_reg[2 * i + 1].z, a_reg[2 * i + 1].w));
+            }
+        }
         uint4* w_dst = reinterpret_cast<uint4*>(w_s + lr * MMA_STRIDE + lk);
 #pragma unroll
         for (int i = 0; i < HALF / 8; i++) w_dst[i] = w_reg[i];
@@ -1020,6 +1043,17 @@ __device__ void matmul_mma(const float* __restrict__ in, int M, int K, const W* 
     extern "C" __global__ void matmul_mma64_##S(const float* in, int M, int K, const W* w, int N, float* part,     \
                                                 int kps) {                                                        \
         matmul_mma<W, 64>(in, M, K, w, N, part, kps);                                                             \
+    }                                                                                                             \
+    extern "C" __global__ void matmul_mma_half_##S(const W* in, int M, int K, const W* w, int N, float* part,      \
+                                                   int kps) {                                                     \
+        matmul_mma<W, 32, W>(in, M, K, w, N, part, kps);                                                          \
+    }                                                                                                             \
+    extern "C" __global__ void matmul_mma64_half_##S(const W* in, int M, int K, const W* w, int N, float* part,    \
+                                                     int kps) {                                                   \
+        matmul_mma<W, 64, W>(in, M, K, w, N, part, kps);                                                          \
+    }                                                                                                             \
+    extern "C" __global__ void layer_norm_half_##S(const float* x, const W* g, const W* b, W* o, int C, float eps) { \
+        layer_norm<W, W>(x, g, b, o, C, eps);                                                                     \
     }
 MMA_KERNELS(__half, f16)
 MMA_KERNELS(__nv_bfloat16, bf16)

@@ -227,6 +227,10 @@ struct Kernels {
     matmul_mma: Option<sys::CUfunction>,
     /// Its instance with k-slices of 64 (present with it).
     matmul_mma64: Option<sys::CUfunction>,
+    /// Both instances taking rows already in the weights' type, and the LayerNorm that writes
+    /// them (present with them), unless `GPT2RT_CUDA_HALF_ROWS=0`.
+    matmul_mma_half: Option<[sys::CUfunction; 2]>,
+    layer_norm_half: Option<sys::CUfunction>,
     matmul_finish: sys::CUfunction,
     matmul_finish_rows: sys::CUfunction,
     /// The prefill attention with staged keys (heads of 64), unless `GPT2RT_CUDA_TILED_ATTENTION=0`.
@@ -305,6 +309,16 @@ impl Device {
             matmul_tiled: get(&format!("matmul_tiled_{suffix}"))?,
             matmul_mma: if mma { Some(get(&format!("matmul_mma_{suffix}"))?) } else { None },
             matmul_mma64: if mma { Some(get(&format!("matmul_mma64_{suffix}"))?) } else { None },
+            matmul_mma_half: if mma && knob_on("GPT2RT_CUDA_HALF_ROWS") {
+                Some([get(&format!("matmul_mma_half_{suffix}"))?, get(&format!("matmul_mma64_half_{suffix}"))?])
+            } else {
+                None
+            },
+            layer_norm_half: if mma && knob_on("GPT2RT_CUDA_HALF_ROWS") {
+                Some(get(&format!("layer_norm_half_{suffix}"))?)
+            } else {
+                None
+            },
             matmul_finish: get(&format!("matmul_finish_{suffix}"))?,
             matmul_finish_rows: get(&format!("matmul_finish_rows_{suffix}"))?,
             lm_head: get(&format!("lm_head_{suffix}"))?,
@@ -1218,6 +1232,7 @@ impl CudaState {
     /// `out[M, N] = in[M, K] @ w + bias` (w stored `[N, K]`), then `mode` (see matmul_finish in the
     /// .cu file): the split-K path for row counts past the decode path, on tensor cores
     /// (matmul_mma) in the half modes where the GPU has them, else the CUDA-core tiled kernel.
+    /// `half_input`: the rows are in the weights' type (see `half_rows`), else fp32.
     #[allow(clippy::too_many_arguments)]
     fn matmul(
         &self,
@@ -1230,10 +1245,14 @@ impl CudaState {
         out: u64,
         mode: usize,
         kv: Option<(u64, u64, u64, u64)>,
+        half_input: bool,
     ) -> Result<()> {
         let kernels = &self.shared.device.kernels;
-        let (f, threads, slice) =
-            self.shared.mma(m, k).map_or((kernels.matmul_tiled, 256, 16), |(f, slice)| (f, MMA_THREADS, slice));
+        let (f, threads, slice) = match (self.shared.mma(m, k), kernels.matmul_mma_half) {
+            (Some((_, slice)), Some(half)) if half_input => (half[usize::from(slice == 64)], MMA_THREADS, slice),
+            (Some((f, slice)), _) => (f, MMA_THREADS, slice),
+            (None, _) => (kernels.matmul_tiled, 256, 16),
+        };
         // As partial_floats sized the partial buffer (through split_slice, the same slice).
         let (splits, per_split) = split_k(m, k, n, self.shared.split_blocks, slice);
         let args = Args::new().ptr(input).int(m).int(k).ptr(w.ptr).int(n).ptr(self.partial.ptr).int(per_split);
@@ -1280,6 +1299,19 @@ impl CudaState {
             None if self.decode_rows(b) => self.shared.lm_head_blocks,
             None => 0,
         }
+    }
+
+    /// Whether the LayerNorms before the tensor-core products of `m` rows (QKV, MLP up, the LM head)
+    /// write their rows in the weights' type (layer_norm_half, then matmul_mma_half: the same
+    /// rounding matmul_mma does on the way in, so the same results, with half the bytes for every
+    /// column tile to read): where those kernels exist and the products of `m` rows run on tensor
+    /// cores.
+    fn half_rows(&self, m: usize) -> bool {
+        let k = &self.shared.device.kernels;
+        !self.decode_rows(m)
+            && self.shared.mma(m, self.shared.config.n_embd).is_some()
+            && k.layer_norm_half.is_some()
+            && k.matmul_mma_half.is_some()
     }
 
     /// Whether `m` rows take the decode path (see `forward_rows`).
@@ -1393,9 +1425,12 @@ impl CudaState {
         let layer_stride = self.profile.max_batch * s * c;
         let smem = (s.max(ATTENTION_THREADS) + cfg.head_dim()) * f;
         let scale = 1.0 / (cfg.head_dim() as f32).sqrt();
+        // On tensor cores the LayerNorms write the rows in the weights' type (see half_rows).
+        let half = self.half_rows(n);
+        let ln_kernel = if half { k.layer_norm_half.unwrap_or(k.layer_norm) } else { k.layer_norm };
         let ln = |input: u64, g: &DeviceBuffer, b: &DeviceBuffer, out: u64| {
             self.launch_overlapped(
-                k.layer_norm,
+                ln_kernel,
                 n,
                 256,
                 0,
@@ -1420,7 +1455,7 @@ impl CudaState {
                 continue;
             }
             ln(self.x.ptr, &lw.ln_1_weight, &lw.ln_1_bias, self.xn.ptr)?;
-            self.matmul(self.xn.ptr, n, c, &lw.attn_weight, 3 * c, &lw.attn_bias, self.qkv.ptr, 3, Some(kv))?;
+            self.matmul(self.xn.ptr, n, c, &lw.attn_weight, 3 * c, &lw.attn_bias, self.qkv.ptr, 3, Some(kv), half)?;
             if n <= GEMV_MAX_M {
                 // The split attention's warps keep more of the keys' loads in flight than one
                 // block a (row, head) does: H100, f16 batch 64, prompt 128 + 128 tokens, 165.0 ->
@@ -1448,11 +1483,11 @@ impl CudaState {
                         .float(scale),
                 )?;
             }
-            self.matmul(self.att.ptr, n, c, &lw.attn_proj_weight, c, &lw.attn_proj_bias, self.x.ptr, 2, None)?;
+            self.matmul(self.att.ptr, n, c, &lw.attn_proj_weight, c, &lw.attn_proj_bias, self.x.ptr, 2, None, false)?;
             ln(self.x.ptr, &lw.ln_2_weight, &lw.ln_2_bias, self.xn.ptr)?;
-            self.matmul(self.xn.ptr, n, c, &lw.fc_weight, 4 * c, &lw.fc_bias, self.hidden4.ptr, 1, None)?;
+            self.matmul(self.xn.ptr, n, c, &lw.fc_weight, 4 * c, &lw.fc_bias, self.hidden4.ptr, 1, None, half)?;
             let (h4, x) = (self.hidden4.ptr, self.x.ptr);
-            self.matmul(h4, n, 4 * c, &lw.mlp_proj_weight, c, &lw.mlp_proj_bias, x, 2, None)?;
+            self.matmul(h4, n, 4 * c, &lw.mlp_proj_weight, c, &lw.mlp_proj_bias, x, 2, None, false)?;
         }
         Ok(())
     }
@@ -1533,7 +1568,11 @@ impl CudaState {
         let head = w.lm_head.as_ref().unwrap_or(&w.wte);
         let fused_ln = self.fused_prologue(m);
         self.next_ready.set(false);
-        if !fused_ln {
+        // Past the decode path, on tensor cores, the rows are normalised into the weights' type
+        // below where those kernels exist.
+        let mma = if self.decode_rows(m) { None } else { self.shared.mma(m, c) };
+        let half_rows = self.half_rows(m);
+        if !fused_ln && !half_rows {
             self.launch_overlapped(
                 k.layer_norm,
                 m,
@@ -1570,8 +1609,24 @@ impl CudaState {
             return Ok(advance.is_some());
         }
         self.best_chunks.set(0);
-        if let Some((f, _)) = self.shared.mma(m, c) {
-            // One split: the product lands in the logits directly.
+        if let Some((f, slice)) = mma {
+            // Its rows normalised straight into the weights' type where the kernels for that exist
+            // (each of the head's column tiles reads them all); one split: the product lands in
+            // the logits directly.
+            let f = match (k.layer_norm_half, k.matmul_mma_half) {
+                (Some(ln), Some([f32_slices, f64_slices])) if half_rows => {
+                    let args = Args::new()
+                        .ptr(hidden)
+                        .ptr(w.ln_f_weight.ptr)
+                        .ptr(w.ln_f_bias.ptr)
+                        .ptr(self.last_norm.ptr)
+                        .int(c)
+                        .float(cfg.layer_norm_epsilon);
+                    self.launch_overlapped(ln, m, 256, 0, args)?;
+                    if slice == 64 { f64_slices } else { f32_slices }
+                }
+                _ => f,
+            };
             let args =
                 Args::new().ptr(self.last_norm.ptr).int(m).int(c).ptr(head.ptr).int(v).ptr(self.logits.ptr).int(c);
             self.launch_overlapped_grid(f, (v.div_ceil(64), m.div_ceil(64), 1), MMA_THREADS, 0, args)?;
