@@ -471,6 +471,43 @@ fn cuda_fused_step_on_tensor_cores_matches_the_cpu_reference() {
     );
 }
 
+#[test]
+fn cuda_half_rows_leave_every_logit_as_it_was() {
+    if !gpu_available() {
+        return;
+    }
+    // Past the decode rows in the half modes, the LayerNorms before the tensor-core products (QKV,
+    // MLP up, the LM head) write their rows in f16/bf16 and the products read them as they are;
+    // that rounding is the one the products do on the way in to fp32 rows
+    // (GPT2RT_CUDA_HALF_ROWS=0), so every logit must be the same bit for bit. Batches 16 and 64
+    // (64-k and 32-k slices), prompts of 20 tokens, then 3 steps on the same tokens.
+    let (prompt_len, steps) = (20, 3);
+    for dtype in [DType::F16, DType::BF16] {
+        let on = distilgpt2(BackendKind::Cuda, Some(dtype));
+        let off = distilgpt2_with("GPT2RT_CUDA_HALF_ROWS", "0", dtype);
+        let vocab = on.config().vocab_size;
+        for batch in [16, 64] {
+            let prompts = prompts(vocab, batch, prompt_len);
+            let options = SessionOptions { max_batch: batch, max_seq: prompt_len + steps, kv_cache: true };
+            let (mut a, mut b) = (on.new_session(options).unwrap(), off.new_session(options).unwrap());
+            a.prefill(&prompts, &vec![prompt_len; batch]).unwrap();
+            b.prefill(&prompts, &vec![prompt_len; batch]).unwrap();
+            let (mut la, mut lb) = (vec![0.0f32; batch * vocab], vec![0.0f32; batch * vocab]);
+            for step in 0..=steps {
+                a.read_logits(&mut la).unwrap();
+                b.read_logits(&mut lb).unwrap();
+                let differ = la.iter().zip(&lb).filter(|(x, y)| x.to_bits() != y.to_bits()).count();
+                assert_eq!(differ, 0, "{dtype}, batch {batch}, step {step}: {differ} logits differ");
+                if step < steps {
+                    let next: Vec<u32> = la.chunks(vocab).map(gpt2rt::sampling::argmax).collect();
+                    a.step(&next).unwrap();
+                    b.step(&next).unwrap();
+                }
+            }
+        }
+    }
+}
+
 /// Logits of `batch` prompts of 20 tokens and 4 steps from the CUDA engines `tested` makes (f16
 /// and bf16) against the CPU reference (f32), beside those of `beside` (printed only): the largest
 /// difference relative to the row's largest magnitude under 5e-2, and the same argmax in at least
