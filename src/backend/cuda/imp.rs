@@ -1614,7 +1614,7 @@ impl CudaState {
             // (each of the head's column tiles reads them all); one split: the product lands in
             // the logits directly.
             let f = match (k.layer_norm_half, k.matmul_mma_half) {
-                (Some(ln), Some([f32_slices, f64_slices])) if half_rows => {
+                (Some(ln), Some([slices32, slices64])) if half_rows => {
                     let args = Args::new()
                         .ptr(hidden)
                         .ptr(w.ln_f_weight.ptr)
@@ -1623,7 +1623,7 @@ impl CudaState {
                         .int(c)
                         .float(cfg.layer_norm_epsilon);
                     self.launch_overlapped(ln, m, 256, 0, args)?;
-                    if slice == 64 { f64_slices } else { f32_slices }
+                    if slice == 64 { slices64 } else { slices32 }
                 }
                 _ => f,
             };
