@@ -759,6 +759,23 @@ impl Shared {
         f.filter(|_| k % 16 == 0).map(|f| (f, slice))
     }
 
+    /// `mma`, or with `half_rows` its instance reading rows already in the weights' type
+    /// (matmul_mma_half / matmul_mma64_half) where those exist.
+    fn mma_for(&self, m: usize, k: usize, half_rows: bool) -> Option<(sys::CUfunction, usize)> {
+        let (f, slice) = self.mma(m, k)?;
+        match self.device.kernels.matmul_mma_half {
+            Some(half) if half_rows => Some((half[usize::from(slice == 64)], slice)),
+            _ => Some((f, slice)),
+        }
+    }
+
+    /// The LayerNorm kernel writing fp32 rows, or with `half_rows` rows in the weights' type
+    /// (layer_norm_half, where it exists).
+    fn layer_norm_kernel(&self, half_rows: bool) -> sys::CUfunction {
+        let kernels = &self.device.kernels;
+        kernels.layer_norm_half.filter(|_| half_rows).unwrap_or(kernels.layer_norm)
+    }
+
     /// The k-slice of the split-K path's kernel for `m` rows over `k`: the tensor-core kernel's
     /// where it runs, else 16 (matmul_tiled).
     fn split_slice(&self, m: usize, k: usize) -> usize {
@@ -1248,11 +1265,10 @@ impl CudaState {
         half_input: bool,
     ) -> Result<()> {
         let kernels = &self.shared.device.kernels;
-        let (f, threads, slice) = match (self.shared.mma(m, k), kernels.matmul_mma_half) {
-            (Some((_, slice)), Some(half)) if half_input => (half[usize::from(slice == 64)], MMA_THREADS, slice),
-            (Some((f, slice)), _) => (f, MMA_THREADS, slice),
-            (None, _) => (kernels.matmul_tiled, 256, 16),
-        };
+        let (f, threads, slice) = self
+            .shared
+            .mma_for(m, k, half_input)
+            .map_or((kernels.matmul_tiled, 256, 16), |(f, slice)| (f, MMA_THREADS, slice));
         // As partial_floats sized the partial buffer (through split_slice, the same slice).
         let (splits, per_split) = split_k(m, k, n, self.shared.split_blocks, slice);
         let args = Args::new().ptr(input).int(m).int(k).ptr(w.ptr).int(n).ptr(self.partial.ptr).int(per_split);
@@ -1427,7 +1443,7 @@ impl CudaState {
         let scale = 1.0 / (cfg.head_dim() as f32).sqrt();
         // On tensor cores the LayerNorms write the rows in the weights' type (see half_rows).
         let half = self.half_rows(n);
-        let ln_kernel = if half { k.layer_norm_half.unwrap_or(k.layer_norm) } else { k.layer_norm };
+        let ln_kernel = self.shared.layer_norm_kernel(half);
         let ln = |input: u64, g: &DeviceBuffer, b: &DeviceBuffer, out: u64| {
             self.launch_overlapped(
                 ln_kernel,
@@ -1569,12 +1585,11 @@ impl CudaState {
         let fused_ln = self.fused_prologue(m);
         self.next_ready.set(false);
         // Past the decode path, on tensor cores, the rows are normalised into the weights' type
-        // below where those kernels exist.
-        let mma = if self.decode_rows(m) { None } else { self.shared.mma(m, c) };
+        // (each of the head's column tiles reads them all).
         let half_rows = self.half_rows(m);
-        if !fused_ln && !half_rows {
+        if !fused_ln {
             self.launch_overlapped(
-                k.layer_norm,
+                self.shared.layer_norm_kernel(half_rows),
                 m,
                 256,
                 0,
@@ -1609,24 +1624,8 @@ impl CudaState {
             return Ok(advance.is_some());
         }
         self.best_chunks.set(0);
-        if let Some((f, slice)) = mma {
-            // Its rows normalised straight into the weights' type where the kernels for that exist
-            // (each of the head's column tiles reads them all); one split: the product lands in
-            // the logits directly.
-            let f = match (k.layer_norm_half, k.matmul_mma_half) {
-                (Some(ln), Some([slices32, slices64])) if half_rows => {
-                    let args = Args::new()
-                        .ptr(hidden)
-                        .ptr(w.ln_f_weight.ptr)
-                        .ptr(w.ln_f_bias.ptr)
-                        .ptr(self.last_norm.ptr)
-                        .int(c)
-                        .float(cfg.layer_norm_epsilon);
-                    self.launch_overlapped(ln, m, 256, 0, args)?;
-                    if slice == 64 { slices64 } else { slices32 }
-                }
-                _ => f,
-            };
+        if let Some((f, _)) = self.shared.mma_for(m, c, half_rows) {
+            // One split: the product lands in the logits directly.
             let args =
                 Args::new().ptr(self.last_norm.ptr).int(m).int(c).ptr(head.ptr).int(v).ptr(self.logits.ptr).int(c);
             self.launch_overlapped_grid(f, (v.div_ceil(64), m.div_ceil(64), 1), MMA_THREADS, 0, args)?;
