@@ -2,9 +2,10 @@
 // library embeds and loads with cuModuleLoadData (the user's machine needs only the driver).
 //
 // Activations, LayerNorm, softmax, GELU and every accumulation are fp32; weights are f32, f16 or
-// bf16 (one instantiation of each weight-reading kernel per type, suffixed _f32/_f16/_bf16).
-// No kernel uses tensor cores, so f32 mode has no TF32 anywhere. Every reduction has a fixed order,
-// so results are deterministic run to run.
+// bf16 (one instantiation of each weight-reading kernel per type, suffixed _f32/_f16/_bf16), and the
+// KV cache holds the weights' type (its values rounded as they are appended, read back into fp32).
+// Tensor cores (mma.sync on f16/bf16 operands) serve only the half modes, so f32 mode has no TF32
+// anywhere. Every reduction has a fixed order, so results are deterministic run to run.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -177,8 +178,9 @@ __device__ __forceinline__ float gelu_new(float x) {
 // Output (m, n) of a product, v (bias included), by mode: 0 store; 1 store gelu_new; 2 out =
 // residual + v (`residual`: the old out value); 3 store, and append the k/v columns to the KV cache
 // at the row's (seq, pos). The epilogue of the split-K finishing and of the decode matmuls.
+template <typename KV>
 __device__ __forceinline__ void gemv_store(float v, int m, int n, int N, int mode, float residual, float* out,
-                                           float* k_cache, float* v_cache, const int* row_seq, const int* pos,
+                                           KV* k_cache, KV* v_cache, const int* row_seq, const int* pos,
                                            int max_seq) {
     size_t i = (size_t)m * N + n;
     if (mode == 1) v = gelu_new(v);
@@ -191,7 +193,7 @@ __device__ __forceinline__ void gemv_store(float v, int m, int n, int N, int mod
         int C = N / 3;
         if (n >= C) {
             size_t at = ((size_t)row_seq[m] * max_seq + pos[m]) * C + (n % C);
-            if (n < 2 * C) k_cache[at] = v; else v_cache[at] = v;
+            store_as((n < 2 * C ? k_cache : v_cache) + at, v);
         }
     }
 }
@@ -203,7 +205,7 @@ __device__ __forceinline__ void gemv_store(float v, int m, int n, int N, int mod
 // columns of row m (for few rows and many splits).
 template <typename W>
 __device__ void matmul_finish(const float* partial, int splits, int M, int N, const W* bias, float* out, int mode,
-                              float* k_cache, float* v_cache, const int* row_seq, const int* row_pos, int max_seq) {
+                              W* k_cache, W* v_cache, const int* row_seq, const int* row_pos, int max_seq) {
     __shared__ float sums[8][33];
     pdl_trigger();
     pdl_wait();
@@ -227,7 +229,7 @@ __device__ void matmul_finish(const float* partial, int splits, int M, int N, co
 // for bit), over the M x N outputs in blocks of 256 (for many rows and few splits).
 template <typename W>
 __device__ void matmul_finish_rows(const float* partial, int splits, int M, int N, const W* bias, float* out,
-                                   int mode, float* k_cache, float* v_cache, const int* row_seq, const int* row_pos,
+                                   int mode, W* k_cache, W* v_cache, const int* row_seq, const int* row_pos,
                                    int max_seq) {
     pdl_trigger();
     pdl_wait();
@@ -438,7 +440,7 @@ __device__ __forceinline__ const float* input_rows(const float* in, const int* t
 template <typename W, int IN>
 __device__ void gemv(const float* in, const int* tokens, const int* pos, const W* wte, const W* wpe, float* x_out,
                      const W* gamma, const W* beta, float eps, int M, int K, const W* __restrict__ w, int N,
-                     const W* bias, float* out, int mode, float* k_cache, float* v_cache, const int* row_seq,
+                     const W* bias, float* out, int mode, W* k_cache, W* v_cache, const int* row_seq,
                      int max_seq, const float* att_ml, int splits, int H, int wpc) {
     extern __shared__ float gemv_smem[];
     __shared__ float shares[32][GEMV_ROWS];
@@ -512,8 +514,8 @@ __device__ __forceinline__ void fma_columns(const float (&w)[CB][V], const float
 template <typename W, int IN>
 __device__ void gemv_cols(const float* in, const int* tokens, const int* pos, const W* wte, const W* wpe,
                           float* x_out, const W* gamma, const W* beta, float eps, int M, int K,
-                          const W* __restrict__ w, int N, const W* bias, float* out, int mode, float* k_cache,
-                          float* v_cache, const int* row_seq, int max_seq, const float* att_ml, int splits, int H,
+                          const W* __restrict__ w, int N, const W* bias, float* out, int mode, W* k_cache,
+                          W* v_cache, const int* row_seq, int max_seq, const float* att_ml, int splits, int H,
                           int wpc) {
     constexpr int V = Vec<W>::N;
     extern __shared__ float gemv_smem[];
@@ -771,7 +773,7 @@ __device__ void lm_head_fused(const float* h, const W* gamma, const W* beta, flo
     extern "C" __global__ void gemv_##NAME##_##S(const float* in, const int* tokens, const int* pos, const W* wte,  \
                                                  const W* wpe, float* x_out, const W* g, const W* b, float eps,    \
                                                  int M, int K, const W* w, int N, const W* bias, float* out,       \
-                                                 int mode, float* kc, float* vc, const int* rs, int max_seq,       \
+                                                 int mode, W* kc, W* vc, const int* rs, int max_seq,               \
                                                  const float* att_ml, int splits, int H, int wpc) {               \
         gemv<W, IN>(in, tokens, pos, wte, wpe, x_out, g, b, eps, M, K, w, N, bias, out, mode, kc, vc, rs,         \
                     max_seq, att_ml, splits, H, wpc);                                                             \
@@ -787,8 +789,8 @@ __device__ void lm_head_fused(const float* h, const W* gamma, const W* beta, flo
 #define GEMV_COLS_KERNEL(W, S, NAME, IN)                                                                          \
     extern "C" __global__ void gemv_cols_##NAME##_##S(                                                            \
         const float* in, const int* tokens, const int* pos, const W* wte, const W* wpe, float* x_out, const W* g,  \
-        const W* b, float eps, int M, int K, const W* w, int N, const W* bias, float* out, int mode, float* kc,    \
-        float* vc, const int* rs, int max_seq, const float* att_ml, int splits, int H, int wpc) {                  \
+        const W* b, float eps, int M, int K, const W* w, int N, const W* bias, float* out, int mode, W* kc,        \
+        W* vc, const int* rs, int max_seq, const float* att_ml, int splits, int H, int wpc) {                  \
         gemv_cols<W, IN>(in, tokens, pos, wte, wpe, x_out, g, b, eps, M, K, w, N, bias, out, mode, kc, vc, rs,    \
                          max_seq, att_ml, splits, H, wpc);                                                        \
     }
@@ -805,12 +807,12 @@ __device__ void lm_head_fused(const float* h, const W* gamma, const W* beta, flo
         matmul_tiled<W>(in, M, K, w, N, part, kps);                                                               \
     }                                                                                                             \
     extern "C" __global__ void matmul_finish_##S(const float* part, int splits, int M, int N, const W* bias,       \
-                                                 float* out, int mode, float* kc, float* vc, const int* rs,       \
+                                                 float* out, int mode, W* kc, W* vc, const int* rs,               \
                                                  const int* rp, int max_seq) {                                    \
         matmul_finish<W>(part, splits, M, N, bias, out, mode, kc, vc, rs, rp, max_seq);                           \
     }                                                                                                             \
     extern "C" __global__ void matmul_finish_rows_##S(const float* part, int splits, int M, int N, const W* bias,  \
-                                                      float* out, int mode, float* kc, float* vc, const int* rs,  \
+                                                      float* out, int mode, W* kc, W* vc, const int* rs,          \
                                                       const int* rp, int max_seq) {                               \
         matmul_finish_rows<W>(part, splits, M, N, bias, out, mode, kc, vc, rs, rp, max_seq);                      \
     }                                                                                                             \
@@ -1060,8 +1062,9 @@ MMA_KERNELS(__nv_bfloat16, bf16)
 
 // Causal attention of one query row against its sequence's cached keys/values, one block per
 // (row, head). Dynamic shared memory: max_seq + head_dim floats.
-extern "C" __global__ void attention(const float* qkv, const float* k_cache, const float* v_cache, const int* row_seq,
-                                     const int* row_pos, float* out, int C, int H, int max_seq, float scale) {
+template <typename KV>
+__device__ void attention(const float* qkv, const KV* k_cache, const KV* v_cache, const int* row_seq,
+                          const int* row_pos, float* out, int C, int H, int max_seq, float scale) {
     extern __shared__ float smem[];
     __shared__ float scratch[32];
     pdl_trigger();
@@ -1073,14 +1076,14 @@ extern "C" __global__ void attention(const float* qkv, const float* k_cache, con
     float* q = smem + max(max_seq, (int)blockDim.x);
     for (int d = threadIdx.x; d < D; d += blockDim.x) q[d] = qkv[(size_t)r * 3 * C + h * D + d];
     __syncthreads();
-    const float* keys = k_cache + (size_t)row_seq[r] * max_seq * C + h * D;
-    const float* values = v_cache + (size_t)row_seq[r] * max_seq * C + h * D;
+    const KV* keys = k_cache + (size_t)row_seq[r] * max_seq * C + h * D;
+    const KV* values = v_cache + (size_t)row_seq[r] * max_seq * C + h * D;
     // One thread per key: each reads its key row contiguously, q comes from shared memory.
     for (int t = threadIdx.x; t < ctx; t += blockDim.x) {
-        const float* key = keys + (size_t)t * C;
+        const KV* key = keys + (size_t)t * C;
         float s = 0.0f;
 #pragma unroll 8
-        for (int d = 0; d < D; d++) s += q[d] * key[d];
+        for (int d = 0; d < D; d++) s += q[d] * to_f(key[d]);
         scores[t] = s * scale;
     }
     __syncthreads();
@@ -1101,7 +1104,7 @@ extern "C" __global__ void attention(const float* qkv, const float* k_cache, con
     float acc = 0.0f;
     if (g < groups) {
 #pragma unroll 4
-        for (int t = g; t < ctx; t += groups) acc += scores[t] * values[(size_t)t * C + d];
+        for (int t = g; t < ctx; t += groups) acc += scores[t] * to_f(values[(size_t)t * C + d]);
     }
     __syncthreads();
     float* partial = smem;  // scores are no longer needed
@@ -1124,10 +1127,9 @@ extern "C" __global__ void attention(const float* qkv, const float* k_cache, con
 // Grid (ceil(n / ATT_ROWS), H).
 #define ATT_ROWS 32
 #define ATT_KEYS 32
-extern "C" __global__ void __launch_bounds__(256) attention_tiled(const float* qkv, const float* k_cache,
-                                                                  const float* v_cache, const int* row_seq,
-                                                                  const int* row_pos, int n, float* out, int C,
-                                                                  int max_seq, float scale) {
+template <typename KV>
+__device__ void attention_tiled(const float* qkv, const KV* k_cache, const KV* v_cache, const int* row_seq,
+                                const int* row_pos, int n, float* out, int C, int max_seq, float scale) {
     constexpr int D = 64;
     __shared__ float qs[ATT_ROWS][D + 1];
     __shared__ float ks[ATT_KEYS][D + 1];
@@ -1155,16 +1157,16 @@ extern "C" __global__ void __launch_bounds__(256) attention_tiled(const float* q
         int seq = s_seq[seg], end = seg, last = 0;
         while (end < rows && s_seq[end] == seq) last = max(last, s_pos[end++]);
         bool active = r >= seg && r < end;
-        const float* keys = k_cache + (size_t)seq * max_seq * C + h * D;
-        const float* values = v_cache + (size_t)seq * max_seq * C + h * D;
+        const KV* keys = k_cache + (size_t)seq * max_seq * C + h * D;
+        const KV* values = v_cache + (size_t)seq * max_seq * C + h * D;
         for (int t0 = 0; t0 <= last; t0 += ATT_KEYS) {
             __syncthreads();  // the previous keys are no longer read
             for (int e = tid; e < ATT_KEYS * D / 4; e += 256) {
                 int j = e / (D / 4), d = e % (D / 4) * 4;
                 float4 kv = make_float4(0.0f, 0.0f, 0.0f, 0.0f), vv = kv;
                 if (t0 + j <= last) {
-                    kv = *reinterpret_cast<const float4*>(keys + (size_t)(t0 + j) * C + d);
-                    vv = *reinterpret_cast<const float4*>(values + (size_t)(t0 + j) * C + d);
+                    kv = load4(keys + (size_t)(t0 + j) * C + d);
+                    vv = load4(values + (size_t)(t0 + j) * C + d);
                 }
                 ks[j][d] = kv.x;
                 ks[j][d + 1] = kv.y;
@@ -1241,9 +1243,33 @@ extern "C" __global__ void __launch_bounds__(256) attention_tiled(const float* q
 // out[0, D) and its (max, sum) out_ml[0..1] (an empty range stores zeros and (-inf, 0)). q: the row's query for the head;
 // keys/values: the head's cached columns of position 0 (row stride C). Shared scratch:
 // warp_ml[2 * warps], warp_acc[warps * D]. CG: read q, keys and values through L2 (written by
-// another block of the same kernel). Head dimension at most 32 * ATT_MAX_DL.
-template <bool CG>
-__device__ __forceinline__ void attend(const float* q_in, float scale, const float* keys, const float* values, int t0,
+// another block of the same kernel). Head dimension at most 32 * ATT_MAX_DL. The cache holds KV:
+// fp32, or the weights' f16/bf16 (converted to fp32 as they are read).
+template <bool CG, typename KV>
+__device__ __forceinline__ float load_kv(const KV* p) {
+    if constexpr (IsF32<KV>::value) {
+        return CG ? __ldcg(p) : *p;
+    } else {
+        unsigned short raw = CG ? __ldcg(reinterpret_cast<const unsigned short*>(p))
+                                : *reinterpret_cast<const unsigned short*>(p);
+        return to_f(*reinterpret_cast<const KV*>(&raw));
+    }
+}
+// Eight consecutive cached values (16-byte aligned for fp32, 16 bytes in all for f16/bf16).
+template <bool CG, typename KV>
+__device__ __forceinline__ void load8_kv(const KV* p, float* o) {
+    if constexpr (IsF32<KV>::value) {
+        const float4* q = reinterpret_cast<const float4*>(p);
+        float4 a = CG ? __ldcg(q) : *q, b = CG ? __ldcg(q + 1) : q[1];
+        o[0] = a.x; o[1] = a.y; o[2] = a.z; o[3] = a.w;
+        o[4] = b.x; o[5] = b.y; o[6] = b.z; o[7] = b.w;
+    } else {
+        const uint4* q = reinterpret_cast<const uint4*>(p);
+        Vec<KV>::convert(CG ? __ldcg(q) : *q, o);
+    }
+}
+template <bool CG, typename KV>
+__device__ __forceinline__ void attend(const float* q_in, float scale, const KV* keys, const KV* values, int t0,
                                        int t1, int C, int D, float* warp_ml, float* warp_acc, float* out,
                                        float* out_ml) {
     auto load = [](const float* p) { return CG ? __ldcg(p) : *p; };
@@ -1255,9 +1281,6 @@ __device__ __forceinline__ void attend(const float* q_in, float scale, const flo
     // with dimensions [8j, 8j + 8) in acc.
     bool d64 = D == 64 && ATT_MAX_DL >= 8;
     if (d64) {
-        auto load4 = [](const float* p) {
-            return CG ? __ldcg(reinterpret_cast<const float4*>(p)) : *reinterpret_cast<const float4*>(p);
-        };
         int g = lane >> 3, j = (lane & 7) * 8;
 #pragma unroll
         for (int i = 0; i < 8; i++) {
@@ -1268,17 +1291,13 @@ __device__ __forceinline__ void attend(const float* q_in, float scale, const flo
         for (int tb = t0 + warp * 4; tb < t1; tb += warps * 4) {
             int t = tb + g;
             bool ok = t < t1;
-            float4 k0 = make_float4(0, 0, 0, 0), k1 = k0, v0 = k0, v1 = k0;
+            float kk[8] = {0, 0, 0, 0, 0, 0, 0, 0}, vv[8] = {0, 0, 0, 0, 0, 0, 0, 0};
             if (ok) {
-                const float* key = keys + (size_t)t * C + j;
-                const float* val = values + (size_t)t * C + j;
-                k0 = load4(key);
-                k1 = load4(key + 4);
-                v0 = load4(val);
-                v1 = load4(val + 4);
+                load8_kv<CG>(keys + (size_t)t * C + j, kk);
+                load8_kv<CG>(values + (size_t)t * C + j, vv);
             }
-            float sc = q[0] * k0.x + q[1] * k0.y + q[2] * k0.z + q[3] * k0.w + q[4] * k1.x + q[5] * k1.y +
-                       q[6] * k1.z + q[7] * k1.w;
+            float sc = q[0] * kk[0] + q[1] * kk[1] + q[2] * kk[2] + q[3] * kk[3] + q[4] * kk[4] + q[5] * kk[5] +
+                       q[6] * kk[6] + q[7] * kk[7];
             sc += __shfl_xor_sync(0xffffffffu, sc, 1);
             sc += __shfl_xor_sync(0xffffffffu, sc, 2);
             sc += __shfl_xor_sync(0xffffffffu, sc, 4);
@@ -1286,7 +1305,6 @@ __device__ __forceinline__ void attend(const float* q_in, float scale, const flo
                 float mn = fmaxf(mx, sc);
                 float a = __expf(mx - mn), p = __expf(sc - mn);
                 l = l * a + p;
-                float vv[8] = {v0.x, v0.y, v0.z, v0.w, v1.x, v1.y, v1.z, v1.w};
 #pragma unroll
                 for (int i = 0; i < 8; i++) acc[i] = acc[i] * a + p * vv[i];
                 mx = mn;
@@ -1312,14 +1330,14 @@ __device__ __forceinline__ void attend(const float* q_in, float scale, const flo
         }
 #pragma unroll 2
         for (int t = t0 + warp; t < t1; t += warps) {
-            const float* key = keys + (size_t)t * C;
-            const float* val = values + (size_t)t * C;
+            const KV* key = keys + (size_t)t * C;
+            const KV* val = values + (size_t)t * C;
             float kv[ATT_MAX_DL], vv[ATT_MAX_DL];
 #pragma unroll
             for (int i = 0; i < ATT_MAX_DL; i++) {
                 int d = lane + 32 * i;
-                kv[i] = d < D ? load(key + d) : 0.0f;
-                vv[i] = d < D ? load(val + d) : 0.0f;
+                kv[i] = d < D ? load_kv<CG>(key + d) : 0.0f;
+                vv[i] = d < D ? load_kv<CG>(val + d) : 0.0f;
             }
             float sc = 0.0f;
 #pragma unroll
@@ -1373,9 +1391,10 @@ __device__ __forceinline__ void attend(const float* q_in, float scale, const flo
 // unnormalised output (part[row][split][C]) and its running max and sum (ml[row][split][head][2]);
 // the next matmul's prologue (IN_ATTN) combines the splits. Splits past the context store an empty
 // result. Head dimension at most 256.
-extern "C" __global__ void attention_decode(const float* qkv, const float* k_cache, const float* v_cache,
-                                            const int* row_seq, const int* row_pos, float* part, float* ml, int C,
-                                            int H, int max_seq, float scale, int split_len) {
+template <typename KV>
+__device__ void attention_decode(const float* qkv, const KV* k_cache, const KV* v_cache, const int* row_seq,
+                                 const int* row_pos, float* part, float* ml, int C, int H, int max_seq, float scale,
+                                 int split_len) {
     __shared__ float warp_ml[2 * 8];
     __shared__ float warp_acc[8 * 256];
     pdl_trigger();
@@ -1384,11 +1403,31 @@ extern "C" __global__ void attention_decode(const float* qkv, const float* k_cac
     pdl_wait();
     int ctx = row_pos[r] + 1;
     int t0 = split * split_len, t1 = min(ctx, t0 + split_len);
-    const float* keys = k_cache + (size_t)row_seq[r] * max_seq * C + h * D;
-    const float* values = v_cache + (size_t)row_seq[r] * max_seq * C + h * D;
+    const KV* keys = k_cache + (size_t)row_seq[r] * max_seq * C + h * D;
+    const KV* values = v_cache + (size_t)row_seq[r] * max_seq * C + h * D;
     attend<false>(qkv + (size_t)r * 3 * C + h * D, scale, keys, values, t0, t1, C, D, warp_ml, warp_acc,
                   part + ((size_t)r * splits + split) * C + h * D, ml + (((size_t)r * splits + split) * H + h) * 2);
 }
+
+// The attention kernels of each KV-cache type (the weights' type: fp32, f16 or bf16).
+#define ATTENTION_KERNELS(KV, S)                                                                                  \
+    extern "C" __global__ void attention_##S(const float* qkv, const KV* kc, const KV* vc, const int* rs,          \
+                                             const int* rp, float* out, int C, int H, int max_seq, float scale) {  \
+        attention<KV>(qkv, kc, vc, rs, rp, out, C, H, max_seq, scale);                                            \
+    }                                                                                                             \
+    extern "C" __global__ void __launch_bounds__(256)                                                             \
+        attention_tiled_##S(const float* qkv, const KV* kc, const KV* vc, const int* rs, const int* rp, int n,    \
+                            float* out, int C, int max_seq, float scale) {                                        \
+        attention_tiled<KV>(qkv, kc, vc, rs, rp, n, out, C, max_seq, scale);                                      \
+    }                                                                                                             \
+    extern "C" __global__ void attention_decode_##S(const float* qkv, const KV* kc, const KV* vc, const int* rs,   \
+                                                    const int* rp, float* part, float* ml, int C, int H,          \
+                                                    int max_seq, float scale, int split_len) {                    \
+        attention_decode<KV>(qkv, kc, vc, rs, rp, part, ml, C, H, max_seq, scale, split_len);                     \
+    }
+ATTENTION_KERNELS(float, f32)
+ATTENTION_KERNELS(__half, f16)
+ATTENTION_KERNELS(__nv_bfloat16, bf16)
 
 // out[b, :] = x[rows[b] - row_offset, :] for rows inside [row_offset, row_offset + n_rows).
 extern "C" __global__ void gather_rows(const float* x, const int* rows, int row_offset, int n_rows, float* out, int C) {
@@ -2002,7 +2041,8 @@ __device__ __forceinline__ int step_column_block(int M) { return M <= 2 ? 1 : 4;
 // Phase B: item (m, h, split) per block in turn. Split sp of row m covers keys [sp * len,
 // (sp + 1) * len) below its context (len = ceil(ctx / S)) with attend, as attention_decode does:
 // the unnormalised output into part[m * S + sp][C] and (max, sum) into ml[((m * S + sp) * H + h) * 2].
-__device__ __noinline__ void step_attention(const float* qkv, const float* k_cache, const float* v_cache, const int* row_seq,
+template <typename W>
+__device__ __noinline__ void step_attention(const float* qkv, const W* k_cache, const W* v_cache, const int* row_seq,
                                const int* pos, float* part, float* ml, int M, int C, int H, int max_seq, int S,
                                float* scratch) {
     int D = C / H;
@@ -2011,8 +2051,8 @@ __device__ __noinline__ void step_attention(const float* qkv, const float* k_cac
         int m = item / (H * S), h = (item / S) % H, sp = item % S;
         int ctx = pos[m] + 1, len = ceil_div(ctx, S);
         int t0 = sp * len, t1 = min(ctx, t0 + len);
-        const float* keys = k_cache + (size_t)row_seq[m] * max_seq * C + h * D;
-        const float* values = v_cache + (size_t)row_seq[m] * max_seq * C + h * D;
+        const W* keys = k_cache + (size_t)row_seq[m] * max_seq * C + h * D;
+        const W* values = v_cache + (size_t)row_seq[m] * max_seq * C + h * D;
         attend<true>(qkv + (size_t)m * 3 * C + h * D, scale, keys, values, t0, t1, C, D,
                      scratch + STEP_WARPS * D, scratch, part + ((size_t)m * S + sp) * C + h * D,
                      ml + (((size_t)m * S + sp) * H + h) * 2);
@@ -2058,8 +2098,8 @@ __device__ __noinline__ void step_combine(const float* part, int M, int C, int H
 // columns to the KV cache. The thread's first output uses the bias and residual loaded ahead.
 template <typename W, int ROWS>
 __device__ __noinline__ void step_epilogue(const float* red, int CB, int S, int M, int n0, int nc, int N, int C,
-                                           const W* bias, W bias0, float res0, float* out, int mode, float* kc,
-                                           float* vc, const int* seq, const int* pos, int max_seq) {
+                                           const W* bias, W bias0, float res0, float* out, int mode, W* kc,
+                                           W* vc, const int* seq, const int* pos, int max_seq) {
     int t0 = threadIdx.x;
     for (int t = t0; t < nc * M; t += STEP_THREADS) {
         int c = t / M, m = t % M, n = n0 + c;
@@ -2075,7 +2115,7 @@ __device__ __noinline__ void step_epilogue(const float* red, int CB, int S, int 
             out[i] = v;
             if (n >= C) {
                 size_t at = ((size_t)seq[m] * max_seq + pos[m]) * C + (n % C);
-                if (n < 2 * C) kc[at] = v; else vc[at] = v;
+                store_as((n < 2 * C ? kc : vc) + at, v);
             }
         }
     }
@@ -2092,7 +2132,7 @@ __device__ __noinline__ void step_head(const float* xs, int M, const W* head, in
 template <typename W, int ROWS>
 __device__ void decode_step(const unsigned long long* table, int L, int C, int H, int V, float eps, int M,
                             const int* tokens, const int* row_seq, int* pos, float* x, float* qkv, float* h4,
-                            float* part, float* ml, float* k_cache, float* v_cache, int max_seq,
+                            float* part, float* ml, W* k_cache, W* v_cache, int max_seq,
                             long long layer_stride, float* logits, float* best_value, int* best_index,
                             unsigned int* bar, int* next, int flags, unsigned long long* trace) {
     extern __shared__ __align__(16) unsigned char step_smem[];
@@ -2156,7 +2196,7 @@ __device__ void decode_step(const unsigned long long* table, int L, int C, int H
     // requested; everything is waited for at once and `prepare` finishes the input rows; then the
     // block's columns and the epilogue (mode as matmul_finish: 1 GELU, 2 residual add, 3 store +
     // KV append). The caller runs the barrier.
-    auto product = [&](int p, const float* in, bool global_in, float* out, int mode, float* kc, float* vc,
+    auto product = [&](int p, const float* in, bool global_in, float* out, int mode, W* kc, W* vc,
                        auto&& issue, auto&& prepare) {
         Ahead a = next_product;
         issue();
@@ -2189,8 +2229,8 @@ __device__ void decode_step(const unsigned long long* table, int L, int C, int H
         grid_barrier(bar, barriers);
     };
     for (int l = 0; l < L; l++) {
-        float* kc = k_cache + l * layer_stride;
-        float* vc = v_cache + l * layer_stride;
+        W* kc = k_cache + l * layer_stride;
+        W* vc = v_cache + l * layer_stride;
         int p = 4 * l;
         product(
             p, xs, false, qkv, 3, kc, vc,
@@ -2237,8 +2277,8 @@ __device__ void decode_step(const unsigned long long* table, int L, int C, int H
 #define STEP_KERNEL(W, NAME, ROWS)                                                                                \
     extern "C" __global__ void __launch_bounds__(STEP_THREADS, 1) NAME(                                           \
         const unsigned long long* table, int L, int C, int H, int V, float eps, int M, const int* tokens,         \
-        const int* row_seq, int* pos, float* x, float* qkv, float* h4, float* part, float* ml, float* kc,         \
-        float* vc, int max_seq, long long layer_stride, float* logits, float* bv, int* bi, unsigned int* bar,     \
+        const int* row_seq, int* pos, float* x, float* qkv, float* h4, float* part, float* ml, W* kc,             \
+        W* vc, int max_seq, long long layer_stride, float* logits, float* bv, int* bi, unsigned int* bar,     \
         int* next, int flags, unsigned long long* trace) {                                                        \
         decode_step<W, ROWS>(table, L, C, H, V, eps, M, tokens, row_seq, pos, x, qkv, h4, part, ml, kc, vc,       \
                              max_seq, layer_stride, logits, bv, bi, bar, next, flags, trace);                     \

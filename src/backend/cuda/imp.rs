@@ -302,7 +302,7 @@ impl Device {
                 get(&format!("gemv_cols_embed_ln_{suffix}"))?,
                 get(&format!("gemv_cols_attn_{suffix}"))?,
             ],
-            attention_decode: get("attention_decode")?,
+            attention_decode: get(&format!("attention_decode_{suffix}"))?,
             lm_head_ln: get(&format!("lm_head_ln_{suffix}"))?,
             lm_head_plain: get(&format!("lm_head_plain_{suffix}"))?,
             attention_combine: get("attention_combine")?,
@@ -322,8 +322,12 @@ impl Device {
             matmul_finish: get(&format!("matmul_finish_{suffix}"))?,
             matmul_finish_rows: get(&format!("matmul_finish_rows_{suffix}"))?,
             lm_head: get(&format!("lm_head_{suffix}"))?,
-            attention: get("attention")?,
-            attention_tiled: if knob_on("GPT2RT_CUDA_TILED_ATTENTION") { Some(get("attention_tiled")?) } else { None },
+            attention: get(&format!("attention_{suffix}"))?,
+            attention_tiled: if knob_on("GPT2RT_CUDA_TILED_ATTENTION") {
+                Some(get(&format!("attention_tiled_{suffix}"))?)
+            } else {
+                None
+            },
             gather_rows: get("gather_rows")?,
             argmax_partial: get("argmax_partial")?,
             argmax_final: get("argmax_final")?,
@@ -1025,7 +1029,8 @@ impl CudaState {
         let rows = b.max(shared.prefill_rows.min(b * s));
         let f = std::mem::size_of::<f32>();
         let layout = IntLayout::new(b, s);
-        let kv_bytes = cfg.n_layer * b * s * c * f;
+        // The KV cache holds the weights' type (f32, f16 or bf16).
+        let kv_bytes = cfg.n_layer * b * s * c * shared.dtype.size();
         let step_items = shared.fused.as_ref().map_or(0, |fs| fs.blocks.max(FUSED_WIDE_ROWS * cfg.n_head));
         d.bind()?;
         let stream =
@@ -1454,8 +1459,8 @@ impl CudaState {
             )
         };
         for (l, lw) in w.layers.iter().enumerate() {
-            let kc = self.k_cache.at::<f32>(l * layer_stride);
-            let vc = self.v_cache.at::<f32>(l * layer_stride);
+            let kv_at = (l * layer_stride * self.shared.dtype.size()) as u64;
+            let (kc, vc) = (self.k_cache.ptr + kv_at, self.v_cache.ptr + kv_at);
             let kv = (kc, vc, row_seq, row_pos);
             if decode {
                 let none = (0, 0, row_seq, row_pos);
