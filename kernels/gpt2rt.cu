@@ -177,18 +177,19 @@ __device__ __forceinline__ float gelu_new(float x) {
 
 // Output (m, n) of a product, v (bias included), by mode: 0 store; 1 store gelu_new; 2 out =
 // residual + v (`residual`: the old out value); 3 store, and append the k/v columns to the KV cache
-// at the row's (seq, pos). The epilogue of the split-K finishing and of the decode matmuls.
-template <typename KV>
-__device__ __forceinline__ void gemv_store(float v, int m, int n, int N, int mode, float residual, float* out,
+// at the row's (seq, pos). The epilogue of the split-K finishing and of the decode matmuls. O: fp32
+// outputs, or (GELU only) the weights' f16/bf16 for a tensor-core product to read as they are.
+template <typename O, typename KV>
+__device__ __forceinline__ void gemv_store(float v, int m, int n, int N, int mode, float residual, O* out,
                                            KV* k_cache, KV* v_cache, const int* row_seq, const int* pos,
                                            int max_seq) {
     size_t i = (size_t)m * N + n;
     if (mode == 1) v = gelu_new(v);
     if (mode == 2) {
-        out[i] = residual + v;
+        store_as(out + i, residual + v);
         return;
     }
-    out[i] = v;
+    store_as(out + i, v);
     if (mode == 3) {
         int C = N / 3;
         if (n >= C) {
@@ -203,8 +204,8 @@ __device__ __forceinline__ void gemv_store(float v, int m, int n, int N, int mod
 // The splits are summed in 8 interleaved shares (share i: splits i, i + 8, ... in order), then
 // bias + share 0 + ... + share 7. Grid (ceil(N/32), M), 256 threads: warp i sums share i of 32
 // columns of row m (for few rows and many splits).
-template <typename W>
-__device__ void matmul_finish(const float* partial, int splits, int M, int N, const W* bias, float* out, int mode,
+template <typename W, typename O = float>
+__device__ void matmul_finish(const float* partial, int splits, int M, int N, const W* bias, O* out, int mode,
                               W* k_cache, W* v_cache, const int* row_seq, const int* row_pos, int max_seq) {
     __shared__ float sums[8][33];
     pdl_trigger();
@@ -221,14 +222,14 @@ __device__ void matmul_finish(const float* partial, int splits, int M, int N, co
     if (ty != 0 || n >= N) return;
     float v = to_f(bias[n]);
     for (int i = 0; i < 8; i++) v += sums[i][tx];
-    float residual = mode == 2 ? out[(size_t)m * N + n] : 0.0f;
+    float residual = mode == 2 ? to_f(out[(size_t)m * N + n]) : 0.0f;
     gemv_store(v, m, n, N, mode, residual, out, k_cache, v_cache, row_seq, row_pos, max_seq);
 }
 
 // The same sums, one thread an output (its 8 shares in registers, so the result is the same bit
 // for bit), over the M x N outputs in blocks of 256 (for many rows and few splits).
-template <typename W>
-__device__ void matmul_finish_rows(const float* partial, int splits, int M, int N, const W* bias, float* out,
+template <typename W, typename O = float>
+__device__ void matmul_finish_rows(const float* partial, int splits, int M, int N, const W* bias, O* out,
                                    int mode, W* k_cache, W* v_cache, const int* row_seq, const int* row_pos,
                                    int max_seq) {
     pdl_trigger();
@@ -245,7 +246,7 @@ __device__ void matmul_finish_rows(const float* partial, int splits, int M, int 
     float v = to_f(bias[n]);
 #pragma unroll
     for (int i = 0; i < 8; i++) v += share[i];
-    float residual = mode == 2 ? out[(size_t)m * N + n] : 0.0f;
+    float residual = mode == 2 ? to_f(out[(size_t)m * N + n]) : 0.0f;
     gemv_store(v, m, n, N, mode, residual, out, k_cache, v_cache, row_seq, row_pos, max_seq);
 }
 
@@ -566,14 +567,16 @@ __device__ void gemv_cols(const float* in, const int* tokens, const int* pos, co
 }
 
 // Combines attention_decode's per-split results into att[m, :] (the IN_ATTN prologue, for batches
-// too large for the fused one); one block per row.
-extern "C" __global__ void attention_combine(const float* part, const float* att_ml, const int* pos, int splits, int C,
-                                             int H, float* att) {
+// too large for the fused one); grid (rows, column blocks), a thread a column. O: fp32 rows, or
+// the weights' f16/bf16 for a tensor-core product to read as they are.
+template <typename O>
+__device__ void attention_combine(const float* part, const float* att_ml, const int* pos, int splits, int C, int H,
+                                  O* att) {
     pdl_trigger();
     pdl_wait();
     int m = blockIdx.x, D = C / H;
     int active = min(splits, pos[m] / ATTENTION_SPLIT + 1);
-    for (int k = threadIdx.x; k < C; k += blockDim.x) {
+    for (int k = blockIdx.y * blockDim.x + threadIdx.x; k < C; k += gridDim.y * blockDim.x) {
         const float* ml = att_ml + ((size_t)m * splits * H + k / D) * 2;
         float mx = -INFINITY;
         for (int sp = 0; sp < active; sp++) mx = fmaxf(mx, ml[(size_t)sp * H * 2]);
@@ -583,8 +586,12 @@ extern "C" __global__ void attention_combine(const float* part, const float* att
             num += w * part[((size_t)m * splits + sp) * C + k];
             den += w * ml[(size_t)sp * H * 2 + 1];
         }
-        att[(size_t)m * C + k] = num / den;
+        store_as(att + (size_t)m * C + k, num / den);
     }
+}
+extern "C" __global__ void attention_combine_f32(const float* part, const float* att_ml, const int* pos, int splits,
+                                                 int C, int H, float* att) {
+    attention_combine<float>(part, att_ml, pos, splits, C, H, att);
 }
 
 // The LM head's unit of work: a warp takes HEAD_ROWS<W> consecutive vocabulary rows at once, so
@@ -1056,6 +1063,20 @@ __device__ void matmul_mma(const A* __restrict__ in, int M, int K, const W* __re
     }                                                                                                             \
     extern "C" __global__ void layer_norm_half_##S(const float* x, const W* g, const W* b, W* o, int C, float eps) { \
         layer_norm<W, W>(x, g, b, o, C, eps);                                                                     \
+    }                                                                                                             \
+    extern "C" __global__ void attention_combine_half_##S(const float* part, const float* att_ml, const int* pos,  \
+                                                          int splits, int C, int H, W* att) {                     \
+        attention_combine<W>(part, att_ml, pos, splits, C, H, att);                                               \
+    }                                                                                                             \
+    extern "C" __global__ void matmul_finish_half_##S(const float* part, int splits, int M, int N, const W* bias,  \
+                                                      W* out, int mode, W* kc, W* vc, const int* rs,              \
+                                                      const int* rp, int max_seq) {                               \
+        matmul_finish<W, W>(part, splits, M, N, bias, out, mode, kc, vc, rs, rp, max_seq);                        \
+    }                                                                                                             \
+    extern "C" __global__ void matmul_finish_rows_half_##S(const float* part, int splits, int M, int N,            \
+                                                           const W* bias, W* out, int mode, W* kc, W* vc,         \
+                                                           const int* rs, const int* rp, int max_seq) {           \
+        matmul_finish_rows<W, W>(part, splits, M, N, bias, out, mode, kc, vc, rs, rp, max_seq);                   \
     }
 MMA_KERNELS(__half, f16)
 MMA_KERNELS(__nv_bfloat16, bf16)

@@ -498,9 +498,11 @@ fn cuda_half_rows_leave_every_logit_as_it_was() {
     if !gpu_available() {
         return;
     }
-    // Past the decode rows in the half modes, the LayerNorms before the tensor-core products (QKV,
-    // MLP up, the LM head) write their rows in f16/bf16 and the products read them as they are;
-    // that rounding is the one the products do on the way in to fp32 rows
+    // Past the decode rows in the half modes, the kernels writing the tensor-core products' rows
+    // (the LayerNorms before QKV, MLP up and the LM head; the attention splits' combination before
+    // the output projection; the MLP-up finishing's GELU before MLP down) write them in f16/bf16
+    // and the products read them as they are; that rounding is the one the products do on the
+    // way in to fp32 rows
     // (GPT2RT_CUDA_HALF_ROWS=0), so every logit must be the same bit for bit. Batches 16 and 64
     // (64-k and 32-k slices), prompts of 20 tokens, then 3 steps on the same tokens.
     let (prompt_len, steps) = (20, 3);

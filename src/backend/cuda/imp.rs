@@ -113,6 +113,9 @@ const ATTENTION_TILE_ROWS: usize = 32;
 /// the prompts are short (batch 16 prompt 12: 1.12 vs 0.82, 72 blocks each going over 2-3
 /// sequences' rows in turn) or the blocks few (batch 1 prompt 128: 0.94 vs 0.83, 48 blocks).
 const TILED_ATTENTION_LEN: usize = 64;
+/// Threads per block of attention_combine (a thread a column; H100, f16, batch 64, prompt 128 +
+/// 128 tokens: see the README).
+const ATTENTION_COMBINE_THREADS: usize = 128;
 /// Threads per block of the attention kernel.
 const ATTENTION_THREADS: usize = 256;
 
@@ -227,10 +230,14 @@ struct Kernels {
     matmul_mma: Option<sys::CUfunction>,
     /// Its instance with k-slices of 64 (present with it).
     matmul_mma64: Option<sys::CUfunction>,
-    /// Both instances taking rows already in the weights' type, and the LayerNorm that writes
-    /// them (present with them), unless `GPT2RT_CUDA_HALF_ROWS=0`.
+    /// Both instances taking rows already in the weights' type, and the kernels that write them
+    /// (present with them): the LayerNorm, the attention splits' combination, and the split-K
+    /// finishing (`[matmul_finish, matmul_finish_rows]`, for the GELU output); unless
+    /// `GPT2RT_CUDA_HALF_ROWS=0`.
     matmul_mma_half: Option<[sys::CUfunction; 2]>,
     layer_norm_half: Option<sys::CUfunction>,
+    attention_combine_half: Option<sys::CUfunction>,
+    matmul_finish_half: Option<[sys::CUfunction; 2]>,
     matmul_finish: sys::CUfunction,
     matmul_finish_rows: sys::CUfunction,
     /// The prefill attention with staged keys (heads of 64), unless `GPT2RT_CUDA_TILED_ATTENTION=0`.
@@ -283,6 +290,8 @@ impl Device {
         let fused = probe.capability >= (8, 0) && probe.cooperative && knob_on("GPT2RT_CUDA_FUSED_STEP");
         // GPT2RT_CUDA_MMA=0 keeps the CUDA-core kernel (for comparisons).
         let mma = dtype != DType::F32 && probe.capability >= (8, 0) && knob_on("GPT2RT_CUDA_MMA");
+        // GPT2RT_CUDA_HALF_ROWS=0: fp32 rows into the tensor-core products (for comparisons).
+        let half_rows = mma && knob_on("GPT2RT_CUDA_HALF_ROWS");
         let get = |name: &str| -> Result<sys::CUfunction> {
             let cname = std::ffi::CString::new(name).expect("kernel names have no NUL");
             // SAFETY: module is loaded; the name is NUL-terminated.
@@ -305,17 +314,26 @@ impl Device {
             attention_decode: get(&format!("attention_decode_{suffix}"))?,
             lm_head_ln: get(&format!("lm_head_ln_{suffix}"))?,
             lm_head_plain: get(&format!("lm_head_plain_{suffix}"))?,
-            attention_combine: get("attention_combine")?,
+            attention_combine: get("attention_combine_f32")?,
             matmul_tiled: get(&format!("matmul_tiled_{suffix}"))?,
             matmul_mma: if mma { Some(get(&format!("matmul_mma_{suffix}"))?) } else { None },
             matmul_mma64: if mma { Some(get(&format!("matmul_mma64_{suffix}"))?) } else { None },
-            matmul_mma_half: if mma && knob_on("GPT2RT_CUDA_HALF_ROWS") {
+            matmul_mma_half: if half_rows {
                 Some([get(&format!("matmul_mma_half_{suffix}"))?, get(&format!("matmul_mma64_half_{suffix}"))?])
             } else {
                 None
             },
-            layer_norm_half: if mma && knob_on("GPT2RT_CUDA_HALF_ROWS") {
-                Some(get(&format!("layer_norm_half_{suffix}"))?)
+            layer_norm_half: if half_rows { Some(get(&format!("layer_norm_half_{suffix}"))?) } else { None },
+            attention_combine_half: if half_rows {
+                Some(get(&format!("attention_combine_half_{suffix}"))?)
+            } else {
+                None
+            },
+            matmul_finish_half: if half_rows {
+                Some([
+                    get(&format!("matmul_finish_half_{suffix}"))?,
+                    get(&format!("matmul_finish_rows_half_{suffix}"))?,
+                ])
             } else {
                 None
             },
@@ -1254,7 +1272,9 @@ impl CudaState {
     /// `out[M, N] = in[M, K] @ w + bias` (w stored `[N, K]`), then `mode` (see matmul_finish in the
     /// .cu file): the split-K path for row counts past the decode path, on tensor cores
     /// (matmul_mma) in the half modes where the GPU has them, else the CUDA-core tiled kernel.
-    /// `half_input`: the rows are in the weights' type (see `half_rows`), else fp32.
+    /// `half_input`: the rows are in the weights' type (see `half_rows`), else fp32; `half_output`
+    /// (GELU only): the outputs are stored in the weights' type, for the next product to read as
+    /// they are (rounded as it would round them).
     #[allow(clippy::too_many_arguments)]
     fn matmul(
         &self,
@@ -1268,6 +1288,7 @@ impl CudaState {
         mode: usize,
         kv: Option<(u64, u64, u64, u64)>,
         half_input: bool,
+        half_output: bool,
     ) -> Result<()> {
         let kernels = &self.shared.device.kernels;
         let (f, threads, slice) = self
@@ -1296,10 +1317,15 @@ impl CudaState {
         // batch 64 prompt 128 + 128 tokens 103.9 vs 110.2 (it finishes every step's products too),
         // batch 16 with 8 tokens 3.54 vs 3.32 (16-row steps). Prefill + one token at batch 64
         // prompt 128 (1024-row passes): 17.9 vs 26.5.
+        let [finish, finish_rows] = match kernels.matmul_finish_half {
+            Some(half) if half_output => half,
+            _ => [kernels.matmul_finish, kernels.matmul_finish_rows],
+        };
+        debug_assert!(!half_output || mode == 1, "only the GELU output is stored in the weights' type");
         if m >= GEMV_MAX_M {
-            self.launch_overlapped_grid(kernels.matmul_finish_rows, ((m * n).div_ceil(256), 1, 1), 256, 0, args)
+            self.launch_overlapped_grid(finish_rows, ((m * n).div_ceil(256), 1, 1), 256, 0, args)
         } else {
-            self.launch_overlapped_grid(kernels.matmul_finish, (n.div_ceil(32), m, 1), 256, 0, args)
+            self.launch_overlapped_grid(finish, (n.div_ceil(32), m, 1), 256, 0, args)
         }
     }
 
@@ -1467,7 +1493,7 @@ impl CudaState {
                 let (x, h4) = (self.x.ptr, self.hidden4.ptr);
                 let input = self.normed(n, fused_ln, (l == 0).then_some(tokens), &lw.ln_1_weight, &lw.ln_1_bias)?;
                 self.gemv(input, n, c, &lw.attn_weight, 3 * c, &lw.attn_bias, self.qkv.ptr, 3, kv)?;
-                self.attention_split(n, kc, vc, row_seq, row_pos, !fused_ln)?;
+                self.attention_split(n, kc, vc, row_seq, row_pos, !fused_ln, false)?;
                 let attended = if fused_ln { GemvInput::Attention } else { GemvInput::Plain(self.att.ptr) };
                 self.gemv(attended, n, c, &lw.attn_proj_weight, c, &lw.attn_proj_bias, x, 2, none)?;
                 let input = self.normed(n, fused_ln, None, &lw.ln_2_weight, &lw.ln_2_bias)?;
@@ -1476,12 +1502,13 @@ impl CudaState {
                 continue;
             }
             ln(self.x.ptr, &lw.ln_1_weight, &lw.ln_1_bias, self.xn.ptr)?;
-            self.matmul(self.xn.ptr, n, c, &lw.attn_weight, 3 * c, &lw.attn_bias, self.qkv.ptr, 3, Some(kv), half)?;
+            let (xn, qkv) = (self.xn.ptr, self.qkv.ptr);
+            self.matmul(xn, n, c, &lw.attn_weight, 3 * c, &lw.attn_bias, qkv, 3, Some(kv), half, false)?;
             if n <= GEMV_MAX_M {
                 // The split attention's warps keep more of the keys' loads in flight than one
                 // block a (row, head) does: H100, f16 batch 64, prompt 128 + 128 tokens, 165.0 ->
                 // 145.8 ms; batch 8 with 32 tokens 11.07 -> 10.23 ms.
-                self.attention_split(n, kc, vc, row_seq, row_pos, true)?;
+                self.attention_split(n, kc, vc, row_seq, row_pos, true, half)?;
             } else if let Some(f) = k.attention_tiled.filter(|_| {
                 long_rows
                     && cfg.head_dim() == 64
@@ -1504,11 +1531,16 @@ impl CudaState {
                         .float(scale),
                 )?;
             }
-            self.matmul(self.att.ptr, n, c, &lw.attn_proj_weight, c, &lw.attn_proj_bias, self.x.ptr, 2, None, false)?;
+            // With half rows the split attention's combination wrote `att` in the weights' type; the
+            // longer prefills' attention kernels write fp32.
+            let att_half = half && n <= GEMV_MAX_M;
+            let (att, x) = (self.att.ptr, self.x.ptr);
+            self.matmul(att, n, c, &lw.attn_proj_weight, c, &lw.attn_proj_bias, x, 2, None, att_half, false)?;
             ln(self.x.ptr, &lw.ln_2_weight, &lw.ln_2_bias, self.xn.ptr)?;
-            self.matmul(self.xn.ptr, n, c, &lw.fc_weight, 4 * c, &lw.fc_bias, self.hidden4.ptr, 1, None, half)?;
+            // With half rows the GELU output (the MLP's hidden rows) is stored in the weights' type.
+            self.matmul(xn, n, c, &lw.fc_weight, 4 * c, &lw.fc_bias, self.hidden4.ptr, 1, None, half, half)?;
             let (h4, x) = (self.hidden4.ptr, self.x.ptr);
-            self.matmul(h4, n, 4 * c, &lw.mlp_proj_weight, c, &lw.mlp_proj_bias, x, 2, None, false)?;
+            self.matmul(h4, n, 4 * c, &lw.mlp_proj_weight, c, &lw.mlp_proj_bias, x, 2, None, half, false)?;
         }
         Ok(())
     }
@@ -1520,8 +1552,19 @@ impl CudaState {
     }
 
     /// Attention of `n` (at most GEMV_MAX_M) query rows split across blocks (attention_decode) into
-    /// the per-split buffers, then, when `combine`, the splits' combination into `att`.
-    fn attention_split(&self, n: usize, kc: u64, vc: u64, row_seq: u64, row_pos: u64, combine: bool) -> Result<()> {
+    /// the per-split buffers, then, when `combine`, the splits' combination into `att` (in the
+    /// weights' type with `half`, which needs attention_combine_half).
+    #[allow(clippy::too_many_arguments)]
+    fn attention_split(
+        &self,
+        n: usize,
+        kc: u64,
+        vc: u64,
+        row_seq: u64,
+        row_pos: u64,
+        combine: bool,
+        half: bool,
+    ) -> Result<()> {
         let cfg = &self.shared.config;
         let k = &self.shared.device.kernels;
         let c = cfg.n_embd;
@@ -1547,7 +1590,14 @@ impl CudaState {
             .int(c)
             .int(cfg.n_head)
             .ptr(self.att.ptr);
-        self.launch_overlapped(k.attention_combine, n, 256, 0, args)
+        let f = if half {
+            k.attention_combine_half.expect("half rows have their combination")
+        } else {
+            k.attention_combine
+        };
+        // A thread a column, ATTENTION_COMBINE_THREADS a block.
+        let grid = (n, c.div_ceil(ATTENTION_COMBINE_THREADS), 1);
+        self.launch_overlapped_grid(f, grid, ATTENTION_COMBINE_THREADS, 0, args)
     }
 
     /// The decode path's LayerNorm'd input (of x, or of the embeddings of `tokens` for the first
