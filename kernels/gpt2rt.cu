@@ -896,6 +896,43 @@ INSTANTIATE(__nv_bfloat16, bf16)
 // already in the weights' type (layer_norm_half's, rounded the same way), half the bytes to read:
 // every column tile of a product reads all of its rows.
 
+__device__ __forceinline__ void copy_async16(void* dst, const void* src) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    unsigned int s = (unsigned int)__cvta_generic_to_shared(dst);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(s), "l"(src) : "memory");
+#else
+    *reinterpret_cast<uint4*>(dst) = __ldcg(reinterpret_cast<const uint4*>(src));
+#endif
+}
+__device__ __forceinline__ void copy_commit() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.commit_group;" ::: "memory");
+#endif
+}
+// Waits for this thread's copies of every committed group but the newest.
+__device__ __forceinline__ void copy_wait_all_but_newest() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.wait_group 1;" ::: "memory");
+#endif
+}
+// Copies 16 bytes from src, or (valid false) stores 16 zero bytes; src must be a valid address
+// either way.
+__device__ __forceinline__ void copy_async16_or_zero(void* dst, const void* src, bool valid) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    unsigned int s = (unsigned int)__cvta_generic_to_shared(dst);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(s), "l"(src), "r"(valid ? 16 : 0) : "memory");
+#else
+    *reinterpret_cast<uint4*>(dst) = valid ? __ldcg(reinterpret_cast<const uint4*>(src)) : make_uint4(0, 0, 0, 0);
+#endif
+}
+// Waits for this thread's copies of every committed group but the newest PENDING.
+template <int PENDING>
+__device__ __forceinline__ void copy_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.wait_group %0;" ::"n"(PENDING) : "memory");
+#endif
+}
+
 template <typename W> struct Mma;
 template <> struct Mma<__half> {
     static __device__ __forceinline__ unsigned int pack(float a, float b) {
@@ -1044,6 +1081,101 @@ __device__ void matmul_mma(const A* __restrict__ in, int M, int K, const W* __re
             }
 }
 
+// matmul_mma for rows already in the weights' type: the same tiles and k order (so the same
+// sums, bit for bit), the rows and weights copied with cp.async into a ring of MMA_RING stages of
+// 32 k, MMA_RING - 1 of them in flight during the math instead of one slice: a block over a long K
+// (prefill passes, which split K little) waited out one memory latency a slice. It serves the
+// 32-k instance (more than 16 rows): H100, f16, E2E ms, same call, twice, register-staged vs ring:
+// batch 64 prompt 128 + 1 token 17.42 / 17.47 -> 13.87 / 14.03, batch 1 prompt 896 + 1 token 4.38
+// / 4.43 -> 3.34 / 3.28, batch 64 prompt 128 + 128 tokens 93.68 / 94.05 -> 90.15 / 90.30. The 64-k
+// instance (few-row steps, one or two slices a block, and their LM head) stays register-staged:
+// the ring measured slower there (batch 16 with 32 tokens 9.53 / 9.49 -> 10.38 / 10.40, batch 4
+// 8.74 / 8.73 -> 9.13 / 9.14). k_per_split % 32 == 0.
+#define MMA_RING 4
+template <typename W>
+__device__ void matmul_mma_ring(const W* __restrict__ in, int M, int K, const W* __restrict__ w, int N,
+                                float* partial, int k_per_split) {
+    constexpr int RS = 32, RSTRIDE = RS + 8;
+    __shared__ __align__(16) unsigned short a_s[MMA_RING][64 * RSTRIDE];
+    __shared__ __align__(16) unsigned short w_s[MMA_RING][64 * RSTRIDE];
+    int t = threadIdx.x, warp = t >> 5, lane = t & 31, g = lane >> 2, tig = lane & 3;
+    int m0 = blockIdx.y * 64, n0 = blockIdx.x * 64;
+    int k0 = blockIdx.z * k_per_split, k1 = min(K, k0 + k_per_split);
+    int slices = k1 > k0 ? (k1 - k0 + RS - 1) / RS : 0;
+    // Pieces of 8 k: thread t (of 128) copies pieces t and t + 128 of the 64 x 4 of a stage (row i / 4,
+    // k 8 (i % 4)); those past k1 (the last slice may be short, by whole 8 k as K % 16 == 0), past M
+    // or past N are zeros.
+    auto issue = [&](const auto* src, int rows, int r0, unsigned short (*dst)[64 * RSTRIDE], int slice) {
+        int kb = k0 + slice * RS;
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+            int i = t + h * 128, r = i >> 2, kk = (i & 3) * 8;
+            bool ok = r0 + r < rows && kb + kk < k1;
+            const auto* from = ok ? src + (size_t)(r0 + r) * K + kb + kk : src;
+            copy_async16_or_zero(dst[slice % MMA_RING] + r * RSTRIDE + kk, from, ok);
+        }
+    };
+    float acc[4][2][4];
+#pragma unroll
+    for (int i = 0; i < 4; i++)
+#pragma unroll
+        for (int j = 0; j < 2; j++)
+#pragma unroll
+            for (int r = 0; r < 4; r++) acc[i][j][r] = 0.0f;
+    // The weights of the first slices stream while the previous kernel finishes (programmatic
+    // dependent launch); the rows only after it is done.
+    pdl_trigger();
+    for (int sl = 0; sl < MMA_RING - 1 && sl < slices; sl++) issue(w, N, n0, w_s, sl);
+    pdl_wait();
+    for (int sl = 0; sl < MMA_RING - 1; sl++) {
+        if (sl < slices) issue(in, M, m0, a_s, sl);
+        copy_commit();
+    }
+    for (int sl = 0; sl < slices; sl++) {
+        copy_wait<MMA_RING - 2>();
+        __syncthreads();  // slice sl is in for every thread, and slice sl - 1's stage is free
+        if (sl + MMA_RING - 1 < slices) {
+            issue(w, N, n0, w_s, sl + MMA_RING - 1);
+            issue(in, M, m0, a_s, sl + MMA_RING - 1);
+        }
+        copy_commit();
+        const unsigned short* as = a_s[sl % MMA_RING];
+        const unsigned short* ws = w_s[sl % MMA_RING];
+#pragma unroll
+        for (int ks = 0; ks < RS; ks += 16) {
+            unsigned int b[2][2];
+#pragma unroll
+            for (int j = 0; j < 2; j++) {
+                const unsigned short* row = ws + (warp * 16 + j * 8 + g) * RSTRIDE + ks + tig * 2;
+                b[j][0] = *reinterpret_cast<const unsigned int*>(row);
+                b[j][1] = *reinterpret_cast<const unsigned int*>(row + 8);
+            }
+#pragma unroll
+            for (int i = 0; i < 4; i++) {
+                const unsigned short* r0 = as + (i * 16 + g) * RSTRIDE + ks + tig * 2;
+                const unsigned short* r1 = r0 + 8 * RSTRIDE;
+                unsigned int a[4] = {*reinterpret_cast<const unsigned int*>(r0),
+                                     *reinterpret_cast<const unsigned int*>(r1),
+                                     *reinterpret_cast<const unsigned int*>(r0 + 8),
+                                     *reinterpret_cast<const unsigned int*>(r1 + 8)};
+#pragma unroll
+                for (int j = 0; j < 2; j++) Mma<W>::run(acc[i][j], a, b[j]);
+            }
+        }
+    }
+    float* out = partial + (size_t)blockIdx.z * M * N;
+#pragma unroll
+    for (int i = 0; i < 4; i++)
+#pragma unroll
+        for (int j = 0; j < 2; j++)
+#pragma unroll
+            for (int r = 0; r < 4; r++) {
+                int m = m0 + i * 16 + g + (r >= 2 ? 8 : 0);
+                int n = n0 + warp * 16 + j * 8 + tig * 2 + (r & 1);
+                if (m < M && n < N) out[(size_t)m * N + n] = acc[i][j][r];
+            }
+}
+
 #define MMA_KERNELS(W, S)                                                                                         \
     extern "C" __global__ void matmul_mma_##S(const float* in, int M, int K, const W* w, int N, float* part,       \
                                               int kps) {                                                          \
@@ -1055,7 +1187,7 @@ __device__ void matmul_mma(const A* __restrict__ in, int M, int K, const W* __re
     }                                                                                                             \
     extern "C" __global__ void matmul_mma_half_##S(const W* in, int M, int K, const W* w, int N, float* part,      \
                                                    int kps) {                                                     \
-        matmul_mma<W, 32, W>(in, M, K, w, N, part, kps);                                                          \
+        matmul_mma_ring<W>(in, M, K, w, N, part, kps);                                                            \
     }                                                                                                             \
     extern "C" __global__ void matmul_mma64_half_##S(const W* in, int M, int K, const W* w, int N, float* part,    \
                                                      int kps) {                                                   \
@@ -1786,25 +1918,6 @@ __device__ __forceinline__ void stamp(unsigned long long* trace, int& i) {
     i++;
 }
 
-__device__ __forceinline__ void copy_async16(void* dst, const void* src) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-    unsigned int s = (unsigned int)__cvta_generic_to_shared(dst);
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(s), "l"(src) : "memory");
-#else
-    *reinterpret_cast<uint4*>(dst) = __ldcg(reinterpret_cast<const uint4*>(src));
-#endif
-}
-__device__ __forceinline__ void copy_commit() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-    asm volatile("cp.async.commit_group;" ::: "memory");
-#endif
-}
-// Waits for this thread's copies of every committed group but the newest.
-__device__ __forceinline__ void copy_wait_all_but_newest() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-    asm volatile("cp.async.wait_group 1;" ::: "memory");
-#endif
-}
 // Starts copying `bytes` (a multiple of 16, both ends 16-byte aligned) with the whole block.
 __device__ __forceinline__ void copy_block(void* dst, const void* src, size_t bytes) {
     for (size_t i = threadIdx.x * 16; i < bytes; i += STEP_THREADS * 16)
