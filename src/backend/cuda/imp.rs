@@ -113,8 +113,9 @@ const ATTENTION_TILE_ROWS: usize = 32;
 /// the prompts are short (batch 16 prompt 12: 1.12 vs 0.82, 72 blocks each going over 2-3
 /// sequences' rows in turn) or the blocks few (batch 1 prompt 128: 0.94 vs 0.83, 48 blocks).
 const TILED_ATTENTION_LEN: usize = 64;
-/// Threads per block of attention_combine (a thread a column; H100, f16, batch 64, prompt 128 +
-/// 128 tokens: see the README).
+/// Threads per block of attention_combine: a thread a column, over (row, column block) blocks
+/// (measured together with its half rows: see the README's "Half rows into every tensor-core
+/// product").
 const ATTENTION_COMBINE_THREADS: usize = 128;
 /// Threads per block of the attention kernel.
 const ATTENTION_THREADS: usize = 256;
@@ -1317,9 +1318,10 @@ impl CudaState {
         // batch 64 prompt 128 + 128 tokens 103.9 vs 110.2 (it finishes every step's products too),
         // batch 16 with 8 tokens 3.54 vs 3.32 (16-row steps). Prefill + one token at batch 64
         // prompt 128 (1024-row passes): 17.9 vs 26.5.
-        let [finish, finish_rows] = match kernels.matmul_finish_half {
-            Some(half) if half_output => half,
-            _ => [kernels.matmul_finish, kernels.matmul_finish_rows],
+        let [finish, finish_rows] = if half_output {
+            kernels.matmul_finish_half.expect("half rows have their finishing kernels")
+        } else {
+            [kernels.matmul_finish, kernels.matmul_finish_rows]
         };
         debug_assert!(!half_output || mode == 1, "only the GELU output is stored in the weights' type");
         if m >= GEMV_MAX_M {
