@@ -873,7 +873,15 @@ fn run(op: Op, sh: &Shared, slots: &mut [Option<Shadow>; SLOTS]) {
             path.extend_from_slice(&dir[..dir.len().min(64)]);
             let want = match variant % 5 {
                 0 => {
-                    o.struct_size = StructSize::Wrong(value as u16).get::<gpt2rt_engine_options>();
+                    // Any size but those the library accepts: the current layout's and the 56-byte
+                    // one before `nvtx` (a host built against the older header).
+                    let accepted =
+                        [std::mem::offset_of!(gpt2rt_engine_options, nvtx), size_of::<gpt2rt_engine_options>()];
+                    let mut size = StructSize::Wrong(value as u16).get::<gpt2rt_engine_options>();
+                    while accepted.contains(&size) {
+                        size += 1;
+                    }
+                    o.struct_size = size;
                     S::StructSize
                 }
                 1 => {
