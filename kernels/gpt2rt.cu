@@ -965,6 +965,50 @@ template <> struct Mma<__nv_bfloat16> {
     }
 };
 
+// The block tile of matmul_mma and matmul_mma_ring (64 rows x 64 columns, 128 threads): warp j
+// holds rows 0..63 x columns 16j..16j+15 in acc[row group of 16][column group of 8][4].
+// mma_tile_slice adds one staged slice of SL k (rows a_s and weight rows w_s in shared memory,
+// ST halves apart), 16 k at a time in order; mma_tile_store writes the tile's rows < M and
+// columns < N of out (M x N).
+template <typename W, int SL, int ST>
+__device__ __forceinline__ void mma_tile_slice(const unsigned short* a_s, const unsigned short* w_s,
+                                               float (&acc)[4][2][4]) {
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tig = lane & 3;
+#pragma unroll
+    for (int ks = 0; ks < SL; ks += 16) {
+        unsigned int b[2][2];
+#pragma unroll
+        for (int j = 0; j < 2; j++) {
+            const unsigned short* row = w_s + (warp * 16 + j * 8 + g) * ST + ks + tig * 2;
+            b[j][0] = *reinterpret_cast<const unsigned int*>(row);
+            b[j][1] = *reinterpret_cast<const unsigned int*>(row + 8);
+        }
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            const unsigned short* r0 = a_s + (i * 16 + g) * ST + ks + tig * 2;
+            const unsigned short* r1 = r0 + 8 * ST;
+            unsigned int a[4] = {*reinterpret_cast<const unsigned int*>(r0), *reinterpret_cast<const unsigned int*>(r1),
+                                 *reinterpret_cast<const unsigned int*>(r0 + 8),
+                                 *reinterpret_cast<const unsigned int*>(r1 + 8)};
+#pragma unroll
+            for (int j = 0; j < 2; j++) Mma<W>::run(acc[i][j], a, b[j]);
+        }
+    }
+}
+__device__ __forceinline__ void mma_tile_store(const float (&acc)[4][2][4], float* out, int M, int N, int m0, int n0) {
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tig = lane & 3;
+#pragma unroll
+    for (int i = 0; i < 4; i++)
+#pragma unroll
+        for (int j = 0; j < 2; j++)
+#pragma unroll
+            for (int r = 0; r < 4; r++) {
+                int m = m0 + i * 16 + g + (r >= 2 ? 8 : 0);
+                int n = n0 + warp * 16 + j * 8 + tig * 2 + (r & 1);
+                if (m < M && n < N) out[(size_t)m * N + n] = acc[i][j][r];
+            }
+}
+
 // Requires K % 16 == 0 (16-byte weight loads, whole 8-k chunks) and k_per_split % SLICE == 0.
 template <typename W, int SLICE, typename A = float>
 __device__ void matmul_mma(const A* __restrict__ in, int M, int K, const W* __restrict__ w, int N,
@@ -972,7 +1016,7 @@ __device__ void matmul_mma(const A* __restrict__ in, int M, int K, const W* __re
     constexpr int MMA_SLICE = SLICE, MMA_STRIDE = SLICE + 8;
     __shared__ __align__(16) unsigned short a_s[64 * MMA_STRIDE];
     __shared__ __align__(16) unsigned short w_s[64 * MMA_STRIDE];
-    int t = threadIdx.x, warp = t >> 5, lane = t & 31, g = lane >> 2, tig = lane & 3;
+    int t = threadIdx.x;
     int m0 = blockIdx.y * 64, n0 = blockIdx.x * 64;
     int k0 = blockIdx.z * k_per_split, k1 = min(K, k0 + k_per_split);
     // This thread's share of a slice: row (and weight row) t / 2, SLICE / 2 k from
@@ -1025,13 +1069,7 @@ __device__ void matmul_mma(const A* __restrict__ in, int M, int K, const W* __re
 #pragma unroll
         for (int i = 0; i < HALF / 8; i++) w_dst[i] = w_reg[i];
     };
-    float acc[4][2][4];
-#pragma unroll
-    for (int i = 0; i < 4; i++)
-#pragma unroll
-        for (int j = 0; j < 2; j++)
-#pragma unroll
-            for (int r = 0; r < 4; r++) acc[i][j][r] = 0.0f;
+    float acc[4][2][4] = {};
     // The first slice's weights stream while the previous kernel finishes (programmatic
     // dependent launch); the activations only after it is done.
     pdl_trigger();
@@ -1046,39 +1084,9 @@ __device__ void matmul_mma(const A* __restrict__ in, int M, int K, const W* __re
             load_w(kb + MMA_SLICE);
             load_a(kb + MMA_SLICE);
         }
-#pragma unroll
-        for (int ks = 0; ks < MMA_SLICE; ks += 16) {
-            unsigned int b[2][2];
-#pragma unroll
-            for (int j = 0; j < 2; j++) {
-                const unsigned short* row = w_s + (warp * 16 + j * 8 + g) * MMA_STRIDE + ks + tig * 2;
-                b[j][0] = *reinterpret_cast<const unsigned int*>(row);
-                b[j][1] = *reinterpret_cast<const unsigned int*>(row + 8);
-            }
-#pragma unroll
-            for (int i = 0; i < 4; i++) {
-                const unsigned short* r0 = a_s + (i * 16 + g) * MMA_STRIDE + ks + tig * 2;
-                const unsigned short* r1 = r0 + 8 * MMA_STRIDE;
-                unsigned int a[4] = {*reinterpret_cast<const unsigned int*>(r0),
-                                     *reinterpret_cast<const unsigned int*>(r1),
-                                     *reinterpret_cast<const unsigned int*>(r0 + 8),
-                                     *reinterpret_cast<const unsigned int*>(r1 + 8)};
-#pragma unroll
-                for (int j = 0; j < 2; j++) Mma<W>::run(acc[i][j], a, b[j]);
-            }
-        }
+        mma_tile_slice<W, MMA_SLICE, MMA_STRIDE>(a_s, w_s, acc);
     }
-    float* out = partial + (size_t)blockIdx.z * M * N;
-#pragma unroll
-    for (int i = 0; i < 4; i++)
-#pragma unroll
-        for (int j = 0; j < 2; j++)
-#pragma unroll
-            for (int r = 0; r < 4; r++) {
-                int m = m0 + i * 16 + g + (r >= 2 ? 8 : 0);
-                int n = n0 + warp * 16 + j * 8 + tig * 2 + (r & 1);
-                if (m < M && n < N) out[(size_t)m * N + n] = acc[i][j][r];
-            }
+    mma_tile_store(acc, partial + (size_t)blockIdx.z * M * N, M, N, m0, n0);
 }
 
 // matmul_mma for rows already in the weights' type: the same tiles and k order (so the same
@@ -1098,7 +1106,7 @@ __device__ void matmul_mma_ring(const W* __restrict__ in, int M, int K, const W*
     constexpr int RS = 32, RSTRIDE = RS + 8;
     __shared__ __align__(16) unsigned short a_s[MMA_RING][64 * RSTRIDE];
     __shared__ __align__(16) unsigned short w_s[MMA_RING][64 * RSTRIDE];
-    int t = threadIdx.x, warp = t >> 5, lane = t & 31, g = lane >> 2, tig = lane & 3;
+    int t = threadIdx.x;
     int m0 = blockIdx.y * 64, n0 = blockIdx.x * 64;
     int k0 = blockIdx.z * k_per_split, k1 = min(K, k0 + k_per_split);
     int slices = k1 > k0 ? (k1 - k0 + RS - 1) / RS : 0;
@@ -1115,13 +1123,7 @@ __device__ void matmul_mma_ring(const W* __restrict__ in, int M, int K, const W*
             copy_async16_or_zero(dst[slice % MMA_RING] + r * RSTRIDE + kk, from, ok);
         }
     };
-    float acc[4][2][4];
-#pragma unroll
-    for (int i = 0; i < 4; i++)
-#pragma unroll
-        for (int j = 0; j < 2; j++)
-#pragma unroll
-            for (int r = 0; r < 4; r++) acc[i][j][r] = 0.0f;
+    float acc[4][2][4] = {};
     // The weights of the first slices stream while the previous kernel finishes (programmatic
     // dependent launch); the rows only after it is done.
     pdl_trigger();
@@ -1141,39 +1143,9 @@ __device__ void matmul_mma_ring(const W* __restrict__ in, int M, int K, const W*
         copy_commit();
         const unsigned short* as = a_s[sl % MMA_RING];
         const unsigned short* ws = w_s[sl % MMA_RING];
-#pragma unroll
-        for (int ks = 0; ks < RS; ks += 16) {
-            unsigned int b[2][2];
-#pragma unroll
-            for (int j = 0; j < 2; j++) {
-                const unsigned short* row = ws + (warp * 16 + j * 8 + g) * RSTRIDE + ks + tig * 2;
-                b[j][0] = *reinterpret_cast<const unsigned int*>(row);
-                b[j][1] = *reinterpret_cast<const unsigned int*>(row + 8);
-            }
-#pragma unroll
-            for (int i = 0; i < 4; i++) {
-                const unsigned short* r0 = as + (i * 16 + g) * RSTRIDE + ks + tig * 2;
-                const unsigned short* r1 = r0 + 8 * RSTRIDE;
-                unsigned int a[4] = {*reinterpret_cast<const unsigned int*>(r0),
-                                     *reinterpret_cast<const unsigned int*>(r1),
-                                     *reinterpret_cast<const unsigned int*>(r0 + 8),
-                                     *reinterpret_cast<const unsigned int*>(r1 + 8)};
-#pragma unroll
-                for (int j = 0; j < 2; j++) Mma<W>::run(acc[i][j], a, b[j]);
-            }
-        }
+        mma_tile_slice<W, RS, RSTRIDE>(as, ws, acc);
     }
-    float* out = partial + (size_t)blockIdx.z * M * N;
-#pragma unroll
-    for (int i = 0; i < 4; i++)
-#pragma unroll
-        for (int j = 0; j < 2; j++)
-#pragma unroll
-            for (int r = 0; r < 4; r++) {
-                int m = m0 + i * 16 + g + (r >= 2 ? 8 : 0);
-                int n = n0 + warp * 16 + j * 8 + tig * 2 + (r & 1);
-                if (m < M && n < N) out[(size_t)m * N + n] = acc[i][j][r];
-            }
+    mma_tile_store(acc, partial + (size_t)blockIdx.z * M * N, M, N, m0, n0);
 }
 
 #define MMA_KERNELS(W, S)                                                                                         \
