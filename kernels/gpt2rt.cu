@@ -1811,10 +1811,11 @@ extern "C" __global__ void sample_rows(const float* logits, int V, const float* 
 // final LayerNorm + LM head + the argmax's first stage (lm_head_rows), and the positions advance.
 //
 // Block b owns output columns [b * cpb, (b + 1) * cpb) of every product (cpb = ceil(N / blocks)):
-// that slab of a [N, K] weight is contiguous, and it is copied into shared memory with cp.async one
-// product ahead (two buffers, each also holding the LayerNorm parameters its phase needs), so the
-// weights stream while the previous phase and its barrier run. The input rows are copied in the
-// same way at the start of a phase; bias and residual are loaded before the copies are waited for.
+// that slab of a [N, K] weight is contiguous, and it is copied into shared memory one product
+// ahead (two buffers, each also holding the LayerNorm parameters its phase needs; bulk copies on
+// an mbarrier on sm_90+, cp.async before: step_fetch), so the weights stream while the previous
+// phase and its barrier run. The input rows are copied with cp.async at the start of a phase; bias
+// and residual are loaded before the copies are waited for.
 // Wherever the step waits on memory it waits once, for everything it needs next. A product's
 // columns are split into (column, k-share) items over the warps; the shares add up in a fixed
 // order, so results are deterministic. The last block to finish picks each row's token from the
@@ -1896,6 +1897,55 @@ __device__ __forceinline__ void copy_block(void* dst, const void* src, size_t by
         copy_async16(reinterpret_cast<char*>(dst) + i, reinterpret_cast<const char*>(src) + i);
 }
 
+// The weight buffers' copies on sm_90+: one bulk copy (the tensor memory accelerator) a piece,
+// issued by one thread, completing on the buffer's mbarrier, instead of cp.async from every
+// thread. cp.async from every thread stalled the threads issuing them once the SM's outstanding
+// loads were full, so a block spent up to 3 us issuing the next product's weights before its own
+// product could start (block 0's trace, H100, f16 batch 1: 6 us a layer in all). Use u (from 0) of
+// a buffer completes its mbarrier's phase u, of parity u & 1.
+__device__ __forceinline__ void fetch_init(unsigned long long* mbar, int n) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    if (threadIdx.x == 0) {
+        for (int i = 0; i < n; i++) {
+            unsigned int a = (unsigned int)__cvta_generic_to_shared(mbar + i);
+            asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(a) : "memory");
+        }
+        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    }
+    __syncthreads();
+#endif
+}
+// Thread 0: expects `bytes` on the buffer's mbarrier (its one arrival); every piece then follows.
+__device__ __forceinline__ void fetch_expect(unsigned long long* mbar, unsigned int bytes) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    unsigned int a = (unsigned int)__cvta_generic_to_shared(mbar);
+    // The buffer's earlier reads (generic proxy) before the copies' writes (async proxy).
+    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(a), "r"(bytes) : "memory");
+#endif
+}
+// Thread 0: one piece (16-byte aligned ends, a multiple of 16 bytes).
+__device__ __forceinline__ void fetch_piece(void* dst, const void* src, unsigned int bytes, unsigned long long* mbar) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    unsigned int d = (unsigned int)__cvta_generic_to_shared(dst), a = (unsigned int)__cvta_generic_to_shared(mbar);
+    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(d),
+                 "l"(src), "r"(bytes), "r"(a)
+                 : "memory");
+#endif
+}
+// Every thread: waits for the buffer's use u (parity u & 1).
+__device__ __forceinline__ void fetch_wait(unsigned long long* mbar, int u) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    unsigned int a = (unsigned int)__cvta_generic_to_shared(mbar), done = 0;
+    while (!done)
+        asm volatile(
+            "{\n\t.reg .pred p;\n\tmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n\tselp.u32 %0, 1, 0, p;\n\t}"
+            : "=r"(done)
+            : "r"(a), "r"(u & 1)
+            : "memory");
+#endif
+}
+
 __device__ __forceinline__ int ceil_div(int a, int b) { return (a + b - 1) / b; }
 
 // Product j of a layer (0 QKV, 1 attention output, 2 MLP up, 3 MLP down): K, N and table slots.
@@ -1939,23 +1989,40 @@ __device__ __forceinline__ int step_splits(const int* pos, int M, int H) {  // p
 // Starts copying what product p (4 a layer; p == 4L: none, the LM head) needs from the weights
 // into buf: this block's slab of its weight, and the LayerNorm parameters of its phase (LN1 for
 // QKV, LN2 for MLP up, the final one for the LM head).
+// On sm_90+ thread 0 issues them as bulk copies completing on `mbar` (fetch_expect); before, every
+// thread issues cp.async (the caller commits them).
 template <typename W>
-__device__ __noinline__ void step_fetch(const unsigned long long* table, int p, int L, int C, unsigned char* buf) {
+__device__ __noinline__ void step_fetch(const unsigned long long* table, int p, int L, int C, unsigned char* buf,
+                                        unsigned long long* mbar) {
     size_t slab = step_slab_bytes(C, gridDim.x, sizeof(W));
     const unsigned long long* lt = table + STEP_GLOBALS + (p / 4) * STEP_PER_LAYER;
+    const void* pieces[3] = {nullptr, nullptr, nullptr};
+    unsigned int bytes[3] = {0, 0, 0};
     if (p < 4 * L) {
         int K, N, w;
         step_shape(p % 4, C, K, N, w);
         int cpb = ceil_div(N, gridDim.x);
         int n0 = min(N, (int)blockIdx.x * cpb), n1 = min(N, n0 + cpb);
-        copy_block(buf, reinterpret_cast<const W*>(lt[w]) + (size_t)n0 * K, (size_t)(n1 - n0) * K * sizeof(W));
+        pieces[0] = reinterpret_cast<const W*>(lt[w]) + (size_t)n0 * K;
+        bytes[0] = (unsigned int)((size_t)(n1 - n0) * K * sizeof(W));
     }
     int g = p == 4 * L ? -1 : p % 4 == 0 ? T_LN1_G : p % 4 == 2 ? T_LN2_G : -2;
-    if (g == -2) return;
-    const void* gamma = reinterpret_cast<const void*>(g == -1 ? table[T_LNF_G] : lt[g]);
-    const void* beta = reinterpret_cast<const void*>(g == -1 ? table[T_LNF_B] : lt[g + 1]);
-    copy_block(buf + slab, gamma, (size_t)C * sizeof(W));
-    copy_block(buf + slab + C * sizeof(W), beta, (size_t)C * sizeof(W));
+    if (g != -2) {
+        pieces[1] = reinterpret_cast<const void*>(g == -1 ? table[T_LNF_G] : lt[g]);
+        pieces[2] = reinterpret_cast<const void*>(g == -1 ? table[T_LNF_B] : lt[g + 1]);
+        bytes[1] = bytes[2] = (unsigned int)(C * sizeof(W));
+    }
+    unsigned char* dst[3] = {buf, buf + slab, buf + slab + C * sizeof(W)};
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    if (threadIdx.x == 0) {
+        fetch_expect(mbar, bytes[0] + bytes[1] + bytes[2]);
+        for (int i = 0; i < 3; i++)
+            if (bytes[i] > 0) fetch_piece(dst[i], pieces[i], bytes[i], mbar);
+    }
+#else
+    for (int i = 0; i < 3; i++)
+        if (bytes[i] > 0) copy_block(dst[i], pieces[i], bytes[i]);
+#endif
 }
 
 // xs[m, :] = wte[tokens[m], :] + wpe[pos[m], :] (block 0 also stores them into x, the residual
@@ -2255,6 +2322,9 @@ __device__ void decode_step(const unsigned long long* table, int L, int C, int H
             smem_size ||
         M > ROWS)
         __trap();
+    // The weight buffers' mbarriers (sm_90+: step_fetch's bulk copies).
+    __shared__ unsigned long long fetched[2];
+    fetch_init(fetched, 2);
     auto at = [&](int slot) { return reinterpret_cast<const W*>(table[slot]); };
     auto ln = [&](int p, int which) {
         return reinterpret_cast<const W*>(bufs[p & 1] + slab) + (which ? C : 0);
@@ -2271,7 +2341,7 @@ __device__ void decode_step(const unsigned long long* table, int L, int C, int H
     unsigned int barriers = 0;
     int stamps = 0;
     stamp(trace, stamps);
-    step_fetch<W>(table, 0, L, C, bufs[0]);
+    step_fetch<W>(table, 0, L, C, bufs[0], &fetched[0]);
     copy_commit();
     // Where product p's columns are, and this thread's first output (t = threadIdx.x): its bias
     // and, for the residual products, the old x value, loaded ahead (before the barrier that
@@ -2307,10 +2377,11 @@ __device__ void decode_step(const unsigned long long* table, int L, int C, int H
         Ahead a = next_product;
         issue();
         copy_commit();
-        step_fetch<W>(table, p + 1, L, C, bufs[(p + 1) & 1]);
+        step_fetch<W>(table, p + 1, L, C, bufs[(p + 1) & 1], &fetched[(p + 1) & 1]);
         copy_commit();
         stamp(trace, stamps);
         copy_wait_all_but_newest();
+        fetch_wait(&fetched[p & 1], p >> 1);
         __syncthreads();
         stamp(trace, stamps);
         prepare();
@@ -2373,6 +2444,8 @@ __device__ void decode_step(const unsigned long long* table, int L, int C, int H
     copy_commit();
     copy_commit();
     copy_wait_all_but_newest();
+    fetch_wait(&fetched[(4 * L) & 1], (4 * L) >> 1);
+    __syncthreads();
     step_norm<W, ROWS>(xs, ln(4 * L, 0), ln(4 * L, 1), eps, M, C);
     stamp(trace, stamps);
     step_head<W, ROWS>(xs, M, head, V, C, item0, logits, best_value, best_index, pos);
