@@ -1814,8 +1814,9 @@ extern "C" __global__ void sample_rows(const float* logits, int V, const float* 
 // that slab of a [N, K] weight is contiguous, and it is copied into shared memory one product
 // ahead (two buffers, each also holding the LayerNorm parameters its phase needs; bulk copies on
 // an mbarrier on sm_90+, cp.async before: step_fetch), so the weights stream while the previous
-// phase and its barrier run. The input rows are copied with cp.async at the start of a phase; bias
-// and residual are loaded before the copies are waited for.
+// phase and its barrier run. The input rows are copied with cp.async at the start of a phase (the
+// attention rows of one-split steps by bulk copy on sm_90+: step_combine_load); bias and residual
+// are loaded before the copies are waited for.
 // Wherever the step waits on memory it waits once, for everything it needs next. A product's
 // columns are split into (column, k-share) items over the warps; the shares add up in a fixed
 // order, so results are deterministic. The last block to finish picks each row's token from the
@@ -2345,8 +2346,8 @@ __device__ void decode_step(const unsigned long long* table, int L, int C, int H
             smem_size ||
         M > ROWS)
         __trap();
-    // The weight buffers' mbarriers (sm_90+: step_fetch's bulk copies).
-    // (fetched[2]: the attention rows of one-split steps, step_combine_load.)
+    // The weight buffers' mbarriers (sm_90+: step_fetch's bulk copies), and fetched[2] for the
+    // attention rows of one-split steps (step_combine_load; one use a layer, so use l in layer l).
     __shared__ unsigned long long fetched[3];
     fetch_init(fetched, 3);
     auto at = [&](int slot) { return reinterpret_cast<const W*>(table[slot]); };
