@@ -116,56 +116,84 @@ __device__ void layer_norm(const float* x, const W* gamma, const W* beta, O* out
 #define GEMV_ROWS 8
 
 // Split-K tiled matrix product for larger M (prefill, big batches): 64x64 output tiles, k in
-// slices of 16 staged through shared memory, 256 threads computing 4x4 outputs each. The weights
-// are stored transposed, `w[N, K]` (see upload_weights), like every matmul weight on the device.
-// Grid (ceil(N/64), ceil(M/64), splits); partial[split][m][n] feeds matmul_finish.
+// slices of 16 staged through shared memory (two buffers: the next slice's loads are in flight
+// during the math, one barrier a slice), 256 threads computing 4x4 adjacent outputs each from one
+// 16-byte shared load of its 4 rows and one of its 4 columns a k. The weights are stored
+// transposed, `w[N, K]` (see upload_weights), like every matmul weight on the device. Each output
+// adds its k in order, one fma each. Thread t loads 4 adjacent k of row t / 4 and of weight row
+// t / 4 (16-byte loads when K % 4 == 0).
+// Grid (ceil(N/64), ceil(M/64), splits); partial[split][m][n] feeds matmul_finish (or, with one
+// split, is the output itself).
 template <typename W>
 __device__ void matmul_tiled(const float* in, int M, int K, const W* w, int N, float* partial, int k_per_split) {
     pdl_trigger();
     pdl_wait();
-    __shared__ float a_tile[16][64 + 1];
-    __shared__ float w_tile[16][64];
-    int tx = threadIdx.x & 15, ty = threadIdx.x >> 4;
+    __shared__ __align__(16) float a_tile[2][16][68];
+    __shared__ __align__(16) float w_tile[2][16][68];
+    int t = threadIdx.x, tx = t & 15, ty = t >> 4;
     int m0 = blockIdx.y * 64, n0 = blockIdx.x * 64;
     int k0 = blockIdx.z * k_per_split;
     int k1 = min(K, k0 + k_per_split);
+    int lr = t >> 2, lk = (t & 3) * 4;
+    bool a_ok = m0 + lr < M, w_ok = n0 + lr < N, vec = (K & 3) == 0;
+    const float* a_src = in + (size_t)(a_ok ? m0 + lr : 0) * K;
+    const W* w_src = w + (size_t)(w_ok ? n0 + lr : 0) * K;
+    float ra[4], rw[4];
+    // With K % 4 == 0 (and k_per_split % 16 == 0) a slice's 4 k are all below k1 or all past it.
+    auto load = [&](int kb) {
+        int k = kb + lk;
+        if (vec) {
+            float4 a = a_ok && k < k1 ? *reinterpret_cast<const float4*>(a_src + k) : make_float4(0, 0, 0, 0);
+            float4 b = w_ok && k < k1 ? load4(w_src + k) : make_float4(0, 0, 0, 0);
+            ra[0] = a.x, ra[1] = a.y, ra[2] = a.z, ra[3] = a.w;
+            rw[0] = b.x, rw[1] = b.y, rw[2] = b.z, rw[3] = b.w;
+        } else {
+#pragma unroll
+            for (int q = 0; q < 4; q++) {
+                ra[q] = a_ok && k + q < k1 ? a_src[k + q] : 0.0f;
+                rw[q] = w_ok && k + q < k1 ? to_f(w_src[k + q]) : 0.0f;
+            }
+        }
+    };
     float acc[4][4];
 #pragma unroll
     for (int i = 0; i < 4; i++)
 #pragma unroll
         for (int j = 0; j < 4; j++) acc[i][j] = 0.0f;
+    if (k0 < k1) load(k0);
+    int b = 0;
     for (int kb = k0; kb < k1; kb += 16) {
-        for (int i = threadIdx.x; i < 1024; i += 256) {
-            int r = i >> 4, kk = i & 15;
-            int gm = m0 + r, gk = kb + kk;
-            a_tile[kk][r] = (gm < M && gk < k1) ? in[(size_t)gm * K + gk] : 0.0f;
-            int c = i >> 4, kw = i & 15;
-            int gk2 = kb + kw, gn = n0 + c;
-            w_tile[kw][c] = (gk2 < k1 && gn < N) ? to_f(w[(size_t)gn * K + gk2]) : 0.0f;
+#pragma unroll
+        for (int q = 0; q < 4; q++) {
+            a_tile[b][lk + q][lr] = ra[q];
+            w_tile[b][lk + q][lr] = rw[q];
         }
+        // Buffer b is in for every thread; the other one (read two slices ago) is free.
         __syncthreads();
+        if (kb + 16 < k1) load(kb + 16);
 #pragma unroll
         for (int kk = 0; kk < 16; kk++) {
-            float a[4], b[4];
-#pragma unroll
-            for (int i = 0; i < 4; i++) a[i] = a_tile[kk][ty + 16 * i];
-#pragma unroll
-            for (int j = 0; j < 4; j++) b[j] = w_tile[kk][tx + 16 * j];
+            float4 a = *reinterpret_cast<const float4*>(&a_tile[b][kk][ty * 4]);
+            float4 c = *reinterpret_cast<const float4*>(&w_tile[b][kk][tx * 4]);
+            float av[4] = {a.x, a.y, a.z, a.w}, cv[4] = {c.x, c.y, c.z, c.w};
 #pragma unroll
             for (int i = 0; i < 4; i++)
 #pragma unroll
-                for (int j = 0; j < 4; j++) acc[i][j] += a[i] * b[j];
+                for (int j = 0; j < 4; j++) acc[i][j] += av[i] * cv[j];
         }
-        __syncthreads();
+        b ^= 1;
     }
+    float* out = partial + (size_t)blockIdx.z * M * N;
 #pragma unroll
     for (int i = 0; i < 4; i++) {
-        int m = m0 + ty + 16 * i;
+        int m = m0 + ty * 4 + i, n = n0 + tx * 4;
         if (m >= M) continue;
+        if ((N & 3) == 0 && n + 3 < N) {
+            *reinterpret_cast<float4*>(out + (size_t)m * N + n) = make_float4(acc[i][0], acc[i][1], acc[i][2], acc[i][3]);
+        } else {
 #pragma unroll
-        for (int j = 0; j < 4; j++) {
-            int n = n0 + tx + 16 * j;
-            if (n < N) partial[((size_t)blockIdx.z * M + m) * N + n] = acc[i][j];
+            for (int j = 0; j < 4; j++)
+                if (n + j < N) out[(size_t)m * N + n + j] = acc[i][j];
         }
     }
 }

@@ -97,6 +97,9 @@ const FUSED_BATCHES_HALF: u32 = 0b110;
 const STEP_MMA_ROWS: usize = 2;
 /// The fused step's flag for that (STEP_MMA in the .cu file).
 const STEP_MMA: usize = 2;
+/// Rows from which the LM head past the decode path runs as the tiled product (matmul_tiled, one
+/// split) where tensor cores do not (f32), instead of a warp a vocabulary entry (lm_head).
+const TILED_HEAD_ROWS: usize = 17;
 /// Room for the fused step's trace stamps (13 a layer, 3 more).
 const TRACE_STAMPS: usize = 256;
 /// Rows of the wide (f32) fused-step kernel (STEP_ROWS in the .cu file).
@@ -765,6 +768,10 @@ struct Shared {
     /// `GPT2RT_CUDA_LM_HEAD_BLOCKS`; at most LM_HEAD_BLOCKS, which sizes the argmax buffer (a tuning
     /// knob read when the engine loads).
     lm_head_blocks: usize,
+    /// Rows from which an LM head past the decode path without tensor cores (f32) runs as the
+    /// tiled product: TILED_HEAD_ROWS, or `GPT2RT_CUDA_TILED_HEAD_ROWS` (a tuning knob read when
+    /// the engine loads).
+    tiled_head_rows: usize,
     /// The fused decode step (None where it cannot run), for the batch sizes it `takes`.
     fused: Option<FusedStep>,
     device: Arc<Device>,
@@ -823,6 +830,7 @@ impl CudaBackend {
         let split_blocks = knob("GPT2RT_CUDA_SPLIT_BLOCKS").unwrap_or(TARGET_BLOCKS).clamp(1, TARGET_BLOCKS);
         let lm_head_blocks =
             knob("GPT2RT_CUDA_LM_HEAD_BLOCKS").unwrap_or(LM_HEAD_RESIDENT * device.sm_count).clamp(1, LM_HEAD_BLOCKS);
+        let tiled_head_rows = knob("GPT2RT_CUDA_TILED_HEAD_ROWS").unwrap_or(TILED_HEAD_ROWS);
         let config = model.config.clone();
         let fused = fused_step(&device, &config, &weights, dtype)?;
         let prefill_rows = knob("GPT2RT_CUDA_PREFILL_ROWS").unwrap_or(PREFILL_CHUNK).max(1);
@@ -831,6 +839,7 @@ impl CudaBackend {
             decode_max_rows,
             split_blocks,
             lm_head_blocks,
+            tiled_head_rows,
             fused,
             device,
             weights,
@@ -1687,6 +1696,14 @@ impl CudaState {
                 Args::new().ptr(self.last_norm.ptr).int(m).int(c).ptr(head.ptr).int(v).ptr(self.logits.ptr).int(c);
             self.launch_overlapped_grid(f, (v.div_ceil(64), m.div_ceil(64), 1), MMA_THREADS, 0, args)?;
             return Ok(false);
+        }
+        if m >= self.shared.tiled_head_rows && c % 16 == 0 {
+            // One split of the tiled product: the logits directly.
+            let args =
+                Args::new().ptr(self.last_norm.ptr).int(m).int(c).ptr(head.ptr).int(v).ptr(self.logits.ptr).int(c);
+            return self
+                .launch_overlapped_grid(k.matmul_tiled, (v.div_ceil(64), m.div_ceil(64), 1), 256, 0, args)
+                .map(|()| false);
         }
         self.launch_overlapped(
             k.lm_head,
