@@ -98,7 +98,8 @@ const STEP_MMA_ROWS: usize = 2;
 /// The fused step's flag for that (STEP_MMA in the .cu file).
 const STEP_MMA: usize = 2;
 /// Rows from which the LM head past the decode path runs as the tiled product (matmul_tiled, one
-/// split) where tensor cores do not (f32), instead of a warp a vocabulary entry (lm_head).
+/// split) where tensor cores do not run (f32; the half modes before 8.0), instead of a warp a
+/// vocabulary entry re-reading its weights for each group of 8 rows (lm_head).
 const TILED_HEAD_ROWS: usize = 17;
 /// Room for the fused step's trace stamps (13 a layer, 3 more).
 const TRACE_STAMPS: usize = 256;
@@ -768,8 +769,8 @@ struct Shared {
     /// `GPT2RT_CUDA_LM_HEAD_BLOCKS`; at most LM_HEAD_BLOCKS, which sizes the argmax buffer (a tuning
     /// knob read when the engine loads).
     lm_head_blocks: usize,
-    /// Rows from which an LM head past the decode path without tensor cores (f32) runs as the
-    /// tiled product: TILED_HEAD_ROWS, or `GPT2RT_CUDA_TILED_HEAD_ROWS` (a tuning knob read when
+    /// Rows from which an LM head past the decode path without tensor cores runs as the tiled
+    /// product: TILED_HEAD_ROWS, or `GPT2RT_CUDA_TILED_HEAD_ROWS` (a tuning knob read when
     /// the engine loads).
     tiled_head_rows: usize,
     /// The fused decode step (None where it cannot run), for the batch sizes it `takes`.
