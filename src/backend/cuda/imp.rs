@@ -1691,20 +1691,18 @@ impl CudaState {
             return Ok(advance.is_some());
         }
         self.best_chunks.set(0);
-        if let Some((f, _)) = self.shared.mma_for(m, c, half_rows) {
-            // One split: the product lands in the logits directly.
+        // The tensor-core product, or from tiled_head_rows rows the tiled one, with one split: the
+        // product lands in the logits directly.
+        let one_split = match self.shared.mma_for(m, c, half_rows) {
+            Some((f, _)) => Some((f, MMA_THREADS)),
+            None if m >= self.shared.tiled_head_rows && c % 16 == 0 => Some((k.matmul_tiled, 256)),
+            None => None,
+        };
+        if let Some((f, threads)) = one_split {
             let args =
                 Args::new().ptr(self.last_norm.ptr).int(m).int(c).ptr(head.ptr).int(v).ptr(self.logits.ptr).int(c);
-            self.launch_overlapped_grid(f, (v.div_ceil(64), m.div_ceil(64), 1), MMA_THREADS, 0, args)?;
+            self.launch_overlapped_grid(f, (v.div_ceil(64), m.div_ceil(64), 1), threads, 0, args)?;
             return Ok(false);
-        }
-        if m >= self.shared.tiled_head_rows && c % 16 == 0 {
-            // One split of the tiled product: the logits directly.
-            let args =
-                Args::new().ptr(self.last_norm.ptr).int(m).int(c).ptr(head.ptr).int(v).ptr(self.logits.ptr).int(c);
-            return self
-                .launch_overlapped_grid(k.matmul_tiled, (v.div_ceil(64), m.div_ceil(64), 1), 256, 0, args)
-                .map(|()| false);
         }
         self.launch_overlapped(
             k.lm_head,
