@@ -57,6 +57,17 @@ const ATTENTION_SPLIT: usize = 64;
 const DEFAULT_SMEM: usize = 40 * 1024;
 /// Matmul blocks to aim for when choosing the split-K factor (about two per SM on an H100).
 const TARGET_BLOCKS: usize = 528;
+/// The same for tensor-core products of up to MMA_SLICE64_ROWS rows (steps of 3-16 sequences in
+/// f16/bf16). It lets MLP down (K 3072) take 48 splits of 64 k instead of 24 of 128; the others are
+/// already at one split a 64-k slice. H100, f16, E2E ms, same call, twice, 1056 vs 528: prompt 12,
+/// 32 tokens, batch 8 8.54 / 8.57 vs 9.06 / 9.07, batch 4 8.19 / 8.19 vs 8.60 / 8.75, batch 16 9.52
+/// / 9.51 vs 9.54 / 9.53; batch 3 with 8 tokens 2.17 / 2.17 vs 2.27 / 2.25; batch 16 prompt 128 +
+/// 128 tokens 43.71 / 43.48 vs 44.12 / 44.21. 1056 for every product (also past 16 rows) made
+/// batch 64 prompt 128 + 128 tokens slower, 92.96 / 93.34 vs 89.54 / 89.13; f32 (matmul_tiled)
+/// moved by 3% at most (batch 16 prompt 12 + 1 token 1.12 / 1.12 vs 1.15 / 1.14) and keeps 528.
+const TARGET_BLOCKS_FEW: usize = 2 * TARGET_BLOCKS;
+/// Most blocks `GPT2RT_CUDA_SPLIT_BLOCKS` may ask for (the partial-sum buffer grows with it).
+const MAX_SPLIT_BLOCKS: usize = 4 * TARGET_BLOCKS;
 /// Threads per block of matmul_mma.
 const MMA_THREADS: usize = 128;
 /// Rows up to which the tensor-core product stages k-slices of 64 (matmul_mma64), past them of 32
@@ -97,6 +108,12 @@ const FUSED_BATCHES_HALF: u32 = 0b110;
 const STEP_MMA_ROWS: usize = 2;
 /// The fused step's flag for that (STEP_MMA in the .cu file).
 const STEP_MMA: usize = 2;
+/// The fused step's flag for f32 rows read from global memory by `step_product_global`
+/// (STEP_GLOBAL_ROWS in the .cu file).
+const STEP_GLOBAL_ROWS: usize = 4;
+/// The fused step's flag for the one-split attention rows by `cp.async` on sm_90+
+/// (STEP_COMBINE_ASYNC in the .cu file).
+const STEP_COMBINE_ASYNC: usize = 8;
 /// Rows from which the LM head past the decode path runs as the tiled product (matmul_tiled, one
 /// split) where tensor cores do not run (f32; the half modes before 8.0), instead of a warp a
 /// vocabulary entry re-reading its weights for each group of 8 rows (lm_head).
@@ -603,6 +620,10 @@ struct FusedStep {
     /// and n_embd % 32 == 0): STEP_MMA_ROWS, or `GPT2RT_CUDA_STEP_MMA_ROWS` (a tuning knob read
     /// when the engine loads); usize::MAX where they cannot.
     mma_rows: usize,
+    /// Flags every launch passes: STEP_GLOBAL_ROWS unless `GPT2RT_CUDA_STEP_GLOBAL_ROWS=0`, and
+    /// STEP_COMBINE_ASYNC where `GPT2RT_CUDA_STEP_COMBINE_ASYNC=1` (tuning knobs read when the
+    /// engine loads).
+    flags: usize,
 }
 
 /// One kernel of the fused step.
@@ -706,7 +727,9 @@ fn fused_step(
     } else {
         usize::MAX
     };
-    Ok(Some(FusedStep { blocks, table, kernels, batches, mma_rows }))
+    let flags = if knob_on("GPT2RT_CUDA_STEP_GLOBAL_ROWS") { STEP_GLOBAL_ROWS } else { 0 }
+        | if knob("GPT2RT_CUDA_STEP_COMBINE_ASYNC") == Some(1) { STEP_COMBINE_ASYNC } else { 0 };
+    Ok(Some(FusedStep { blocks, table, kernels, batches, mma_rows, flags }))
 }
 
 /// Sizes one fused-step kernel (compiled for `kernel_rows` rows) for this device: the rows whose
@@ -763,8 +786,11 @@ struct Shared {
     /// benchmarks and tests, read when the engine loads).
     decode_max_rows: usize,
     /// Blocks the split-K matmuls aim for: TARGET_BLOCKS, or `GPT2RT_CUDA_SPLIT_BLOCKS` (at most
-    /// TARGET_BLOCKS, which sized the partial buffer; a tuning knob read when the engine loads).
+    /// MAX_SPLIT_BLOCKS; it sizes the partial buffer; a tuning knob read when the engine loads).
     split_blocks: usize,
+    /// The same for tensor-core products of up to MMA_SLICE64_ROWS rows: TARGET_BLOCKS_FEW, or
+    /// `GPT2RT_CUDA_SPLIT_BLOCKS_FEW` (at most MAX_SPLIT_BLOCKS).
+    split_blocks_few: usize,
     /// Blocks of the fused LM head: one wave (LM_HEAD_RESIDENT an SM), or
     /// `GPT2RT_CUDA_LM_HEAD_BLOCKS`; at most LM_HEAD_BLOCKS, which sizes the argmax buffer (a tuning
     /// knob read when the engine loads).
@@ -807,10 +833,15 @@ impl Shared {
         kernels.layer_norm_half.filter(|_| half_rows).unwrap_or(kernels.layer_norm)
     }
 
-    /// The k-slice of the split-K path's kernel for `m` rows over `k`: the tensor-core kernel's
-    /// where it runs, else 16 (matmul_tiled).
-    fn split_slice(&self, m: usize, k: usize) -> usize {
-        self.mma(m, k).map_or(16, |(_, slice)| slice)
+    /// The split-K path's block target and k-slice for `m` rows over `k`: the tensor-core kernel's
+    /// slice where it runs (its products of up to MMA_SLICE64_ROWS rows aiming for
+    /// `split_blocks_few`), else 16 (matmul_tiled).
+    fn split_for(&self, m: usize, k: usize) -> (usize, usize) {
+        match self.mma(m, k) {
+            Some((_, slice)) if m <= MMA_SLICE64_ROWS => (self.split_blocks_few, slice),
+            Some((_, slice)) => (self.split_blocks, slice),
+            None => (self.split_blocks, 16),
+        }
     }
 }
 
@@ -828,7 +859,9 @@ impl CudaBackend {
         let decode_max_rows = knob("GPT2RT_CUDA_DECODE_ROWS")
             .unwrap_or(if device.kernels.matmul_mma.is_some() { DECODE_ROWS_MMA } else { DECODE_ROWS })
             .min(GEMV_MAX_M);
-        let split_blocks = knob("GPT2RT_CUDA_SPLIT_BLOCKS").unwrap_or(TARGET_BLOCKS).clamp(1, TARGET_BLOCKS);
+        let split_blocks = knob("GPT2RT_CUDA_SPLIT_BLOCKS").unwrap_or(TARGET_BLOCKS).clamp(1, MAX_SPLIT_BLOCKS);
+        let split_blocks_few =
+            knob("GPT2RT_CUDA_SPLIT_BLOCKS_FEW").unwrap_or(TARGET_BLOCKS_FEW).clamp(1, MAX_SPLIT_BLOCKS);
         let lm_head_blocks =
             knob("GPT2RT_CUDA_LM_HEAD_BLOCKS").unwrap_or(LM_HEAD_RESIDENT * device.sm_count).clamp(1, LM_HEAD_BLOCKS);
         let tiled_head_rows = knob("GPT2RT_CUDA_TILED_HEAD_ROWS").unwrap_or(TILED_HEAD_ROWS);
@@ -839,6 +872,7 @@ impl CudaBackend {
             prefill_rows,
             decode_max_rows,
             split_blocks,
+            split_blocks_few,
             lm_head_blocks,
             tiled_head_rows,
             fused,
@@ -928,10 +962,15 @@ fn split_k(m: usize, k: usize, n: usize, target: usize, slice: usize) -> (usize,
 }
 
 /// Floats of the split-K partial sums for up to `rows` rows: the largest `splits x m x N` over the
-/// model's products and every row count (`slice(m, k)`: the k-slice of the kernel for them).
-fn partial_floats(c: usize, rows: usize, target: usize, slice: impl Fn(usize, usize) -> usize) -> usize {
+/// model's products and every row count (`split(m, k)`: the block target and the k-slice of the
+/// kernel for them).
+fn partial_floats(c: usize, rows: usize, split: impl Fn(usize, usize) -> (usize, usize)) -> usize {
     let shapes = [(c, 3 * c), (c, c), (c, 4 * c), (4 * c, c)];
-    (1..=rows).flat_map(|m| shapes.map(|(k, n)| split_k(m, k, n, target, slice(m, k)).0 * m * n)).max().unwrap_or(0)
+    let floats = |m: usize, (k, n): (usize, usize)| {
+        let (target, slice) = split(m, k);
+        split_k(m, k, n, target, slice).0 * m * n
+    };
+    (1..=rows).flat_map(|m| shapes.map(|shape| floats(m, shape))).max().unwrap_or(0)
 }
 
 /// Where a decode-path matmul's input rows come from.
@@ -1090,7 +1129,7 @@ impl CudaState {
             hidden4: DeviceBuffer::new(d, rows * 4 * c * f, "activations")?,
             partial: DeviceBuffer::new(
                 d,
-                partial_floats(c, rows, shared.split_blocks, |m, k| shared.split_slice(m, k)) * f,
+                partial_floats(c, rows, |m, k| shared.split_for(m, k)) * f,
                 "matmul partial sums",
             )?,
             last_hidden: DeviceBuffer::new(d, b * c * f, "activations")?,
@@ -1306,8 +1345,9 @@ impl CudaState {
             .shared
             .mma_for(m, k, half_input)
             .map_or((kernels.matmul_tiled, 256, 16), |(f, slice)| (f, MMA_THREADS, slice));
-        // As partial_floats sized the partial buffer (through split_slice, the same slice).
-        let (splits, per_split) = split_k(m, k, n, self.shared.split_blocks, slice);
+        // As partial_floats sized the partial buffer (through split_for: the same target and slice).
+        let (target, _) = self.shared.split_for(m, k);
+        let (splits, per_split) = split_k(m, k, n, target, slice);
         let args = Args::new().ptr(input).int(m).int(k).ptr(w.ptr).int(n).ptr(self.partial.ptr).int(per_split);
         self.launch_overlapped_grid(f, (n.div_ceil(64), m.div_ceil(64), splits), threads, 0, args)?;
         let (kc, vc, rs, rp) = kv.unwrap_or((0, 0, 0, 0));
@@ -1809,7 +1849,7 @@ impl CudaState {
                 .ptr(self.best.at::<f32>(b * fs.blocks))
                 .ptr(self.barrier.ptr)
                 .ptr(self.ints.at::<i32>(lay.next))
-                .int(usize::from(stage) | if mma { STEP_MMA } else { 0 })
+                .int(usize::from(stage) | if mma { STEP_MMA } else { 0 } | fs.flags)
                 .ptr(self.trace.as_ref().map_or(0, |t| t.ptr));
             let wsize = self.shared.dtype.size();
             let smem = fused_step_smem(cfg, fs.blocks, wsize, b, stage, kernel.kernel_rows);
@@ -2189,7 +2229,7 @@ mod tests {
         for c in [64, 768, 1600] {
             for (k, n) in [(c, 3 * c), (c, c), (c, 4 * c), (4 * c, c)] {
                 for m in [1, 3, 8, 16, 17, 64, 65, 96, 192, 1024] {
-                    for target in [1, 66, TARGET_BLOCKS] {
+                    for target in [1, 66, TARGET_BLOCKS, TARGET_BLOCKS_FEW] {
                         for slice in [16, 32, 64] {
                             let (splits, per) = split_k(m, k, n, target, slice);
                             let at = format!("m {m} k {k} n {n} target {target} slice {slice}");
@@ -2205,16 +2245,19 @@ mod tests {
 
     #[test]
     fn the_partial_buffer_holds_every_row_count_up_to_its_rows() {
-        let slice = |m: usize, _k: usize| if m <= MMA_SLICE64_ROWS { 64 } else { 32 };
-        for rows in [1, 5, 64, 300, 1024] {
-            let floats = partial_floats(768, rows, TARGET_BLOCKS, slice);
+        let split = |m: usize, _k: usize| {
+            if m <= MMA_SLICE64_ROWS { (TARGET_BLOCKS_FEW, 64) } else { (TARGET_BLOCKS, 32) }
+        };
+        for rows in [1, 5, 16, 17, 64, 300, 1024] {
+            let floats = partial_floats(768, rows, split);
             for m in 1..=rows {
                 for (k, n) in [(768, 2304), (768, 768), (768, 3072), (3072, 768)] {
-                    assert!(split_k(m, k, n, TARGET_BLOCKS, slice(m, k)).0 * m * n <= floats, "rows {rows}, m {m}");
+                    let (target, slice) = split(m, k);
+                    assert!(split_k(m, k, n, target, slice).0 * m * n <= floats, "rows {rows}, m {m}");
                 }
             }
         }
         // Far below the old sizing (the most splits any row count could take, for every row).
-        assert!(partial_floats(768, 1024, TARGET_BLOCKS, slice) < 1024 * 132_096 / 4);
+        assert!(partial_floats(768, 1024, split) < 1024 * 132_096 / 4);
     }
 }
