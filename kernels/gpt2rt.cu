@@ -2438,7 +2438,11 @@ __device__ void decode_step(const unsigned long long* table, int L, int C, int H
         __syncthreads();
         stamp(trace, stamps);
         prepare();
-        int CB = mma ? 8 : step_column_block(M);
+        // Half weights on CUDA cores take one column an item at any row count: their steps of 2
+        // rows or more run on tensor cores unless a knob says otherwise, and a third product
+        // instance cost the half kernels 20 bytes of spills (without it, H100, same call, three
+        // times, E2E ms: f16 batch 2 with 32 tokens 7.06 / 7.01 / 7.02 vs 7.11 / 7.08 / 7.07).
+        int CB = mma ? 8 : IsF32<W>::value ? step_column_block(M) : 1;
         int S = max(1, STEP_WARPS / max(ceil_div(a.nc, CB), 1));
         const W* slab_p = reinterpret_cast<const W*>(bufs[p & 1]);
         if (mma) {
@@ -2448,7 +2452,7 @@ __device__ void decode_step(const unsigned long long* table, int L, int C, int H
         } else if (CB == 1) {
             step_product<W, 1, ROWS>(slab_p, a.nc, a.K, in, global_in, M, S, scratch);
         } else {
-            step_product<W, 4, ROWS>(slab_p, a.nc, a.K, in, global_in, M, S, scratch);
+            if constexpr (IsF32<W>::value) step_product<W, 4, ROWS>(slab_p, a.nc, a.K, in, global_in, M, S, scratch);
         }
         step_epilogue<W, ROWS>(scratch, CB, S, M, a.n0, a.nc, a.N, C, a.bias, a.bias0, a.res0, out, mode, kc, vc, s_seq,
                          s_pos, max_seq);
