@@ -108,12 +108,6 @@ const FUSED_BATCHES_HALF: u32 = 0b110;
 const STEP_MMA_ROWS: usize = 2;
 /// The fused step's flag for that (STEP_MMA in the .cu file).
 const STEP_MMA: usize = 2;
-/// The fused step's flag for f32 rows read from global memory by `step_product_global`
-/// (STEP_GLOBAL_ROWS in the .cu file).
-const STEP_GLOBAL_ROWS: usize = 4;
-/// The fused step's flag for the one-split attention rows by `cp.async` on sm_90+
-/// (STEP_COMBINE_ASYNC in the .cu file).
-const STEP_COMBINE_ASYNC: usize = 8;
 /// Rows from which the LM head past the decode path runs as the tiled product (matmul_tiled, one
 /// split) where tensor cores do not run (f32; the half modes before 8.0), instead of a warp a
 /// vocabulary entry re-reading its weights for each group of 8 rows (lm_head).
@@ -620,10 +614,6 @@ struct FusedStep {
     /// and n_embd % 32 == 0): STEP_MMA_ROWS, or `GPT2RT_CUDA_STEP_MMA_ROWS` (a tuning knob read
     /// when the engine loads); usize::MAX where they cannot.
     mma_rows: usize,
-    /// Flags every launch passes: STEP_GLOBAL_ROWS unless `GPT2RT_CUDA_STEP_GLOBAL_ROWS=0`, and
-    /// STEP_COMBINE_ASYNC where `GPT2RT_CUDA_STEP_COMBINE_ASYNC=1` (tuning knobs read when the
-    /// engine loads).
-    flags: usize,
 }
 
 /// One kernel of the fused step.
@@ -727,9 +717,7 @@ fn fused_step(
     } else {
         usize::MAX
     };
-    let flags = if knob_on("GPT2RT_CUDA_STEP_GLOBAL_ROWS") { STEP_GLOBAL_ROWS } else { 0 }
-        | if knob("GPT2RT_CUDA_STEP_COMBINE_ASYNC") == Some(1) { STEP_COMBINE_ASYNC } else { 0 };
-    Ok(Some(FusedStep { blocks, table, kernels, batches, mma_rows, flags }))
+    Ok(Some(FusedStep { blocks, table, kernels, batches, mma_rows }))
 }
 
 /// Sizes one fused-step kernel (compiled for `kernel_rows` rows) for this device: the rows whose
@@ -1849,7 +1837,7 @@ impl CudaState {
                 .ptr(self.best.at::<f32>(b * fs.blocks))
                 .ptr(self.barrier.ptr)
                 .ptr(self.ints.at::<i32>(lay.next))
-                .int(usize::from(stage) | if mma { STEP_MMA } else { 0 } | fs.flags)
+                .int(usize::from(stage) | if mma { STEP_MMA } else { 0 })
                 .ptr(self.trace.as_ref().map_or(0, |t| t.ptr));
             let wsize = self.shared.dtype.size();
             let smem = fused_step_smem(cfg, fs.blocks, wsize, b, stage, kernel.kernel_rows);
