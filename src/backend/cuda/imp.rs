@@ -1329,12 +1329,11 @@ impl CudaState {
         half_output: bool,
     ) -> Result<()> {
         let kernels = &self.shared.device.kernels;
-        let (f, threads, slice) = self
-            .shared
-            .mma_for(m, k, half_input)
-            .map_or((kernels.matmul_tiled, 256, 16), |(f, slice)| (f, MMA_THREADS, slice));
-        // As partial_floats sized the partial buffer (through split_for: the same target and slice).
-        let (target, _) = self.shared.split_for(m, k);
+        let (f, threads) =
+            self.shared.mma_for(m, k, half_input).map_or((kernels.matmul_tiled, 256), |(f, _)| (f, MMA_THREADS));
+        // The target and slice partial_floats sized the partial buffer with (mma_for's kernel has
+        // split_for's slice).
+        let (target, slice) = self.shared.split_for(m, k);
         let (splits, per_split) = split_k(m, k, n, target, slice);
         let args = Args::new().ptr(input).int(m).int(k).ptr(w.ptr).int(n).ptr(self.partial.ptr).int(per_split);
         self.launch_overlapped_grid(f, (n.div_ceil(64), m.div_ceil(64), splits), threads, 0, args)?;
