@@ -1421,12 +1421,29 @@ __device__ __forceinline__ void load8_kv(const KV* p, float* o) {
         Vec<KV>::convert(CG ? __ldcg(q) : *q, o);
     }
 }
-template <bool CG, typename KV>
+// Barrier over the `warps` warps of a group: bar.sync `id` (0 with every warp of the block: as
+// __syncthreads()).
+__device__ __forceinline__ void group_sync(int id, int warps) {
+    asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(warps * 32) : "memory");
+}
+
+// One (row, head, key range) of attention by the block, or with GROUP by its warps [wbase, wbase +
+// group_warps), which synchronise on named barrier `bar`; warp_ml and warp_acc are indexed by the
+// block's warp.
+template <bool CG, typename KV, bool GROUP = false>
 __device__ __forceinline__ void attend(const float* q_in, float scale, const KV* keys, const KV* values, int t0,
                                        int t1, int C, int D, float* warp_ml, float* warp_acc, float* out,
-                                       float* out_ml) {
+                                       float* out_ml, int wbase = 0, int group_warps = 0, int bar = 0) {
     auto load = [](const float* p) { return CG ? __ldcg(p) : *p; };
-    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    int warps = GROUP ? group_warps : blockDim.x >> 5, w0 = GROUP ? wbase : 0;
+    int gw = warp - w0, tid = threadIdx.x - w0 * 32;
+    auto sync = [&] {
+        if (GROUP)
+            group_sync(bar, warps);
+        else
+            __syncthreads();
+    };
     float q[ATT_MAX_DL], acc[ATT_MAX_DL];
     float mx = -INFINITY, l = 0.0f;
     // GPT-2's head size: a warp takes four keys at a time (eight lanes a key, eight dimensions a
@@ -1441,7 +1458,7 @@ __device__ __forceinline__ void attend(const float* q_in, float scale, const KV*
             acc[i] = 0.0f;
         }
 #pragma unroll 2
-        for (int tb = t0 + warp * 4; tb < t1; tb += warps * 4) {
+        for (int tb = t0 + gw * 4; tb < t1; tb += warps * 4) {
             int t = tb + g;
             bool ok = t < t1;
             float kk[8] = {0, 0, 0, 0, 0, 0, 0, 0}, vv[8] = {0, 0, 0, 0, 0, 0, 0, 0};
@@ -1482,7 +1499,7 @@ __device__ __forceinline__ void attend(const float* q_in, float scale, const KV*
             acc[i] = 0.0f;
         }
 #pragma unroll 2
-        for (int t = t0 + warp; t < t1; t += warps) {
+        for (int t = t0 + gw; t < t1; t += warps) {
             const KV* key = keys + (size_t)t * C;
             const KV* val = values + (size_t)t * C;
             float kv[ATT_MAX_DL], vv[ATT_MAX_DL];
@@ -1508,9 +1525,9 @@ __device__ __forceinline__ void attend(const float* q_in, float scale, const KV*
         warp_ml[warp * 2] = mx;
         warp_ml[warp * 2 + 1] = l;
     }
-    __syncthreads();
+    sync();
     float bm = -INFINITY;
-    for (int w = 0; w < warps; w++) bm = fmaxf(bm, warp_ml[w * 2]);
+    for (int w = w0; w < w0 + warps; w++) bm = fmaxf(bm, warp_ml[w * 2]);
     float f = mx == -INFINITY ? 0.0f : __expf(mx - bm);
     if (d64) {
         if (lane < 8) {
@@ -1524,15 +1541,15 @@ __device__ __forceinline__ void attend(const float* q_in, float scale, const KV*
             if (d < D) warp_acc[warp * D + d] = acc[i] * f;
         }
     }
-    __syncthreads();
-    for (int d = threadIdx.x; d < D; d += blockDim.x) {
+    sync();
+    for (int d = tid; d < D; d += GROUP ? warps * 32 : blockDim.x) {
         float total = 0.0f;
-        for (int w = 0; w < warps; w++) total += warp_acc[w * D + d];
+        for (int w = w0; w < w0 + warps; w++) total += warp_acc[w * D + d];
         out[d] = total;
     }
-    if (threadIdx.x == 0) {
+    if (tid == 0) {
         float total = 0.0f;
-        for (int w = 0; w < warps; w++)
+        for (int w = w0; w < w0 + warps; w++)
             total += warp_ml[w * 2] == -INFINITY ? 0.0f : warp_ml[w * 2 + 1] * __expf(warp_ml[w * 2] - bm);
         out_ml[0] = bm;
         out_ml[1] = total;
@@ -2240,25 +2257,35 @@ __device__ __noinline__ void step_product_mma(const W* slab, int nc, int K, cons
 // and 8% slower at f16 batch 2.)
 __device__ __forceinline__ int step_column_block(int M) { return M <= 2 ? 1 : 4; }
 
-// Phase B: item (m, h, split) per block in turn. Split sp of row m covers keys [sp * len,
+// Phase B: items (m, h, split) over the blocks. Split sp of row m covers keys [sp * len,
 // (sp + 1) * len) below its context (len = ceil(ctx / S)) with attend, as attention_decode does:
 // the unnormalised output into part[m * S + sp][C] and (max, sum) into ml[((m * S + sp) * H + h) * 2].
-template <typename W>
+// Where there are more items than blocks (f32 steps of 12-16 rows: one split, 144-192 items on
+// 132 SMs), each half of a block's warps takes an item of its own (named barriers 1 and 2), so
+// that no block has two items in turn while others wait. (Only the wide kernel can have more: the
+// others take GROUPS = false.)
+template <typename W, bool GROUPS>
 __device__ __noinline__ void step_attention(const float* qkv, const W* k_cache, const W* v_cache, const int* row_seq,
                                const int* pos, float* part, float* ml, int M, int C, int H, int max_seq, int S,
                                float* scratch) {
     int D = C / H;
     float scale = rsqrtf((float)D);
-    for (int item = blockIdx.x; item < M * H * S; item += gridDim.x) {
+    int items = M * H * S;
+    int groups = GROUPS && items > (int)gridDim.x ? 2 : 1, warps = STEP_WARPS / groups;
+    int group = GROUPS ? (threadIdx.x >> 5) / warps : 0, bar = groups == 1 ? 0 : 1 + group;
+    for (int item = blockIdx.x + group * gridDim.x; item < items; item += groups * gridDim.x) {
         int m = item / (H * S), h = (item / S) % H, sp = item % S;
         int ctx = pos[m] + 1, len = ceil_div(ctx, S);
         int t0 = sp * len, t1 = min(ctx, t0 + len);
         const W* keys = k_cache + (size_t)row_seq[m] * max_seq * C + h * D;
         const W* values = v_cache + (size_t)row_seq[m] * max_seq * C + h * D;
-        attend<true>(qkv + (size_t)m * 3 * C + h * D, scale, keys, values, t0, t1, C, D,
-                     scratch + STEP_WARPS * D, scratch, part + ((size_t)m * S + sp) * C + h * D,
-                     ml + (((size_t)m * S + sp) * H + h) * 2);
-        __syncthreads();
+        attend<true, W, GROUPS>(qkv + (size_t)m * 3 * C + h * D, scale, keys, values, t0, t1, C, D,
+                                scratch + STEP_WARPS * D, scratch, part + ((size_t)m * S + sp) * C + h * D,
+                                ml + (((size_t)m * S + sp) * H + h) * 2, group * warps, warps, bar);
+        if (GROUPS)
+            group_sync(bar, warps);
+        else
+            __syncthreads();
     }
 }
 
@@ -2475,7 +2502,7 @@ __device__ void decode_step(const unsigned long long* table, int L, int C, int H
                 if (l == 0) step_embed<W>(tokens, s_pos, at(T_WTE), at(T_WPE), x, M, C, xs);
                 step_norm<W, ROWS>(xs, ln(p, 0), ln(p, 1), eps, M, C);
             });
-        step_attention(qkv, kc, vc, s_seq, s_pos, part, ml, M, C, H, max_seq, S_att, scratch);
+        step_attention<W, (ROWS > GEMV_ROWS)>(qkv, kc, vc, s_seq, s_pos, part, ml, M, C, H, max_seq, S_att, scratch);
         next_product = ahead(p + 1);
         stamp(trace, stamps);
         grid_barrier(bar, barriers);
