@@ -1421,10 +1421,13 @@ __device__ __forceinline__ void load8_kv(const KV* p, float* o) {
         Vec<KV>::convert(CG ? __ldcg(q) : *q, o);
     }
 }
-// Barrier over the `warps` warps of a group: bar.sync `id` (0 with every warp of the block: as
-// __syncthreads()).
+// With GROUP, a barrier over the `warps` warps of a group (bar.sync `id`); without, __syncthreads().
+template <bool GROUP>
 __device__ __forceinline__ void group_sync(int id, int warps) {
-    asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(warps * 32) : "memory");
+    if (GROUP)
+        asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(warps * 32) : "memory");
+    else
+        __syncthreads();
 }
 
 // One (row, head, key range) of attention by the block, or with GROUP by its warps [wbase, wbase +
@@ -1438,12 +1441,6 @@ __device__ __forceinline__ void attend(const float* q_in, float scale, const KV*
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     int warps = GROUP ? group_warps : blockDim.x >> 5, w0 = GROUP ? wbase : 0;
     int gw = warp - w0, tid = threadIdx.x - w0 * 32;
-    auto sync = [&] {
-        if (GROUP)
-            group_sync(bar, warps);
-        else
-            __syncthreads();
-    };
     float q[ATT_MAX_DL], acc[ATT_MAX_DL];
     float mx = -INFINITY, l = 0.0f;
     // GPT-2's head size: a warp takes four keys at a time (eight lanes a key, eight dimensions a
@@ -1525,7 +1522,7 @@ __device__ __forceinline__ void attend(const float* q_in, float scale, const KV*
         warp_ml[warp * 2] = mx;
         warp_ml[warp * 2 + 1] = l;
     }
-    sync();
+    group_sync<GROUP>(bar, warps);
     float bm = -INFINITY;
     for (int w = w0; w < w0 + warps; w++) bm = fmaxf(bm, warp_ml[w * 2]);
     float f = mx == -INFINITY ? 0.0f : __expf(mx - bm);
@@ -1541,7 +1538,7 @@ __device__ __forceinline__ void attend(const float* q_in, float scale, const KV*
             if (d < D) warp_acc[warp * D + d] = acc[i] * f;
         }
     }
-    sync();
+    group_sync<GROUP>(bar, warps);
     for (int d = tid; d < D; d += GROUP ? warps * 32 : blockDim.x) {
         float total = 0.0f;
         for (int w = w0; w < w0 + warps; w++) total += warp_acc[w * D + d];
@@ -2282,10 +2279,7 @@ __device__ __noinline__ void step_attention(const float* qkv, const W* k_cache, 
         attend<true, W, GROUPS>(qkv + (size_t)m * 3 * C + h * D, scale, keys, values, t0, t1, C, D,
                                 scratch + STEP_WARPS * D, scratch, part + ((size_t)m * S + sp) * C + h * D,
                                 ml + (((size_t)m * S + sp) * H + h) * 2, group * warps, warps, bar);
-        if (GROUPS)
-            group_sync(bar, warps);
-        else
-            __syncthreads();
+        group_sync<GROUPS>(bar, warps);
     }
 }
 
