@@ -2001,7 +2001,8 @@ __device__ __forceinline__ void step_shape(int j, int C, int& K, int& N, int& w)
 // Shared memory of decode_step (the host mirrors this: fused_step_smem in imp.rs): two buffers
 // (the largest product's slab, then LayerNorm gamma and beta), M x C floats of rows, M x 4C more
 // when the MLP-down rows are staged, then the scratch (the products' shares, attention's per-warp
-// results, or the attention splits' (max, sum) and weights).
+// results, or the attention splits' (max, sum) and weights), then from a 16-byte boundary a copy
+// of the weight table (step_table_entries addresses).
 __device__ __forceinline__ size_t step_slab_bytes(int C, int blocks, int wsize) {
     int elems = max(max(ceil_div(3 * C, blocks) * C, ceil_div(4 * C, blocks) * C), ceil_div(C, blocks) * 4 * C);
     return ((size_t)elems * wsize + 15) / 16 * 16;
@@ -2009,6 +2010,7 @@ __device__ __forceinline__ size_t step_slab_bytes(int C, int blocks, int wsize) 
 __device__ __forceinline__ size_t step_buffer_bytes(int C, int blocks, int wsize) {
     return step_slab_bytes(C, blocks, wsize) + ((size_t)2 * C * wsize + 15) / 16 * 16;
 }
+__device__ __forceinline__ int step_table_entries(int L) { return STEP_GLOBALS + L * STEP_PER_LAYER; }
 __device__ __forceinline__ int step_scratch_floats(int C, int H, int blocks, int rows) {
     int shares = max(STEP_WARPS * 8, ceil_div(4 * C, blocks) + 7) * rows;
     int attention = STEP_WARPS * (C / H) + 2 * STEP_WARPS;
@@ -2033,7 +2035,7 @@ __device__ __forceinline__ int step_splits(const int* pos, int M, int H) {  // p
 // into buf: this block's slab of its weight, and the LayerNorm parameters of its phase (LN1 for
 // QKV, LN2 for MLP up, the final one for the LM head).
 // On sm_90+ thread 0 issues them as bulk copies completing on `mbar` (fetch_expect); before, every
-// thread issues cp.async (the caller commits them).
+// thread issues cp.async (the caller commits them). `table`: the block's copy of the weight table.
 template <typename W>
 __device__ __noinline__ void step_fetch(const unsigned long long* table, int p, int L, int C, unsigned char* buf,
                                         unsigned long long* mbar) {
@@ -2389,17 +2391,21 @@ __device__ void decode_step(const unsigned long long* table, int L, int C, int H
     bool mma = !IsF32<W>::value && ROWS <= 8 && (flags & STEP_MMA);
     float* h4s = xs + (size_t)M * C;
     float* scratch = h4s + (stage_h4 ? (size_t)M * 4 * C : 0);
+    size_t table_at = ((size_t)(reinterpret_cast<unsigned char*>(scratch + step_scratch_floats(C, H, gridDim.x, ROWS)) -
+                                step_smem) +
+                       15) / 16 * 16;
+    // The weight table, copied into shared memory: every barrier's acquire leaves the L1 cache
+    // cold, so each address read from global memory was an L2 round trip on the way to a product.
+    unsigned long long* s_table = reinterpret_cast<unsigned long long*>(step_smem + table_at);
     unsigned int smem_size;
     asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(smem_size));
-    if ((size_t)(reinterpret_cast<unsigned char*>(scratch + step_scratch_floats(C, H, gridDim.x, ROWS)) - step_smem) >
-            smem_size ||
-        M > ROWS)
-        __trap();
+    if (table_at + (size_t)step_table_entries(L) * 8 > smem_size || M > ROWS) __trap();
+    for (int i = threadIdx.x; i < step_table_entries(L); i += STEP_THREADS) s_table[i] = table[i];
     // The weight buffers' mbarriers (sm_90+: step_fetch's bulk copies), and fetched[2] for the
     // attention rows of one-split steps (step_combine_load; one use a layer, so use l in layer l).
     __shared__ unsigned long long fetched[3];
     fetch_init(fetched, 3);
-    auto at = [&](int slot) { return reinterpret_cast<const W*>(table[slot]); };
+    auto at = [&](int slot) { return reinterpret_cast<const W*>(s_table[slot]); };
     auto ln = [&](int p, int which) {
         return reinterpret_cast<const W*>(bufs[p & 1] + slab) + (which ? C : 0);
     };
@@ -2415,7 +2421,7 @@ __device__ void decode_step(const unsigned long long* table, int L, int C, int H
     unsigned int barriers = 0;
     int stamps = 0;
     stamp(trace, stamps);
-    step_fetch<W>(table, 0, L, C, bufs[0], &fetched[0]);
+    step_fetch<W>(s_table, 0, L, C, bufs[0], &fetched[0]);
     copy_commit();
     // Where product p's columns are, and this thread's first output (t = threadIdx.x): its bias
     // and, for the residual products, the old x value, loaded ahead (before the barrier that
@@ -2430,7 +2436,7 @@ __device__ void decode_step(const unsigned long long* table, int L, int C, int H
         Ahead a;
         int w;
         step_shape(p % 4, C, a.K, a.N, w);
-        a.bias = reinterpret_cast<const W*>(table[STEP_GLOBALS + (p / 4) * STEP_PER_LAYER + w + 1]);
+        a.bias = reinterpret_cast<const W*>(s_table[STEP_GLOBALS + (p / 4) * STEP_PER_LAYER + w + 1]);
         int cpb = ceil_div(a.N, gridDim.x);
         a.n0 = min(a.N, (int)blockIdx.x * cpb);
         a.nc = min(a.N, a.n0 + cpb) - a.n0;
@@ -2451,7 +2457,7 @@ __device__ void decode_step(const unsigned long long* table, int L, int C, int H
         Ahead a = next_product;
         issue();
         copy_commit();
-        step_fetch<W>(table, p + 1, L, C, bufs[(p + 1) & 1], &fetched[(p + 1) & 1]);
+        step_fetch<W>(s_table, p + 1, L, C, bufs[(p + 1) & 1], &fetched[(p + 1) & 1]);
         copy_commit();
         stamp(trace, stamps);
         copy_wait_all_but_newest();

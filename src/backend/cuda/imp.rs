@@ -114,6 +114,10 @@ const STEP_MMA: usize = 2;
 const TILED_HEAD_ROWS: usize = 17;
 /// Room for the fused step's trace stamps (13 a layer, 3 more).
 const TRACE_STAMPS: usize = 256;
+/// The fused step's weight table: its global entries and its entries a layer (STEP_GLOBALS and
+/// STEP_PER_LAYER in the .cu file).
+const STEP_TABLE_GLOBALS: usize = 5;
+const STEP_TABLE_PER_LAYER: usize = 12;
 /// Rows of the wide (f32) fused-step kernel (STEP_ROWS in the .cu file).
 const FUSED_WIDE_ROWS: usize = 16;
 /// Warps of a fused-step block (STEP_WARPS in the .cu file).
@@ -640,8 +644,8 @@ impl FusedStep {
 }
 
 /// Dynamic shared memory of the fused-step kernel for `kernel_rows` rows (its ROWS) at `m` rows,
-/// with the MLP-down rows staged in it or not (mirrors step_buffer_bytes and step_scratch_floats in
-/// the .cu file).
+/// with the MLP-down rows staged in it or not, and the copy of the weight table after it (mirrors
+/// step_buffer_bytes, step_scratch_floats and step_table_entries in the .cu file).
 fn fused_step_smem(
     cfg: &ModelConfig,
     blocks: usize,
@@ -658,7 +662,8 @@ fn fused_step_smem(
     let attention = STEP_WARPS * cfg.head_dim() + 2 * STEP_WARPS;
     let combine = 3 * blocks.max(kernel_rows * cfg.n_head);
     let rows = m * c + if stage_h4 { m * 4 * c } else { 0 };
-    2 * buffer + (rows + shares.max(attention).max(combine)) * 4
+    let table = STEP_TABLE_GLOBALS + cfg.n_layer * STEP_TABLE_PER_LAYER;
+    (2 * buffer + (rows + shares.max(attention).max(combine)) * 4).next_multiple_of(16) + table * 8
 }
 
 /// The fused step for this device, model and dtype, where the kernel exists and its shared memory
@@ -687,6 +692,7 @@ fn fused_step(
     }
     let Some(max_rows) = kernels.last().map(|k| k.rows) else { return Ok(None) };
     let w = weights;
+    // STEP_TABLE_GLOBALS entries, then STEP_TABLE_PER_LAYER a layer (the .cu file's T_* slots).
     let mut table =
         vec![w.wte.ptr, w.wpe.ptr, w.ln_f_weight.ptr, w.ln_f_bias.ptr, w.lm_head.as_ref().unwrap_or(&w.wte).ptr];
     for l in &w.layers {
@@ -705,6 +711,7 @@ fn fused_step(
             l.mlp_proj_bias.ptr,
         ]);
     }
+    debug_assert_eq!(table.len(), STEP_TABLE_GLOBALS + w.layers.len() * STEP_TABLE_PER_LAYER);
     let table = DeviceBuffer::upload(device, &table, "weight table")?;
     let upto = |rows: usize| ((1u32 << (rows.min(max_rows) + 1)) - 1) & !1;
     let batches = match knob("GPT2RT_CUDA_FUSED_ROWS") {
