@@ -659,15 +659,42 @@ __device__ __forceinline__ float warp_sum_scatter(float (&v)[N]) {
     return s;
 }
 
+// L2 eviction priorities (8.0+) for weights read once a step: evict_first for what streams
+// through, so that it does not push out what the next step reads again (the KV cache, the
+// activations), and evict_last for a part kept from one step to the next.
+__device__ __forceinline__ unsigned long long l2_policy(bool last) {
+    unsigned long long p = 0;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    if (last)
+        asm("createpolicy.fractional.L2::evict_last.b64 %0, 1.0;" : "=l"(p));
+    else
+        asm("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(p));
+#endif
+    return p;
+}
+__device__ __forceinline__ uint4 load_hinted(const void* ptr, unsigned long long policy) {
+    uint4 v;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm("ld.global.L2::cache_hint.v4.u32 {%0, %1, %2, %3}, [%4], %5;"
+        : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+        : "l"(ptr), "l"(policy));
+#else
+    v = *reinterpret_cast<const uint4*>(ptr);
+#endif
+    return v;
+}
+
 // Logits and the first stage of the greedy argmax for M <= MAXM rows of x (C floats each, shared
 // or global memory): the warp's items (HEAD_ROWS<W> consecutive vocabulary rows each) are item0,
 // item0 + stride, ...; each item's weights are read once for all M rows, which go by in groups of
 // GEMV_ROWS. The logits are stored and the best (value, index) of each row kept; block b then
 // stores them into best_value/best_index[m * gridDim.x + b] (first index on ties). When `seq_len`
 // is not NULL, block 0 then advances the positions of the M sequences (the step's last work).
+// keep_rows >= 0: the weights of the vocabulary rows below it are read with L2 priority
+// evict_last, the others evict_first (l2_policy); -1 (the default): plain loads.
 template <typename W, int WARPS, int MAXM>
 __device__ void lm_head_rows(const float* x, int M, const W* __restrict__ wte, int V, int C, int item0, int stride,
-                             float* logits, float* best_value, int* best_index, int* seq_len) {
+                             float* logits, float* best_value, int* best_index, int* seq_len, int keep_rows = -1) {
     constexpr int R = Head<W>::ROWS, U = Head<W>::U, VW = Vec<W>::N, N = R * GEMV_ROWS;
     constexpr int GROUPS = MAXM / GEMV_ROWS;
     __shared__ float warp_value[WARPS][MAXM];
@@ -682,6 +709,7 @@ __device__ void lm_head_rows(const float* x, int M, const W* __restrict__ wte, i
     for (int g = 0; g < GROUPS; g++) { bv[g] = -INFINITY; bi[g] = 0x7fffffff; }
     for (int v0 = item0 * R; v0 < V; v0 += stride * R) {
         uint4 w[R][U];
+        unsigned long long policy = keep_rows < 0 ? 0 : l2_policy(v0 < keep_rows);
         auto load = [&](int k0) {
 #pragma unroll
             for (int r = 0; r < R; r++) {
@@ -689,7 +717,8 @@ __device__ void lm_head_rows(const float* x, int M, const W* __restrict__ wte, i
 #pragma unroll
                 for (int u = 0; u < U; u++) {
                     int k = k0 + (u * 32 + lane) * VW;
-                    if (k < C) w[r][u] = *reinterpret_cast<const uint4*>(row + k);
+                    if (k < C)
+                        w[r][u] = keep_rows < 0 ? *reinterpret_cast<const uint4*>(row + k) : load_hinted(row + k, policy);
                 }
             }
         };
@@ -1967,13 +1996,23 @@ __device__ __forceinline__ void fetch_expect(unsigned long long* mbar, unsigned 
     asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(a), "r"(bytes) : "memory");
 #endif
 }
-// Thread 0: one piece (16-byte aligned ends, a multiple of 16 bytes).
-__device__ __forceinline__ void fetch_piece(void* dst, const void* src, unsigned int bytes, unsigned long long* mbar) {
+// Thread 0: one piece (16-byte aligned ends, a multiple of 16 bytes); `stream`: with L2 priority
+// evict_first (l2_policy).
+__device__ __forceinline__ void fetch_piece(void* dst, const void* src, unsigned int bytes, unsigned long long* mbar,
+                                            bool stream = false) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     unsigned int d = (unsigned int)__cvta_generic_to_shared(dst), a = (unsigned int)__cvta_generic_to_shared(mbar);
-    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(d),
-                 "l"(src), "r"(bytes), "r"(a)
-                 : "memory");
+    if (stream) {
+        asm volatile(
+            "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint [%0], [%1], %2, [%3], %4;" ::
+                "r"(d),
+            "l"(src), "r"(bytes), "r"(a), "l"(l2_policy(false))
+            : "memory");
+    } else {
+        asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(d),
+                     "l"(src), "r"(bytes), "r"(a)
+                     : "memory");
+    }
 #endif
 }
 // Every thread: waits for the buffer's use u (parity u & 1).
@@ -2032,8 +2071,8 @@ __device__ __forceinline__ int step_splits(const int* pos, int M, int H) {  // p
 }
 
 // Starts copying what product p (4 a layer; p == 4L: none, the LM head) needs from the weights
-// into buf: this block's slab of its weight, and the LayerNorm parameters of its phase (LN1 for
-// QKV, LN2 for MLP up, the final one for the LM head).
+// into buf: this block's slab of its weight (L2 evict_first: read once a step), and the LayerNorm
+// parameters of its phase (LN1 for QKV, LN2 for MLP up, the final one for the LM head).
 // On sm_90+ thread 0 issues them as bulk copies completing on `mbar` (fetch_expect); before, every
 // thread issues cp.async (the caller commits them). `table`: the block's copy of the weight table.
 template <typename W>
@@ -2062,7 +2101,7 @@ __device__ __noinline__ void step_fetch(const unsigned long long* table, int p, 
     if (threadIdx.x == 0) {
         fetch_expect(mbar, bytes[0] + bytes[1] + bytes[2]);
         for (int i = 0; i < 3; i++)
-            if (bytes[i] > 0) fetch_piece(dst[i], pieces[i], bytes[i], mbar);
+            if (bytes[i] > 0) fetch_piece(dst[i], pieces[i], bytes[i], mbar, i == 0);
     }
 #else
     for (int i = 0; i < 3; i++)
@@ -2372,9 +2411,9 @@ __device__ __noinline__ void step_epilogue(const float* red, int CB, int S, int 
 // The LM head phase (out of line, like the other phases, so that its registers are its own).
 template <typename W, int ROWS>
 __device__ __noinline__ void step_head(const float* xs, int M, const W* head, int V, int C, int item0, float* logits,
-                                       float* best_value, int* best_index, int* pos) {
+                                       float* best_value, int* best_index, int* pos, int keep_rows) {
     lm_head_rows<W, STEP_WARPS, ROWS>(xs, M, head, V, C, item0, gridDim.x * STEP_WARPS, logits, best_value,
-                                      best_index, pos);
+                                      best_index, pos, keep_rows);
 }
 
 template <typename W, int ROWS>
@@ -2382,7 +2421,7 @@ __device__ void decode_step(const unsigned long long* table, int L, int C, int H
                             const int* tokens, const int* row_seq, int* pos, float* x, float* qkv, float* h4,
                             float* part, float* ml, W* k_cache, W* v_cache, int max_seq,
                             long long layer_stride, float* logits, float* best_value, int* best_index,
-                            unsigned int* bar, int* next, int flags, unsigned long long* trace) {
+                            unsigned int* bar, int* next, int flags, int head_keep, unsigned long long* trace) {
     extern __shared__ __align__(16) unsigned char step_smem[];
     size_t slab = step_slab_bytes(C, gridDim.x, sizeof(W)), buffer = step_buffer_bytes(C, gridDim.x, sizeof(W));
     unsigned char* bufs[2] = {step_smem, step_smem + buffer};
@@ -2533,7 +2572,7 @@ __device__ void decode_step(const unsigned long long* table, int L, int C, int H
     __syncthreads();
     step_norm<W, ROWS>(xs, ln(4 * L, 0), ln(4 * L, 1), eps, M, C);
     stamp(trace, stamps);
-    step_head<W, ROWS>(xs, M, head, V, C, item0, logits, best_value, best_index, pos);
+    step_head<W, ROWS>(xs, M, head, V, C, item0, logits, best_value, best_index, pos, head_keep);
     stamp(trace, stamps);
     grid_barrier_done(bar, best_value, best_index, M, next);
 }
@@ -2543,9 +2582,9 @@ __device__ void decode_step(const unsigned long long* table, int L, int C, int H
         const unsigned long long* table, int L, int C, int H, int V, float eps, int M, const int* tokens,         \
         const int* row_seq, int* pos, float* x, float* qkv, float* h4, float* part, float* ml, W* kc,             \
         W* vc, int max_seq, long long layer_stride, float* logits, float* bv, int* bi, unsigned int* bar,     \
-        int* next, int flags, unsigned long long* trace) {                                                        \
+        int* next, int flags, int head_keep, unsigned long long* trace) {                                         \
         decode_step<W, ROWS>(table, L, C, H, V, eps, M, tokens, row_seq, pos, x, qkv, h4, part, ml, kc, vc,       \
-                             max_seq, layer_stride, logits, bv, bi, bar, next, flags, trace);                     \
+                             max_seq, layer_stride, logits, bv, bi, bar, next, flags, head_keep, trace);          \
     }
 STEP_KERNEL(float, decode_step_f32, GEMV_ROWS)
 STEP_KERNEL(__half, decode_step_f16, GEMV_ROWS)
