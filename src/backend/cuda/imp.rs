@@ -753,7 +753,7 @@ fn head_keep_bytes(device: &Device, dtype: DType) -> usize {
     } else {
         HEAD_KEEP_MB_HALF
     });
-    (mb << 20).min(device.l2_bytes / 3)
+    mb.saturating_mul(1 << 20).min(device.l2_bytes / 3)
 }
 
 /// Sizes one fused-step kernel (compiled for `kernel_rows` rows) for this device: the rows whose
