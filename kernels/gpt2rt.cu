@@ -2030,12 +2030,41 @@ __device__ __forceinline__ void fetch_wait(unsigned long long* mbar, int u) {
 
 __device__ __forceinline__ int ceil_div(int a, int b) { return (a + b - 1) / b; }
 
+// n / d by one wide multiply, m = ceil(2^32 / d): exact whenever n * d <= 2^32 (every quotient
+// below: indices of a block's outputs, items or rows, far below 2^16, by divisors below 2^16). Set
+// up once a launch (decode_step's StepPlan and StepDivs). A runtime integer division is about 25
+// dependent instructions, and the fused step's serial paths (epilogues, item loops, the splits'
+// combination) had several each.
+struct FastDiv {
+    unsigned long long m;
+    unsigned int d;
+};
+// ceil(2^32 / d) = floor((2^32 - 1) / d) + 1 for d >= 1, by a 32-bit division.
+__device__ __forceinline__ FastDiv fast_div(unsigned int d) { return {(unsigned long long)(0xffffffffu / d) + 1, d}; }
+__device__ __forceinline__ int udiv(int n, const FastDiv& f) {
+    return (int)(((unsigned long long)(unsigned int)n * f.m) >> 32);
+}
+
 // Product j of a layer (0 QKV, 1 attention output, 2 MLP up, 3 MLP down): K, N and table slots.
 __device__ __forceinline__ void step_shape(int j, int C, int& K, int& N, int& w) {
     K = j == 3 ? 4 * C : C;
     N = j == 0 ? 3 * C : j == 2 ? 4 * C : C;
     w = j == 0 ? T_ATTN_W : j == 1 ? T_PROJ_W : j == 2 ? T_FC_W : T_MPROJ_W;
 }
+
+// A block's part in product kind j (0 QKV, 1 attention output, 2 MLP up, 3 MLP down; the same in
+// every layer), and the launch's divisors, worked out once a launch at decode_step's start (into
+// shared memory) instead of at every product.
+struct StepPlan {
+    int K, N, w;        // step_shape
+    int n0, nc;         // the block's columns [n0, n0 + nc)
+    int cb_shift;       // a warp item's columns: 1 << cb_shift (1, 4 or 8)
+    int S, per, items;  // k-shares of a column group, k of a share, column groups x S
+    FastDiv by_s;
+};
+struct StepDivs {
+    FastDiv M, H, C, D, C4, S_att, HS_att;
+};
 
 // Shared memory of decode_step (the host mirrors this: fused_step_smem in imp.rs): two buffers
 // (the largest product's slab, then LayerNorm gamma and beta), M x C floats of rows, M x 4C more
@@ -2076,19 +2105,15 @@ __device__ __forceinline__ int step_splits(const int* pos, int M, int H) {  // p
 // On sm_90+ thread 0 issues them as bulk copies completing on `mbar` (fetch_expect); before, every
 // thread issues cp.async (the caller commits them). `table`: the block's copy of the weight table.
 template <typename W>
-__device__ __noinline__ void step_fetch(const unsigned long long* table, int p, int L, int C, unsigned char* buf,
-                                        unsigned long long* mbar) {
-    size_t slab = step_slab_bytes(C, gridDim.x, sizeof(W));
+__device__ __noinline__ void step_fetch(const unsigned long long* table, const StepPlan* plans, int p, int L, int C,
+                                        size_t slab, unsigned char* buf, unsigned long long* mbar) {
     const unsigned long long* lt = table + STEP_GLOBALS + (p / 4) * STEP_PER_LAYER;
     const void* pieces[3] = {nullptr, nullptr, nullptr};
     unsigned int bytes[3] = {0, 0, 0};
     if (p < 4 * L) {
-        int K, N, w;
-        step_shape(p % 4, C, K, N, w);
-        int cpb = ceil_div(N, gridDim.x);
-        int n0 = min(N, (int)blockIdx.x * cpb), n1 = min(N, n0 + cpb);
-        pieces[0] = reinterpret_cast<const W*>(lt[w]) + (size_t)n0 * K;
-        bytes[0] = (unsigned int)((size_t)(n1 - n0) * K * sizeof(W));
+        const StepPlan& pl = plans[p % 4];
+        pieces[0] = reinterpret_cast<const W*>(lt[pl.w]) + (size_t)pl.n0 * pl.K;
+        bytes[0] = (unsigned int)((size_t)pl.nc * pl.K * sizeof(W));
     }
     int g = p == 4 * L ? -1 : p % 4 == 0 ? T_LN1_G : p % 4 == 2 ? T_LN2_G : -2;
     if (g != -2) {
@@ -2126,7 +2151,8 @@ __device__ __noinline__ void step_embed(const int* tokens, const int* pos, const
 // LayerNorm in place of the M rows of C in xs (shared), with gamma and beta from shared memory:
 // two-pass mean and variance in fp32, one warp a row; then every thread normalises.
 template <typename W, int ROWS>
-__device__ __noinline__ void step_norm(float* xs, const W* g, const W* b, float eps, int M, int C) {
+__device__ __noinline__ void step_norm(float* xs, const W* g, const W* b, float eps, int M, int C,
+                                       const StepDivs& dv) {
     __shared__ float stats[ROWS][2];
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     __syncthreads();
@@ -2152,7 +2178,7 @@ __device__ __noinline__ void step_norm(float* xs, const W* g, const W* b, float 
     }
     __syncthreads();
     for (int i = threadIdx.x; i < M * C / 4; i += STEP_THREADS) {
-        int m = i / (C / 4), k = i % (C / 4) * 4;
+        int m = udiv(i, dv.C4), k = (i - m * (C / 4)) * 4;
         float mean = stats[m][0], inv = stats[m][1];
         float4 v = *reinterpret_cast<const float4*>(xs + (size_t)i * 4);
         float4 gv = load4(g + k), bv = load4(b + k);
@@ -2211,19 +2237,19 @@ __device__ __forceinline__ void step_item_store(float (&acc)[CB][GEMV_ROWS], int
     }
 }
 
-// The block's share of a product: nc columns of K weights in `slab` (shared) against M <= ROWS rows
-// of `x` (shared, or global when `global_x`), in groups of GEMV_ROWS. Item it = (column group it /
-// S of CB adjacent columns, k-share it % S) belongs to warp it % STEP_WARPS, which reads each input
-// value once for its CB columns; red[(it * CB + cc) * ROWS + m] gets its dot for column cc of the
-// group, row m.
+// The block's share of a product (plan pl: nc columns of K weights in `slab`, shared) against M <=
+// ROWS rows of `x` (shared, or global when `global_x`), in groups of GEMV_ROWS. Item it = (column
+// group it / S of CB adjacent columns, k-share it % S) belongs to warp it % STEP_WARPS, which reads
+// each input value once for its CB columns; red[(it * CB + cc) * ROWS + m] gets its dot for column
+// cc of the group, row m.
 template <typename W, int CB, int ROWS>
-__device__ __noinline__ void step_product(const W* slab, int nc, int K, const float* x, bool global_x, int M, int S, float* red) {
-    constexpr int V = Vec<W>::N;
+__device__ __noinline__ void step_product(const W* slab, const StepPlan& pl, const float* x, bool global_x, int M,
+                                          float* red) {
     int warp = threadIdx.x >> 5;
-    int per = ceil_div(ceil_div(K, S), V) * V;
-    int groups = ceil_div(nc, CB);
-    for (int it = warp; it < groups * S; it += STEP_WARPS) {
-        int c0 = it / S * CB, kb = (it % S) * per, ke = min(K, kb + per);
+    int nc = pl.nc, K = pl.K, S = pl.S, per = pl.per;
+    for (int it = warp; it < pl.items; it += STEP_WARPS) {
+        int g = udiv(it, pl.by_s);
+        int c0 = g * CB, kb = (it - g * S) * per, ke = min(K, kb + per);
         float acc[CB][GEMV_ROWS];
         if constexpr (ROWS == GEMV_ROWS) {
             step_item<W, CB>(slab, c0, nc, K, kb, ke, x, global_x, M, acc);
@@ -2248,15 +2274,15 @@ __device__ __noinline__ void step_product(const W* slab, int nc, int K, const fl
 // logical k maps it to the same k. The rows are rounded to W, as matmul_mma does. red as
 // step_product with CB = 8.
 template <typename W, int ROWS>
-__device__ __noinline__ void step_product_mma(const W* slab, int nc, int K, const float* x, bool global_x, int M, int S,
+__device__ __noinline__ void step_product_mma(const W* slab, const StepPlan& pl, const float* x, bool global_x, int M,
                                               float* red) {
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tig = lane & 3;
-    int per = ceil_div(ceil_div(K, S), 32) * 32;
-    int groups = ceil_div(nc, 8);
+    int nc = pl.nc, K = pl.K, S = pl.S, per = pl.per;
     bool row_ok = g < M;
     const float* xr = x + (size_t)min(g, M - 1) * K + tig * 8;
-    for (int it = warp; it < groups * S; it += STEP_WARPS) {
-        int c0 = it / S * 8, kb = (it % S) * per, ke = min(K, kb + per);
+    for (int it = warp; it < pl.items; it += STEP_WARPS) {
+        int gi = udiv(it, pl.by_s);
+        int c0 = gi * 8, kb = (it - gi * S) * per, ke = min(K, kb + per);
         // Past the last column: a valid row read and ignored.
         const W* wr = slab + (size_t)min(c0 + g, nc - 1) * K + tig * 8;
         float d[4] = {0.0f, 0.0f, 0.0f, 0.0f};
@@ -2305,15 +2331,15 @@ __device__ __forceinline__ int step_column_block(int M) { return M <= 2 ? 1 : 4;
 template <typename W, bool GROUPS>
 __device__ __noinline__ void step_attention(const float* qkv, const W* k_cache, const W* v_cache, const int* row_seq,
                                const int* pos, float* part, float* ml, int M, int C, int H, int max_seq, int S,
-                               float* scratch) {
+                               float* scratch, const StepDivs& dv) {
     int D = C / H;
     float scale = rsqrtf((float)D);
     int items = M * H * S;
     int groups = GROUPS && items > (int)gridDim.x ? 2 : 1, warps = STEP_WARPS / groups;
     int group = GROUPS ? (threadIdx.x >> 5) / warps : 0, bar = groups == 1 ? 0 : 1 + group;
     for (int item = blockIdx.x + group * gridDim.x; item < items; item += groups * gridDim.x) {
-        int m = item / (H * S), h = (item / S) % H, sp = item % S;
-        int ctx = pos[m] + 1, len = ceil_div(ctx, S);
+        int m = udiv(item, dv.HS_att), hs = item - m * H * S, h = udiv(hs, dv.S_att), sp = hs - h * S;
+        int ctx = pos[m] + 1, len = udiv(ctx + S - 1, dv.S_att);
         int t0 = sp * len, t1 = min(ctx, t0 + len);
         const W* keys = k_cache + (size_t)row_seq[m] * max_seq * C + h * D;
         const W* values = v_cache + (size_t)row_seq[m] * max_seq * C + h * D;
@@ -2347,13 +2373,12 @@ __device__ __noinline__ void step_combine_load(const float* ml, const float* par
     for (int i = threadIdx.x; i < M * S * H * 2; i += STEP_THREADS) scratch[i] = __ldcg(ml + i);
 }
 __device__ __noinline__ void step_combine(const float* part, int M, int C, int H, int S, float* scratch, float* xs,
-                                          unsigned long long* mbar, int use) {
-    int D = C / H;
+                                          unsigned long long* mbar, int use, const StepDivs& dv) {
     const float* sml = scratch;
     float* weight = scratch + 2 * M * S * H;
     __syncthreads();
     for (int i = threadIdx.x; i < M * H; i += STEP_THREADS) {
-        int m = i / H, h = i % H;
+        int m = udiv(i, dv.H), h = i - m * H;
         float mx = -INFINITY, total = 0.0f;
         for (int sp = 0; sp < S; sp++) mx = fmaxf(mx, sml[((m * S + sp) * H + h) * 2]);
         for (int sp = 0; sp < S; sp++) {
@@ -2366,10 +2391,13 @@ __device__ __noinline__ void step_combine(const float* part, int M, int C, int H
     if (S == 1) fetch_wait(mbar, use);
     __syncthreads();
     if (S == 1) {
-        for (int i = threadIdx.x; i < M * C; i += STEP_THREADS) xs[i] = weight[(i / C) * H + i % C / D] * xs[i];
+        for (int i = threadIdx.x; i < M * C; i += STEP_THREADS) {
+            int m = udiv(i, dv.C);
+            xs[i] = weight[m * H + udiv(i - m * C, dv.D)] * xs[i];
+        }
     } else {
         for (int i = threadIdx.x; i < M * C; i += STEP_THREADS) {
-            int m = i / C, k = i % C, h = k / D;
+            int m = udiv(i, dv.C), k = i - m * C, h = udiv(k, dv.D);
             float v = 0.0f;
 #pragma unroll 4
             for (int sp = 0; sp < S; sp++)
@@ -2384,14 +2412,17 @@ __device__ __noinline__ void step_combine(const float* part, int M, int C, int H
 // mode as matmul_finish: 1 store gelu_new; 2 out += v (the residual); 3 store, and append k/v
 // columns to the KV cache. The thread's first output uses the bias and residual loaded ahead.
 template <typename W, int ROWS>
-__device__ __noinline__ void step_epilogue(const float* red, int CB, int S, int M, int n0, int nc, int N, int C,
+__device__ __noinline__ void step_epilogue(const float* red, const StepPlan& pl, const StepDivs& dv, int M, int C,
                                            const W* bias, W bias0, float res0, float* out, int mode, W* kc,
                                            W* vc, const int* seq, const int* pos, int max_seq) {
     int t0 = threadIdx.x;
-    for (int t = t0; t < nc * M; t += STEP_THREADS) {
-        int c = t / M, m = t % M, n = n0 + c;
+    int sh = pl.cb_shift, S = pl.S, n0 = pl.n0, N = pl.N;
+    for (int t = t0; t < pl.nc * M; t += STEP_THREADS) {
+        int c = udiv(t, dv.M), m = t - c * M, n = n0 + c;
+        // red[(((c / CB) * S + s) * CB + c % CB) * ROWS + m], s in order.
+        const float* r = red + ((((c >> sh) * S) << sh) + (c & ((1 << sh) - 1))) * ROWS + m;
         float v = 0.0f;
-        for (int s = 0; s < S; s++) v += red[(((c / CB) * S + s) * CB + c % CB) * ROWS + m];
+        for (int s = 0; s < S; s++) v += r[(s << sh) * ROWS];
         v += to_f(t == t0 ? bias0 : bias[n]);
         size_t i = (size_t)m * N + n;
         if (mode == 1) {
@@ -2401,7 +2432,7 @@ __device__ __noinline__ void step_epilogue(const float* red, int CB, int S, int 
         } else {
             out[i] = v;
             if (n >= C) {
-                size_t at = ((size_t)seq[m] * max_seq + pos[m]) * C + (n % C);
+                size_t at = ((size_t)seq[m] * max_seq + pos[m]) * C + (n - (n < 2 * C ? C : 2 * C));
                 store_as((n < 2 * C ? kc : vc) + at, v);
             }
         }
@@ -2456,33 +2487,53 @@ __device__ void decode_step(const unsigned long long* table, int L, int C, int H
     }
     __syncthreads();
     int S_att = step_splits(s_pos, M, H);
+    // Half weights on CUDA cores take one column an item at any row count: their steps of 2 rows or
+    // more run on tensor cores unless a knob says otherwise, and a third product instance cost the
+    // half kernels 20 bytes of spills (without it, H100, same call, three times, E2E ms: f16 batch 2
+    // with 32 tokens 7.06 / 7.01 / 7.02 vs 7.11 / 7.08 / 7.07).
+    int CB = mma ? 8 : IsF32<W>::value ? step_column_block(M) : 1;
+    __shared__ StepPlan plans[4];
+    __shared__ StepDivs dv;
+    if (threadIdx.x < 4) {
+        StepPlan& pl = plans[threadIdx.x];
+        step_shape(threadIdx.x, C, pl.K, pl.N, pl.w);
+        int cpb = ceil_div(pl.N, gridDim.x);
+        pl.n0 = min(pl.N, (int)blockIdx.x * cpb);
+        pl.nc = min(pl.N, pl.n0 + cpb) - pl.n0;
+        pl.cb_shift = CB == 8 ? 3 : CB == 4 ? 2 : 0;
+        int groups = ceil_div(pl.nc, CB), unit = mma ? 32 : Vec<W>::N;
+        pl.S = max(1, STEP_WARPS / max(groups, 1));
+        pl.per = ceil_div(ceil_div(pl.K, pl.S), unit) * unit;
+        pl.items = groups * pl.S;
+        pl.by_s = fast_div(pl.S);
+    } else if (threadIdx.x == 32) {
+        dv = {fast_div(M), fast_div(H), fast_div(C), fast_div(C / H), fast_div(C / 4), fast_div(S_att),
+              fast_div(H * S_att)};
+    }
+    __syncthreads();
     int products = 4 * L;
     unsigned int barriers = 0;
     int stamps = 0;
     stamp(trace, stamps);
-    step_fetch<W>(s_table, 0, L, C, bufs[0], &fetched[0]);
+    step_fetch<W>(s_table, plans, 0, L, C, slab, bufs[0], &fetched[0]);
     copy_commit();
     // Where product p's columns are, and this thread's first output (t = threadIdx.x): its bias
     // and, for the residual products, the old x value, loaded ahead (before the barrier that
     // precedes the product, once nothing will change them; kept raw until used).
     struct Ahead {
-        int K, N, n0, nc;
         const W* bias;
         W bias0;
         float res0;
     };
     auto ahead = [&](int p) {
         Ahead a;
-        int w;
-        step_shape(p % 4, C, a.K, a.N, w);
-        a.bias = reinterpret_cast<const W*>(s_table[STEP_GLOBALS + (p / 4) * STEP_PER_LAYER + w + 1]);
-        int cpb = ceil_div(a.N, gridDim.x);
-        a.n0 = min(a.N, (int)blockIdx.x * cpb);
-        a.nc = min(a.N, a.n0 + cpb) - a.n0;
+        const StepPlan& pl = plans[p % 4];
+        a.bias = reinterpret_cast<const W*>(s_table[STEP_GLOBALS + (p / 4) * STEP_PER_LAYER + pl.w + 1]);
         int t = threadIdx.x;
-        if (t < a.nc * M) {
-            a.bias0 = a.bias[a.n0 + t / M];
-            if (p % 2 == 1) a.res0 = __ldcg(x + (size_t)(t % M) * C + a.n0 + t / M);
+        if (t < pl.nc * M) {
+            int c = udiv(t, dv.M);
+            a.bias0 = a.bias[pl.n0 + c];
+            if (p % 2 == 1) a.res0 = __ldcg(x + (size_t)(t - c * M) * C + pl.n0 + c);
         }
         return a;
     };
@@ -2494,9 +2545,10 @@ __device__ void decode_step(const unsigned long long* table, int L, int C, int H
     auto product = [&](int p, const float* in, bool global_in, float* out, int mode, W* kc, W* vc,
                        auto&& issue, auto&& prepare) {
         Ahead a = next_product;
+        const StepPlan& pl = plans[p % 4];
         issue();
         copy_commit();
-        step_fetch<W>(s_table, p + 1, L, C, bufs[(p + 1) & 1], &fetched[(p + 1) & 1]);
+        step_fetch<W>(s_table, plans, p + 1, L, C, slab, bufs[(p + 1) & 1], &fetched[(p + 1) & 1]);
         copy_commit();
         stamp(trace, stamps);
         copy_wait_all_but_newest();
@@ -2504,24 +2556,17 @@ __device__ void decode_step(const unsigned long long* table, int L, int C, int H
         __syncthreads();
         stamp(trace, stamps);
         prepare();
-        // Half weights on CUDA cores take one column an item at any row count: their steps of 2
-        // rows or more run on tensor cores unless a knob says otherwise, and a third product
-        // instance cost the half kernels 20 bytes of spills (without it, H100, same call, three
-        // times, E2E ms: f16 batch 2 with 32 tokens 7.06 / 7.01 / 7.02 vs 7.11 / 7.08 / 7.07).
-        int CB = mma ? 8 : IsF32<W>::value ? step_column_block(M) : 1;
-        int S = max(1, STEP_WARPS / max(ceil_div(a.nc, CB), 1));
         const W* slab_p = reinterpret_cast<const W*>(bufs[p & 1]);
         if (mma) {
             // mma is never set for f32 or wide kernels: no instance of those is made.
-            if constexpr (!IsF32<W>::value && ROWS <= 8)
-                step_product_mma<W, ROWS>(slab_p, a.nc, a.K, in, global_in, M, S, scratch);
+            if constexpr (!IsF32<W>::value && ROWS <= 8) step_product_mma<W, ROWS>(slab_p, pl, in, global_in, M, scratch);
         } else if (CB == 1) {
-            step_product<W, 1, ROWS>(slab_p, a.nc, a.K, in, global_in, M, S, scratch);
+            step_product<W, 1, ROWS>(slab_p, pl, in, global_in, M, scratch);
         } else {
-            if constexpr (IsF32<W>::value) step_product<W, 4, ROWS>(slab_p, a.nc, a.K, in, global_in, M, S, scratch);
+            if constexpr (IsF32<W>::value) step_product<W, 4, ROWS>(slab_p, pl, in, global_in, M, scratch);
         }
-        step_epilogue<W, ROWS>(scratch, CB, S, M, a.n0, a.nc, a.N, C, a.bias, a.bias0, a.res0, out, mode, kc, vc, s_seq,
-                         s_pos, max_seq);
+        step_epilogue<W, ROWS>(scratch, pl, dv, M, C, a.bias, a.bias0, a.res0, out, mode, kc, vc, s_seq, s_pos,
+                               max_seq);
         // The next product's loads, unless that is the output projection: its residual (x) may
         // still be changing until after the attention barrier (block 0 embeds in layer 0).
         if (p % 4 != 0 && p + 1 < products) next_product = ahead(p + 1);
@@ -2539,19 +2584,20 @@ __device__ void decode_step(const unsigned long long* table, int L, int C, int H
             },
             [&] {
                 if (l == 0) step_embed<W>(tokens, s_pos, at(T_WTE), at(T_WPE), x, M, C, xs);
-                step_norm<W, ROWS>(xs, ln(p, 0), ln(p, 1), eps, M, C);
+                step_norm<W, ROWS>(xs, ln(p, 0), ln(p, 1), eps, M, C, dv);
             });
-        step_attention<W, (ROWS > GEMV_ROWS)>(qkv, kc, vc, s_seq, s_pos, part, ml, M, C, H, max_seq, S_att, scratch);
+        step_attention<W, (ROWS > GEMV_ROWS)>(qkv, kc, vc, s_seq, s_pos, part, ml, M, C, H, max_seq, S_att, scratch,
+                                              dv);
         next_product = ahead(p + 1);
         stamp(trace, stamps);
         grid_barrier(bar, barriers);
         product(
             p + 1, xs, false, x, 2, nullptr, nullptr,
             [&] { step_combine_load(ml, part, M, C, H, S_att, scratch, xs, &fetched[2]); },
-            [&] { step_combine(part, M, C, H, S_att, scratch, xs, &fetched[2], l); });
+            [&] { step_combine(part, M, C, H, S_att, scratch, xs, &fetched[2], l, dv); });
         product(
             p + 2, xs, false, h4, 1, nullptr, nullptr, [&] { copy_block(xs, x, (size_t)M * C * 4); },
-            [&] { step_norm<W, ROWS>(xs, ln(p + 2, 0), ln(p + 2, 1), eps, M, C); });
+            [&] { step_norm<W, ROWS>(xs, ln(p + 2, 0), ln(p + 2, 1), eps, M, C, dv); });
         product(
             p + 3, stage_h4 ? h4s : h4, !stage_h4, x, 2, nullptr, nullptr,
             [&] {
@@ -2570,7 +2616,7 @@ __device__ void decode_step(const unsigned long long* table, int L, int C, int H
     copy_wait_all_but_newest();
     fetch_wait(&fetched[(4 * L) & 1], (4 * L) >> 1);
     __syncthreads();
-    step_norm<W, ROWS>(xs, ln(4 * L, 0), ln(4 * L, 1), eps, M, C);
+    step_norm<W, ROWS>(xs, ln(4 * L, 0), ln(4 * L, 1), eps, M, C, dv);
     stamp(trace, stamps);
     step_head<W, ROWS>(xs, M, head, V, C, item0, logits, best_value, best_index, pos, head_keep);
     stamp(trace, stamps);
