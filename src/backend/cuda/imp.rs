@@ -119,8 +119,11 @@ const TILED_HEAD_ROWS: usize = 17;
 /// about as fast as none (12-26 MB slower).
 const HEAD_KEEP_MB_HALF: usize = 16;
 const HEAD_KEEP_MB_F32: usize = 8;
-/// Room for the fused step's trace stamps (13 a layer, 3 more).
-const TRACE_STAMPS: usize = 256;
+/// The fused step's trace stamps (`stamp` in the .cu file): 13 a layer (three a product, one after
+/// the attention) and 3 more; the buffer is sized by the model, which the kernel does not check.
+fn trace_stamps(layers: usize) -> usize {
+    3 + 13 * layers
+}
 /// The fused step's weight table: its global entries and its entries a layer (STEP_GLOBALS and
 /// STEP_PER_LAYER in the .cu file).
 const STEP_TABLE_GLOBALS: usize = 5;
@@ -1146,7 +1149,7 @@ impl CudaState {
             step_ml: DeviceBuffer::new(d, step_items * 2 * f, "attention")?,
             barrier: DeviceBuffer::upload(d, &[0u32; 2], "grid barrier")?,
             trace: if knob("GPT2RT_CUDA_STEP_TRACE") == Some(1) {
-                Some(DeviceBuffer::upload(d, &[0u64; TRACE_STAMPS], "trace")?)
+                Some(DeviceBuffer::upload(d, &vec![0u64; trace_stamps(cfg.n_layer)], "trace")?)
             } else {
                 None
             },
@@ -2031,14 +2034,15 @@ impl CudaState {
     /// Logs (debug level) block 0's time between the stamps of the last fused step: per product
     /// (before the wait for its copies, after it, after its epilogue) and after each attention.
     fn log_trace(&self, trace: &DeviceBuffer) {
-        let mut t = vec![0u64; TRACE_STAMPS];
+        let stamps = trace_stamps(self.shared.config.n_layer);
+        let mut t = vec![0u64; stamps];
         let _ = self.shared.device.bind();
-        // SAFETY: TRACE_STAMPS stamps in both buffers; the stream is synchronised first.
+        // SAFETY: `stamps` stamps in both buffers; the stream is synchronised first.
         let read = unsafe {
             let _ = result::stream::synchronize(self.stream);
             result::memcpy_dtoh_sync(&mut t, trace.ptr)
         };
-        let n = t.iter().position(|&v| v == 0).unwrap_or(TRACE_STAMPS);
+        let n = t.iter().position(|&v| v == 0).unwrap_or(stamps);
         if read.is_err() || n < 2 {
             return;
         }
