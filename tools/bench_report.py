@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Turns the JSON that tools/bench_cuda.sh wrote on the GPU machine into bench/results/:
 a combined JSON, a markdown table (gpt2rt vs Hugging Face eager, same call, same weights) and a
-PNG plot of per-token latency vs batch and vs context with the memory-bandwidth floor drawn.
+PNG plot of per-token latency vs batch and vs context with the memory-bandwidth floor drawn, named
+after the card (cuda_h100.*, cuda_h200.*: each card's latest tables stay side by side).
 
 Usage: bench_report.py RAW_DIR OUT_DIR
 """
@@ -9,6 +10,7 @@ Usage: bench_report.py RAW_DIR OUT_DIR
 import glob
 import json
 import os
+import re
 import sys
 
 import matplotlib
@@ -16,8 +18,17 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-# Weights streamed once per step at ~3.0 TB/s (ARCHITECTURE.md): distilgpt2 ~325 MB in f32.
-FLOOR_US = {"f32": 110.0, "f16": 55.0, "bf16": 55.0}
+# The floor of a batch-1 step: distilgpt2's weights streamed once (~325 MB in f32, ~162 MB in
+# f16/bf16) at the card's bandwidth: ~2.95 TB/s on the H100 (ARCHITECTURE.md's 55 and 110 us), and
+# ~4.3 TB/s on the H200 (a device-to-device copy measured on the lent machines,
+# /work/.library/device/KINDS.md). Other cards: no floor.
+WEIGHT_MB = {"f32": 325.0, "f16": 162.0, "bf16": 162.0}
+BANDWIDTH_TBS = {"h100": 2.95, "h200": 4.3}
+
+
+def card_slug(card):
+    m = re.search(r"\b([A-Z]{1,2}\d{2,4})\b", card)
+    return m.group(1).lower() if m else "gpu"
 
 
 def load(path):
@@ -30,11 +41,14 @@ def main():
     os.makedirs(out, exist_ok=True)
     card = open(os.path.join(raw, "card.txt")).read().split("\n")
     combined = {"card": card[0].strip(), "date": card[1].strip(), "gpt2rt": {}, "hf": {}}
+    slug = card_slug(combined["card"])
+    bw = BANDWIDTH_TBS.get(slug)
+    floor_us = {d: mb / bw for d, mb in WEIGHT_MB.items()} if bw else {}
     for path in sorted(glob.glob(os.path.join(raw, "gpt2rt_*.json"))):
         combined["gpt2rt"][os.path.basename(path)[len("gpt2rt_") : -5]] = load(path)
     for path in sorted(glob.glob(os.path.join(raw, "hf_*.json"))):
         combined["hf"][os.path.basename(path)[3:-5]] = load(path)
-    with open(os.path.join(out, "cuda_h100.json"), "w") as f:
+    with open(os.path.join(out, f"cuda_{slug}.json"), "w") as f:
         json.dump(combined, f, indent=1)
 
     def cell(rows, batch, new, prompt, kv=True, key="e2e_median_ms"):
@@ -85,9 +99,9 @@ def main():
             kern = cell(ours, batch, 128, 128, key="device_median_ms")
             speed = f"{ref / on:.1f}x" if ref else "-"
             lines.append(
-                f"| {dtype} | {batch} | {on * 1e3 / 128:.0f} | {fmt(kern, 1e3 / 128, 0)} | {fmt(ref, 1e3 / 128, 0)} | {speed} | {FLOOR_US[dtype]:.0f} |"
+                f"| {dtype} | {batch} | {on * 1e3 / 128:.0f} | {fmt(kern, 1e3 / 128, 0)} | {fmt(ref, 1e3 / 128, 0)} | {speed} | {fmt(floor_us.get(dtype), 1.0, 0)} |"
             )
-    with open(os.path.join(out, "cuda_h100.md"), "w") as f:
+    with open(os.path.join(out, f"cuda_{slug}.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
@@ -109,8 +123,9 @@ def main():
         if pts:
             ax1.plot([p[0] for p in pts], [p[1] for p in pts], "x--", label=f"HF eager {dtype}")
     for ax in (ax1, ax2):
-        ax.axhline(FLOOR_US["f32"], color="gray", ls=":", label="floor f32 (B=1)")
-        ax.axhline(FLOOR_US["f16"], color="black", ls=":", label="floor f16/bf16 (B=1)")
+        if floor_us:
+            ax.axhline(floor_us["f32"], color="gray", ls=":", label="floor f32 (B=1)")
+            ax.axhline(floor_us["f16"], color="black", ls=":", label="floor f16/bf16 (B=1)")
         ax.set_yscale("log")
         ax.set_ylabel("us per token (E2E)")
         ax.grid(True, which="both", alpha=0.3)
@@ -121,7 +136,7 @@ def main():
     ax2.legend(fontsize=7)
     fig.suptitle(f"gpt2rt CUDA backend, synthetic distilgpt2, {combined['card']}", fontsize=9)
     fig.tight_layout()
-    fig.savefig(os.path.join(out, "cuda_h100.png"), dpi=110)
+    fig.savefig(os.path.join(out, f"cuda_{slug}.png"), dpi=110)
     print("\n".join(lines))
 
 
