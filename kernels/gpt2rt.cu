@@ -2063,7 +2063,7 @@ struct StepPlan {
     FastDiv by_s;
 };
 struct StepDivs {
-    FastDiv M, H, C, D, C4, S_att, HS_att;
+    FastDiv M, H, C, D, S_att, HS_att;
 };
 
 // Shared memory of decode_step (the host mirrors this: fused_step_smem in imp.rs): two buffers
@@ -2149,15 +2149,16 @@ __device__ __noinline__ void step_embed(const int* tokens, const int* pos, const
 }
 
 // LayerNorm in place of the M rows of C in xs (shared), with gamma and beta from shared memory:
-// two-pass mean and variance in fp32, one warp a row; then every thread normalises.
-template <typename W, int ROWS>
-__device__ __noinline__ void step_norm(float* xs, const W* g, const W* b, float eps, int M, int C,
-                                       const StepDivs& dv) {
-    __shared__ float stats[ROWS][2];
+// one warp a row, two-pass mean and variance in fp32, then the warp normalises its own row (a
+// third pass over it in shared memory), so that no block barrier separates the statistics from
+// the normalisation. (Holding the row in registers instead made the fused step's entry functions
+// spill 72-80 bytes: its callees share its 128 registers.)
+template <typename W>
+__device__ __noinline__ void step_norm(float* xs, const W* g, const W* b, float eps, int M, int C) {
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     __syncthreads();
     for (int m = warp; m < M; m += STEP_WARPS) {
-        const float* row = xs + (size_t)m * C;
+        float* row = xs + (size_t)m * C;
         float s = 0.0f;
         for (int k = lane * 4; k < C; k += 128) {
             float4 v = *reinterpret_cast<const float4*>(row + k);
@@ -2170,23 +2171,16 @@ __device__ __noinline__ void step_norm(float* xs, const W* g, const W* b, float 
             var += (v.x - mean) * (v.x - mean) + (v.y - mean) * (v.y - mean) + (v.z - mean) * (v.z - mean) +
                    (v.w - mean) * (v.w - mean);
         }
-        var = warp_sum(var);
-        if (lane == 0) {
-            stats[m][0] = mean;
-            stats[m][1] = rsqrtf(var / C + eps);
+        float inv = rsqrtf(warp_sum(var) / C + eps);
+        for (int k = lane * 4; k < C; k += 128) {
+            float4 v = *reinterpret_cast<const float4*>(row + k);
+            float4 gv = load4(g + k), bv = load4(b + k);
+            v.x = (v.x - mean) * inv * gv.x + bv.x;
+            v.y = (v.y - mean) * inv * gv.y + bv.y;
+            v.z = (v.z - mean) * inv * gv.z + bv.z;
+            v.w = (v.w - mean) * inv * gv.w + bv.w;
+            *reinterpret_cast<float4*>(row + k) = v;
         }
-    }
-    __syncthreads();
-    for (int i = threadIdx.x; i < M * C / 4; i += STEP_THREADS) {
-        int m = udiv(i, dv.C4), k = (i - m * (C / 4)) * 4;
-        float mean = stats[m][0], inv = stats[m][1];
-        float4 v = *reinterpret_cast<const float4*>(xs + (size_t)i * 4);
-        float4 gv = load4(g + k), bv = load4(b + k);
-        v.x = (v.x - mean) * inv * gv.x + bv.x;
-        v.y = (v.y - mean) * inv * gv.y + bv.y;
-        v.z = (v.z - mean) * inv * gv.z + bv.z;
-        v.w = (v.w - mean) * inv * gv.w + bv.w;
-        *reinterpret_cast<float4*>(xs + (size_t)i * 4) = v;
     }
     __syncthreads();
 }
@@ -2507,8 +2501,7 @@ __device__ void decode_step(const unsigned long long* table, int L, int C, int H
         pl.items = groups * pl.S;
         pl.by_s = fast_div(pl.S);
     } else if (threadIdx.x == 32) {
-        dv = {fast_div(M), fast_div(H), fast_div(C), fast_div(C / H), fast_div(C / 4), fast_div(S_att),
-              fast_div(H * S_att)};
+        dv = {fast_div(M), fast_div(H), fast_div(C), fast_div(C / H), fast_div(S_att), fast_div(H * S_att)};
     }
     __syncthreads();
     int products = 4 * L;
@@ -2584,7 +2577,7 @@ __device__ void decode_step(const unsigned long long* table, int L, int C, int H
             },
             [&] {
                 if (l == 0) step_embed<W>(tokens, s_pos, at(T_WTE), at(T_WPE), x, M, C, xs);
-                step_norm<W, ROWS>(xs, ln(p, 0), ln(p, 1), eps, M, C, dv);
+                step_norm<W>(xs, ln(p, 0), ln(p, 1), eps, M, C);
             });
         step_attention<W, (ROWS > GEMV_ROWS)>(qkv, kc, vc, s_seq, s_pos, part, ml, M, C, H, max_seq, S_att, scratch,
                                               dv);
@@ -2597,7 +2590,7 @@ __device__ void decode_step(const unsigned long long* table, int L, int C, int H
             [&] { step_combine(part, M, C, H, S_att, scratch, xs, &fetched[2], l, dv); });
         product(
             p + 2, xs, false, h4, 1, nullptr, nullptr, [&] { copy_block(xs, x, (size_t)M * C * 4); },
-            [&] { step_norm<W, ROWS>(xs, ln(p + 2, 0), ln(p + 2, 1), eps, M, C, dv); });
+            [&] { step_norm<W>(xs, ln(p + 2, 0), ln(p + 2, 1), eps, M, C); });
         product(
             p + 3, stage_h4 ? h4s : h4, !stage_h4, x, 2, nullptr, nullptr,
             [&] {
@@ -2616,7 +2609,7 @@ __device__ void decode_step(const unsigned long long* table, int L, int C, int H
     copy_wait_all_but_newest();
     fetch_wait(&fetched[(4 * L) & 1], (4 * L) >> 1);
     __syncthreads();
-    step_norm<W, ROWS>(xs, ln(4 * L, 0), ln(4 * L, 1), eps, M, C, dv);
+    step_norm<W>(xs, ln(4 * L, 0), ln(4 * L, 1), eps, M, C);
     stamp(trace, stamps);
     step_head<W, ROWS>(xs, M, head, V, C, item0, logits, best_value, best_index, pos, head_keep);
     stamp(trace, stamps);
