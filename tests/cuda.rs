@@ -626,3 +626,39 @@ fn cuda_concurrent_sessions_each_get_their_own_tokens() {
     });
     assert_eq!(together, alone);
 }
+
+#[test]
+fn cuda_device_timing_turns_on_and_off() {
+    if !gpu_available() {
+        return;
+    }
+    // `gpt2rt bench` measures E2E with the device timers off, then the kernels with them on, and
+    // turns them off again for the next case: the same tokens every way, device time only when on.
+    let engine = distilgpt2(BackendKind::Cuda, Some(DType::F16));
+    let tokens = prompts(engine.config().vocab_size, 2, 8);
+    let lengths = [8, 8];
+    let mut session = engine.new_session(SessionOptions { max_batch: 2, max_seq: 24, kv_cache: true }).unwrap();
+    let params = GenerateParams { max_new_tokens: 8, ..GenerateParams::default() };
+    let run = |session: &mut gpt2rt::Session| {
+        let mut out = Vec::new();
+        session
+            .generate_tokens(&tokens, &lengths, &params, &mut |_, token, _| {
+                out.push(token);
+                true
+            })
+            .unwrap();
+        (out, session.take_device_ms())
+    };
+    let (untimed, ms) = run(&mut session);
+    assert_eq!(ms, None, "no device time before the timers are on");
+    for _ in 0..2 {
+        session.set_device_timing(true).unwrap();
+        let (timed, ms) = run(&mut session);
+        assert!(ms.is_some_and(|ms| ms > 0.0), "device time with the timers on: {ms:?}");
+        assert_eq!(timed, untimed);
+        session.set_device_timing(false).unwrap();
+        let (again, ms) = run(&mut session);
+        assert_eq!(ms, None, "no device time once the timers are off");
+        assert_eq!(again, untimed);
+    }
+}
