@@ -20,8 +20,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 # The floor of a batch-1 step: distilgpt2's weights streamed once (~325 MB in f32, ~162 MB in
 # f16/bf16) at the card's bandwidth: ~2.95 TB/s on the H100 (ARCHITECTURE.md's 55 and 110 us), and
-# ~4.3 TB/s on the H200 (a device-to-device copy measured on the lent machines,
-# /work/.library/device/KINDS.md). Other cards: no floor.
+# ~4.3 TB/s on the H200 (a device-to-device copy, reads and writes counted, measured on the lent
+# H200 machines). Other cards: no floor.
 WEIGHT_MB = {"f32": 325.0, "f16": 162.0, "bf16": 162.0}
 BANDWIDTH_TBS = {"h100": 2.95, "h200": 4.3}
 
