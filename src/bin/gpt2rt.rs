@@ -185,8 +185,8 @@ struct BenchArgs {
     /// Prompt length in tokens.
     #[arg(long, default_value_t = 12)]
     prompt_len: usize,
-    /// Timed repetitions per cell (the median is reported).
-    #[arg(long, default_value_t = 5)]
+    /// Timed repetitions per cell (the median is reported), at least 1.
+    #[arg(long, default_value_t = 5, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     reps: usize,
     /// Skip the KV-cache-off column.
     #[arg(long)]
