@@ -1071,10 +1071,114 @@ __device__ __forceinline__ void mma_tile_store(const float (&acc)[4][2][4], floa
             }
 }
 
+// ---- Split-K inside a thread-block cluster (9.0+): no partial sums in global memory. ----
+//
+// The `_cluster` instances of matmul_mma and matmul_mma_ring (32-k slices: steps of 17-64 rows)
+// launch with a cluster of `splits` blocks along z (one tile, every split of its k): each block
+// leaves its 64 x 64 partial tile in its own shared memory, and after a cluster barrier block r
+// sums the r-th share of the tile's outputs over the cluster's blocks (distributed shared memory,
+// in split order), adds the bias and stores them by `mode` (gemv_store), in place of
+// matmul_finish, its launch and the partial sums' trip through L2.
+
+// Where a cluster product's outputs go: matmul_finish's arguments (out in the weights' type where
+// half_out, else fp32).
+template <typename W> struct ClusterOut {
+    const W* bias;
+    void* out;
+    int half_out, mode;
+    W *k_cache, *v_cache;
+    const int *row_seq, *row_pos;
+    int max_seq;
+};
+
+// Floats between the rows of a block's partial tile in shared memory: rows 72 floats (8 banks)
+// apart, so each half-warp's float2 stores of its accumulators (4 rows x 8 columns) hit 32
+// distinct banks.
+#define RED_STRIDE 72
+
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+__device__ __forceinline__ unsigned int cluster_rank() {
+    unsigned int r;
+    asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(r));
+    return r;
+}
+__device__ __forceinline__ unsigned int cluster_blocks() {
+    unsigned int r;
+    asm volatile("mov.u32 %0, %%cluster_nctarank;" : "=r"(r));
+    return r;
+}
+// Every block of the cluster has arrived: its shared-memory writes are visible to the others.
+__device__ __forceinline__ void cluster_sync() {
+    asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
+}
+// The float at the same shared-memory offset as p in the cluster's block `rank`.
+__device__ __forceinline__ float cluster_load(const float* p, unsigned int rank) {
+    unsigned int local = (unsigned int)__cvta_generic_to_shared(p), remote;
+    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(local), "r"(rank));
+    float v;
+    asm volatile("ld.shared::cluster.f32 %0, [%1];" : "=f"(v) : "r"(remote) : "memory");
+    return v;
+}
+#endif
+
+// Most blocks a cluster product may have (the sums below unroll over them).
+#define CLUSTER_MAX 16
+
+// The cluster's sum of this block's tile `acc` (at m0, n0 of M x N) into `o`; `red`: 64 x
+// RED_STRIDE floats of shared memory no thread still reads.
+template <typename W>
+__device__ void mma_cluster_finish(const float (&acc)[4][2][4], float* red, int M, int N, int m0, int n0,
+                                   const ClusterOut<W>& o) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tig = lane & 3;
+#pragma unroll
+    for (int i = 0; i < 4; i++)
+#pragma unroll
+        for (int j = 0; j < 2; j++)
+#pragma unroll
+            for (int h = 0; h < 2; h++)
+                *reinterpret_cast<float2*>(red + (i * 16 + g + 8 * h) * RED_STRIDE + warp * 16 + j * 8 + tig * 2) =
+                    make_float2(acc[i][j][2 * h], acc[i][j][2 * h + 1]);
+    cluster_sync();
+    unsigned int rank = cluster_rank(), blocks = cluster_blocks();
+    int rows = min(64, M - m0), total = rows * 64;
+    int share = (total + blocks - 1) / blocks, e1 = min(total, (int)rank * share + share);
+    for (int e = rank * share + threadIdx.x; e < e1; e += blockDim.x) {
+        int r = e >> 6, c = e & 63, m = m0 + r, n = n0 + c;
+        if (n >= N) continue;
+        float part[CLUSTER_MAX];
+#pragma unroll
+        for (int s = 0; s < CLUSTER_MAX; s++) part[s] = s < (int)blocks ? cluster_load(red + r * RED_STRIDE + c, s) : 0.0f;
+        float v = part[0];
+#pragma unroll
+        for (int s = 1; s < CLUSTER_MAX; s++)
+            if (s < (int)blocks) v += part[s];
+        v += to_f(o.bias[n]);
+        if (o.half_out) {
+            W* out = static_cast<W*>(o.out);
+            float residual = o.mode == 2 ? to_f(out[(size_t)m * N + n]) : 0.0f;
+            gemv_store(v, m, n, N, o.mode, residual, out, o.k_cache, o.v_cache, o.row_seq, o.row_pos, o.max_seq);
+        } else {
+            float* out = static_cast<float*>(o.out);
+            float residual = o.mode == 2 ? out[(size_t)m * N + n] : 0.0f;
+            gemv_store(v, m, n, N, o.mode, residual, out, o.k_cache, o.v_cache, o.row_seq, o.row_pos, o.max_seq);
+        }
+    }
+    // No block leaves (freeing its shared memory) while another may still read it.
+    cluster_sync();
+#endif
+}
+
+// Shared memory for the partial tile where the kernel's own staging cannot hold it.
+__device__ __forceinline__ float* cluster_tile() {
+    __shared__ __align__(16) float red[64 * RED_STRIDE];
+    return red;
+}
+
 // Requires K % 16 == 0 (16-byte weight loads, whole 8-k chunks) and k_per_split % SLICE == 0.
-template <typename W, int SLICE, typename A = float>
+template <typename W, int SLICE, typename A = float, bool CLUSTER = false>
 __device__ void matmul_mma(const A* __restrict__ in, int M, int K, const W* __restrict__ w, int N,
-                           float* partial, int k_per_split) {
+                           float* partial, int k_per_split, const ClusterOut<W>& co = {}) {
     constexpr int MMA_SLICE = SLICE, MMA_STRIDE = SLICE + 8;
     __shared__ __align__(16) unsigned short a_s[64 * MMA_STRIDE];
     __shared__ __align__(16) unsigned short w_s[64 * MMA_STRIDE];
@@ -1148,7 +1252,10 @@ __device__ void matmul_mma(const A* __restrict__ in, int M, int K, const W* __re
         }
         mma_tile_slice<W, MMA_SLICE, MMA_STRIDE>(a_s, w_s, acc);
     }
-    mma_tile_store(acc, partial + (size_t)blockIdx.z * M * N, M, N, m0, n0);
+    if constexpr (CLUSTER)
+        mma_cluster_finish(acc, cluster_tile(), M, N, m0, n0, co);
+    else
+        mma_tile_store(acc, partial + (size_t)blockIdx.z * M * N, M, N, m0, n0);
 }
 
 // matmul_mma for rows already in the weights' type: the same tiles and k order (so the same
@@ -1162,9 +1269,9 @@ __device__ void matmul_mma(const A* __restrict__ in, int M, int K, const W* __re
 // the ring measured slower there (batch 16 with 32 tokens 9.53 / 9.49 -> 10.38 / 10.40, batch 4
 // 8.74 / 8.73 -> 9.13 / 9.14). k_per_split % 32 == 0.
 #define MMA_RING 4
-template <typename W>
+template <typename W, bool CLUSTER = false>
 __device__ void matmul_mma_ring(const W* __restrict__ in, int M, int K, const W* __restrict__ w, int N,
-                                float* partial, int k_per_split) {
+                                float* partial, int k_per_split, const ClusterOut<W>& co = {}) {
     constexpr int RS = 32, RSTRIDE = RS + 8;
     __shared__ __align__(16) unsigned short a_s[MMA_RING][64 * RSTRIDE];
     __shared__ __align__(16) unsigned short w_s[MMA_RING][64 * RSTRIDE];
@@ -1207,8 +1314,21 @@ __device__ void matmul_mma_ring(const W* __restrict__ in, int M, int K, const W*
         const unsigned short* ws = w_s[sl % MMA_RING];
         mma_tile_slice<W, RS, RSTRIDE>(as, ws, acc);
     }
-    mma_tile_store(acc, partial + (size_t)blockIdx.z * M * N, M, N, m0, n0);
+    if constexpr (CLUSTER) {
+        // The staged rows' ring holds the partial tile once every copy has landed and been read.
+        static_assert(sizeof(a_s) >= 64 * RED_STRIDE * sizeof(float), "the ring holds a partial tile");
+        copy_wait<0>();
+        __syncthreads();
+        mma_cluster_finish(acc, reinterpret_cast<float*>(&a_s[0][0]), M, N, m0, n0, co);
+    } else {
+        mma_tile_store(acc, partial + (size_t)blockIdx.z * M * N, M, N, m0, n0);
+    }
 }
+
+// The cluster instances' parameters after the product's: matmul_finish's (see ClusterOut).
+#define CLUSTER_PARAMS(W)                                                                                         \
+    const W *bias, void *out, int half_out, int mode, W *kc, W *vc, const int *rs, const int *rp, int max_seq
+#define CLUSTER_OUT(W) ClusterOut<W>{bias, out, half_out, mode, kc, vc, rs, rp, max_seq}
 
 #define MMA_KERNELS(W, S)                                                                                         \
     extern "C" __global__ void matmul_mma_##S(const float* in, int M, int K, const W* w, int N, float* part,       \
@@ -1226,6 +1346,14 @@ __device__ void matmul_mma_ring(const W* __restrict__ in, int M, int K, const W*
     extern "C" __global__ void matmul_mma64_half_##S(const W* in, int M, int K, const W* w, int N, float* part,    \
                                                      int kps) {                                                   \
         matmul_mma<W, 64, W>(in, M, K, w, N, part, kps);                                                          \
+    }                                                                                                             \
+    extern "C" __global__ void matmul_mma_cluster_##S(const float* in, int M, int K, const W* w, int N, int kps,   \
+                                                      CLUSTER_PARAMS(W)) {                                        \
+        matmul_mma<W, 32, float, true>(in, M, K, w, N, nullptr, kps, CLUSTER_OUT(W));                            \
+    }                                                                                                             \
+    extern "C" __global__ void matmul_mma_half_cluster_##S(const W* in, int M, int K, const W* w, int N, int kps,  \
+                                                           CLUSTER_PARAMS(W)) {                                   \
+        matmul_mma_ring<W, true>(in, M, K, w, N, nullptr, kps, CLUSTER_OUT(W));                                   \
     }                                                                                                             \
     extern "C" __global__ void layer_norm_half_##S(const float* x, const W* g, const W* b, W* o, int C, float eps) { \
         layer_norm<W, W>(x, g, b, o, C, eps);                                                                     \

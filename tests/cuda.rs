@@ -494,6 +494,25 @@ fn cuda_fused_step_on_tensor_cores_matches_the_cpu_reference() {
 }
 
 #[test]
+fn cuda_cluster_products_match_the_cpu_reference() {
+    if !gpu_available() {
+        return;
+    }
+    // On 9.0+ GPUs the half modes' products in steps of 17-64 rows sum their splits of k inside a
+    // thread-block cluster (matmul_mma_cluster) instead of a finishing kernel. Their logits
+    // against the CPU reference (f32), beside the split-K path's (GPT2RT_CUDA_CLUSTER=0): batches
+    // 24 and 64.
+    for batch in [24, 64] {
+        half_logits_against_the_cpu(
+            batch,
+            "cluster products",
+            |dtype| distilgpt2(BackendKind::Cuda, Some(dtype)),
+            |dtype| distilgpt2_with("GPT2RT_CUDA_CLUSTER", "0", dtype),
+        );
+    }
+}
+
+#[test]
 fn cuda_half_rows_leave_every_logit_as_it_was() {
     if !gpu_available() {
         return;

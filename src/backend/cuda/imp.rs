@@ -70,6 +70,26 @@ const TARGET_BLOCKS_FEW: usize = 2 * TARGET_BLOCKS;
 const MAX_SPLIT_BLOCKS: usize = 4 * TARGET_BLOCKS;
 /// Threads per block of matmul_mma.
 const MMA_THREADS: usize = 128;
+/// Most blocks a tensor-core product of CLUSTER_ROWS rows (a step, or a short prefill pass) puts in
+/// a thread-block cluster by default (9.0+): its splits of k sum inside the cluster
+/// (matmul_mma_cluster), with no finishing kernel. H200, f16,
+/// E2E ms, same call, twice, split-K with its finishing kernel vs clusters of up to 8 vs 16: batch
+/// 64 prompt 128 + 128 tokens 86.63 / 86.55 vs 78.58 / 78.98 vs 76.23 / 76.30 (bf16 86.67 / 86.87
+/// vs 78.79 / 78.69 vs 76.44 / 76.28); prompt 12 + 32 tokens, batch 32 11.73 / 11.73 vs 11.29 /
+/// 11.31 vs 10.62 / 10.51, batch 24 (another call) 10.28 / 10.34 vs 11.38 / 11.45 vs 9.79 / 9.79.
+/// 16 is past the portable 8: where the GPU does not allow it, `cluster_size` settles on less.
+const CLUSTER_BLOCKS: usize = 16;
+/// Most blocks `GPT2RT_CUDA_CLUSTER` may ask for (CLUSTER_MAX in the .cu file).
+const CLUSTER_MAX: usize = 16;
+/// Rows of the passes whose tensor-core products sum in clusters. Up to MMA_SLICE64_ROWS (the 64-k
+/// slices) they measured slower, with the same split counts or capped ones: H200, f16, prompt 12 +
+/// 32 tokens, E2E ms, split-K vs clusters of up to 16 (MLP down's 48 splits capped at 16) vs the
+/// same with MLP down left to split-K: batch 16 9.03 / 8.98 vs 9.46 / 9.47 vs 9.24 / 9.25, batch
+/// 8 8.07 / 8.15 vs 8.90 / 8.94 vs 8.62 / 8.54, batch 4 7.69 / 7.67 vs 8.42 / 8.41 vs 8.07 / 8.10.
+/// Past 16 rows, leaving the products that would split more than 16 ways (proj and MLP down) to
+/// split-K measured 2-3% faster at batches 24 and 32 (9.59 vs 9.79, 10.43 vs 10.55) and 3% slower
+/// at batch 64 (77.91 vs 75.78), so every product sums in a cluster.
+const CLUSTER_ROWS: std::ops::RangeInclusive<usize> = MMA_SLICE64_ROWS + 1..=GEMV_MAX_M;
 /// Rows up to which the tensor-core product stages k-slices of 64 (matmul_mma64), past them of 32
 /// (matmul_mma). H100, f16, E2E ms, 64 vs 32: batch 8 with 32 tokens 9.30 / 9.37 vs 10.16 / 10.17
 /// (8-row steps), batch 16 10.28 / 10.32 vs 10.58 / 10.61; but batch 64 prompt 128 + 128 tokens
@@ -271,6 +291,10 @@ struct Kernels {
     layer_norm_half: Option<sys::CUfunction>,
     attention_combine_half: Option<sys::CUfunction>,
     matmul_finish_half: Option<[sys::CUfunction; 2]>,
+    /// The tensor-core product (32-k slices) summing its splits inside a thread-block cluster
+    /// (9.0+, see `Device::cluster_max`), `[fp32 rows, rows in the weights' type]`; the second is
+    /// present with `matmul_mma_half`.
+    matmul_mma_cluster: Option<[Option<sys::CUfunction>; 2]>,
     matmul_finish: sys::CUfunction,
     matmul_finish_rows: sys::CUfunction,
     /// The prefill attention with staged keys (heads of 64), unless `GPT2RT_CUDA_TILED_ATTENTION=0`.
@@ -302,6 +326,10 @@ struct Device {
     pdl: bool,
     /// Dynamic shared memory a block may opt into.
     smem_optin: usize,
+    /// Most blocks of a cluster product (`matmul_mma_cluster`; 0 where those do not run):
+    /// CLUSTER_BLOCKS, or `GPT2RT_CUDA_CLUSTER` (at most CLUSTER_MAX; past 8 where the GPU lets
+    /// every cluster kernel have that many), checked with the driver's occupancy query.
+    cluster_max: usize,
     /// L2 cache bytes.
     l2_bytes: usize,
 }
@@ -327,6 +355,9 @@ impl Device {
         let mma = dtype != DType::F32 && probe.capability >= (8, 0) && knob_on("GPT2RT_CUDA_MMA");
         // GPT2RT_CUDA_HALF_ROWS=0: fp32 rows into the tensor-core products (for comparisons).
         let half_rows = mma && knob_on("GPT2RT_CUDA_HALF_ROWS");
+        // GPT2RT_CUDA_CLUSTER=0: split-K products finished by a separate kernel (for comparisons).
+        let cluster_wanted = knob("GPT2RT_CUDA_CLUSTER").unwrap_or(CLUSTER_BLOCKS).min(CLUSTER_MAX);
+        let cluster = mma && probe.capability >= (9, 0) && cluster_wanted >= 2;
         let get = |name: &str| -> Result<sys::CUfunction> {
             let cname = std::ffi::CString::new(name).expect("kernel names have no NUL");
             // SAFETY: module is loaded; the name is NUL-terminated.
@@ -372,6 +403,12 @@ impl Device {
             } else {
                 None
             },
+            matmul_mma_cluster: if cluster {
+                let half = if half_rows { Some(get(&format!("matmul_mma_half_cluster_{suffix}"))?) } else { None };
+                Some([Some(get(&format!("matmul_mma_cluster_{suffix}"))?), half])
+            } else {
+                None
+            },
             matmul_finish: get(&format!("matmul_finish_{suffix}"))?,
             matmul_finish_rows: get(&format!("matmul_finish_rows_{suffix}"))?,
             lm_head: get(&format!("lm_head_{suffix}"))?,
@@ -389,7 +426,12 @@ impl Device {
             decode_step: if fused { Some(get(&format!("decode_step_{suffix}"))?) } else { None },
             decode_step_wide: if fused && dtype == DType::F32 { Some(get("decode_step16_f32")?) } else { None },
         };
+        let cluster_max = match &kernels.matmul_mma_cluster {
+            Some(pair) => cluster_size(pair.iter().flatten().copied(), cluster_wanted),
+            None => 0,
+        };
         Ok(Arc::new(Self {
+            cluster_max,
             ctx,
             device: probe.device,
             module,
@@ -804,6 +846,50 @@ fn step_kernel(
     Ok((resident >= 1).then_some(StepKernel { wide, kernel_rows, rows, stage_rows }))
 }
 
+/// The largest cluster, from `wanted` down, with which every one of `functions` (MMA_THREADS
+/// threads, their static shared memory) has at least one cluster resident on the GPU (0: none).
+/// Sizes past 8 (the portable limit) are allowed on each function first.
+fn cluster_size(functions: impl Iterator<Item = sys::CUfunction> + Clone, wanted: usize) -> usize {
+    let fits = |f: sys::CUfunction, size: usize| {
+        if size > 8 {
+            // SAFETY: the function belongs to the loaded module.
+            let allowed = unsafe {
+                result::function::set_function_attribute(
+                    f,
+                    sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_NON_PORTABLE_CLUSTER_SIZE_ALLOWED,
+                    1,
+                )
+            };
+            if allowed.is_err() {
+                return false;
+            }
+        }
+        // SAFETY: a plain-old-data union; the id says which member the driver reads.
+        let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+        attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION;
+        attr.value.clusterDim.x = 1;
+        attr.value.clusterDim.y = 1;
+        attr.value.clusterDim.z = size as u32;
+        let config = sys::CUlaunchConfig {
+            gridDimX: 1,
+            gridDimY: 1,
+            gridDimZ: size as u32,
+            blockDimX: MMA_THREADS as u32,
+            blockDimY: 1,
+            blockDimZ: 1,
+            sharedMemBytes: 0,
+            hStream: std::ptr::null_mut(),
+            attrs: &mut attr,
+            numAttrs: 1,
+        };
+        let mut clusters = 0;
+        // SAFETY: the function belongs to the loaded module; config and attr live across the call.
+        let status = unsafe { sys::cuOccupancyMaxActiveClusters(&mut clusters, f, &config) };
+        status == sys::cudaError_enum::CUDA_SUCCESS && clusters >= 1
+    };
+    (2..=wanted).rev().find(|&size| functions.clone().all(|f| fits(f, size))).unwrap_or(0)
+}
+
 struct Shared {
     /// Rows of a prefill processed per pass: PREFILL_CHUNK, or `GPT2RT_CUDA_PREFILL_ROWS` (a
     /// tuning knob read when the engine loads).
@@ -851,6 +937,14 @@ impl Shared {
             Some(half) if half_rows => Some((half[usize::from(slice == 64)], slice)),
             _ => Some((f, slice)),
         }
+    }
+
+    /// The cluster instance of `mma_for`'s kernel (and its slice) for `m` rows: where the cluster
+    /// kernels run and `m` is in CLUSTER_ROWS (one tile of rows, past MMA_SLICE64_ROWS).
+    fn mma_cluster(&self, m: usize, k: usize, half_rows: bool) -> Option<(sys::CUfunction, usize)> {
+        let pair = self.device.kernels.matmul_mma_cluster.as_ref()?;
+        let (_, slice) = self.mma(m, k).filter(|_| CLUSTER_ROWS.contains(&m) && self.device.cluster_max >= 2)?;
+        pair[usize::from(half_rows)].map(|f| (f, slice))
     }
 
     /// The LayerNorm kernel writing fp32 rows, or with `half_rows` rows in the weights' type
@@ -927,8 +1021,16 @@ impl Backend for CudaBackend {
 
     fn describe(&self) -> String {
         let d = &self.shared.device;
+        let clusters = match d.cluster_max {
+            0 => String::new(),
+            n => format!(
+                ", products of {}-{} rows summed in clusters of up to {n} blocks",
+                CLUSTER_ROWS.start(),
+                CLUSTER_ROWS.end()
+            ),
+        };
         format!(
-            "cuda ({}, compute capability {}.{}, {} weights, {} MiB on the device)",
+            "cuda ({}, compute capability {}.{}, {} weights, {} MiB on the device{clusters})",
             d.name,
             d.capability.0,
             d.capability.1,
@@ -983,8 +1085,12 @@ impl Args {
 /// (32 or 64 for the tensor-core kernel, 16 for the tiled one).
 fn split_k(m: usize, k: usize, n: usize, target: usize, slice: usize) -> (usize, usize) {
     let tiles = n.div_ceil(64) * m.div_ceil(64);
-    let wanted = target.div_ceil(tiles).clamp(1, k.div_ceil(64));
-    let per_split = k.div_ceil(wanted).next_multiple_of(slice);
+    k_splits(k, target.div_ceil(tiles).clamp(1, k.div_ceil(64)), slice)
+}
+
+/// Splits of `k` (at most `wanted`, at least 1) in whole k-slices of `slice`, and their k each.
+fn k_splits(k: usize, wanted: usize, slice: usize) -> (usize, usize) {
+    let per_split = k.div_ceil(wanted.max(1)).next_multiple_of(slice);
     (k.div_ceil(per_split), per_split)
 }
 
@@ -1221,7 +1327,32 @@ impl CudaState {
         attr.value.programmaticStreamSerializationAllowed = 1;
         // SAFETY: the kernel waits (griddepcontrol.wait) before reading or writing anything an
         // earlier kernel touches.
-        unsafe { self.launch_with(f, grid, block, smem, args, attr) }
+        unsafe { self.launch_with(f, grid, block, smem, args, &mut [attr]) }
+    }
+
+    /// Launches a cluster kernel (9.0+) with clusters of `cluster` blocks along z, overlapped as
+    /// `launch_overlapped_grid` where the GPU has programmatic dependent launch.
+    fn launch_cluster(
+        &self,
+        f: sys::CUfunction,
+        grid: (usize, usize, usize),
+        cluster: usize,
+        block: usize,
+        args: Args,
+    ) -> Result<()> {
+        // SAFETY: plain-old-data unions; the ids say which members the driver reads.
+        let mut attrs: [sys::CUlaunchAttribute; 2] = unsafe { std::mem::zeroed() };
+        attrs[0].id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION;
+        attrs[0].value.clusterDim.x = 1;
+        attrs[0].value.clusterDim.y = 1;
+        attrs[0].value.clusterDim.z = cluster as u32;
+        attrs[1].id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+        attrs[1].value.programmaticStreamSerializationAllowed = 1;
+        let n = if self.shared.device.pdl { 2 } else { 1 };
+        // SAFETY: grid.2 is a multiple of the cluster (the caller launches one cluster a tile), the
+        // device's cluster_max says clusters of this size fit, and the kernel waits
+        // (griddepcontrol.wait) before touching anything an earlier kernel writes.
+        unsafe { self.launch_with(f, grid, block, 0, args, &mut attrs[..n]) }
     }
 
     /// Launches a kernel cooperatively: the driver starts it only with every block resident at
@@ -1232,13 +1363,13 @@ impl CudaState {
         attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_COOPERATIVE;
         attr.value.cooperative = 1;
         // SAFETY: the launch has no other requirement.
-        unsafe { self.launch_with(f, (grid, 1, 1), block, smem, args, attr) }
+        unsafe { self.launch_with(f, (grid, 1, 1), block, smem, args, &mut [attr]) }
     }
 
-    /// cuLaunchKernelEx with one launch attribute.
+    /// cuLaunchKernelEx with launch attributes.
     ///
     /// # Safety
-    /// As launch_grid, and whatever `attr` requires of the kernel.
+    /// As launch_grid, and whatever `attrs` require of the kernel.
     unsafe fn launch_with(
         &self,
         f: sys::CUfunction,
@@ -1246,7 +1377,7 @@ impl CudaState {
         block: usize,
         smem: usize,
         mut args: Args,
-        mut attr: sys::CUlaunchAttribute,
+        attrs: &mut [sys::CUlaunchAttribute],
     ) -> Result<()> {
         let mut params = args.params();
         let config = sys::CUlaunchConfig {
@@ -1258,10 +1389,10 @@ impl CudaState {
             blockDimZ: 1,
             sharedMemBytes: smem as u32,
             hStream: self.stream,
-            attrs: &mut attr,
-            numAttrs: 1,
+            attrs: attrs.as_mut_ptr(),
+            numAttrs: attrs.len() as u32,
         };
-        // SAFETY: as launch_grid; the caller vouches for the attribute.
+        // SAFETY: as launch_grid; the caller vouches for the attributes.
         unsafe { sys::cuLaunchKernelEx(&config, f, params.as_mut_ptr(), std::ptr::null_mut()) }
             .result()
             .check("cuda: launching a kernel")
@@ -1368,6 +1499,31 @@ impl CudaState {
         half_output: bool,
     ) -> Result<()> {
         let kernels = &self.shared.device.kernels;
+        if let Some((f, slice)) = self.shared.mma_cluster(m, k, half_input) {
+            // The split-K path's splits, at most cluster_max of them (proj and MLP down at 64
+            // rows would take 24 and 32), summed inside a cluster, one a tile.
+            let (target, _) = self.shared.split_for(m, k);
+            let (wanted, _) = split_k(m, k, n, target, slice);
+            let (splits, per_split) = k_splits(k, wanted.min(self.shared.device.cluster_max), slice);
+            let (kc, vc, rs, rp) = kv.unwrap_or((0, 0, 0, 0));
+            let args = Args::new()
+                .ptr(input)
+                .int(m)
+                .int(k)
+                .ptr(w.ptr)
+                .int(n)
+                .int(per_split)
+                .ptr(bias.ptr)
+                .ptr(out)
+                .int(usize::from(half_output))
+                .int(mode)
+                .ptr(kc)
+                .ptr(vc)
+                .ptr(rs)
+                .ptr(rp)
+                .int(self.profile.max_seq);
+            return self.launch_cluster(f, (n.div_ceil(64), 1, splits), splits, MMA_THREADS, args);
+        }
         let (f, threads) =
             self.shared.mma_for(m, k, half_input).map_or((kernels.matmul_tiled, 256), |(f, _)| (f, MMA_THREADS));
         // The target and slice partial_floats sized the partial buffer with (mma_for's kernel has
