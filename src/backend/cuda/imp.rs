@@ -85,7 +85,9 @@ const CLUSTER_MAX: usize = 16;
 /// slices) they measured slower, with the same split counts or capped ones: H200, f16, prompt 12 +
 /// 32 tokens, E2E ms, split-K vs clusters of up to 16 (MLP down's 48 splits capped at 16) vs the
 /// same with MLP down left to split-K: batch 16 9.03 / 8.98 vs 9.46 / 9.47 vs 9.24 / 9.25, batch
-/// 8 8.07 / 8.15 vs 8.90 / 8.94 vs 8.62 / 8.54, batch 4 7.69 / 7.67 vs 8.42 / 8.41 vs 8.07 / 8.10.
+/// 8 8.07 / 8.15 vs 8.90 / 8.94 vs 8.62 / 8.54, batch 4 7.69 / 7.67 vs 8.42 / 8.41 vs 8.07 / 8.10;
+/// with the 32-k slices (the ring) in the clusters instead, another call: batch 16 9.04 / 9.03 vs
+/// 9.50 / 9.55, batch 8 8.16 / 8.18 vs 9.04 / 9.03, batch 4 7.61 / 7.59 vs 8.69 / 8.69.
 /// Past 16 rows, leaving the products that would split more than 16 ways (proj and MLP down) to
 /// split-K measured 2-3% faster at batches 24 and 32 (9.59 vs 9.79, 10.43 vs 10.55) and 3% slower
 /// at batch 64 (77.91 vs 75.78), so every product sums in a cluster.
