@@ -2430,6 +2430,51 @@ mod tests {
     }
 
     #[test]
+    fn the_constants_shared_with_the_kernels_agree() {
+        // Each of these sizes a launch or a buffer here and a loop or an array in the .cu file.
+        let source = include_str!("../../../kernels/gpt2rt.cu");
+        let define = |name: &str| -> usize {
+            let line = source
+                .lines()
+                .find(|l| l.split_whitespace().take(2).eq(["#define", name]))
+                .unwrap_or_else(|| panic!("#define {name} missing from kernels/gpt2rt.cu"));
+            line.split_whitespace().nth(2).and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("{line}"))
+        };
+        for (name, value) in [
+            ("GEMV_ROWS", GEMV_MAX_ROWS),
+            ("GEMV_MAX_M", GEMV_MAX_M),
+            ("GEMV_COLS", GEMV_COLS),
+            ("ATTENTION_SPLIT", ATTENTION_SPLIT),
+            ("CLUSTER_MAX", CLUSTER_MAX),
+            ("SAMPLE_THREADS", SAMPLE_THREADS),
+            ("STEP_THREADS", STEP_THREADS),
+            ("STEP_ROWS", FUSED_WIDE_ROWS),
+            ("STEP_MMA", STEP_MMA),
+            ("ATT_ROWS", ATTENTION_TILE_ROWS),
+        ] {
+            assert_eq!(define(name), value, "{name}");
+        }
+    }
+
+    #[test]
+    fn cluster_splits_fit_the_cluster_and_cover_k() {
+        // A cluster product launches its splits as one cluster (grid z = cluster z), so there
+        // must be no more of them than the cluster may hold, each starting on a slice boundary,
+        // none empty, all of K covered.
+        for k in (16..=4096).step_by(16) {
+            for slice in [32, 64] {
+                for wanted in 1..=CLUSTER_MAX {
+                    let (splits, per) = k_splits(k, wanted, slice);
+                    let at = format!("k {k} slice {slice} wanted {wanted}");
+                    assert_eq!(per % slice, 0, "{at}");
+                    assert!((1..=wanted).contains(&splits), "{at}: {splits} splits");
+                    assert!(splits * per >= k && (splits - 1) * per < k, "{at}: {splits} x {per}");
+                }
+            }
+        }
+    }
+
+    #[test]
     fn the_partial_buffer_holds_every_row_count_up_to_its_rows() {
         let split = |m: usize, _k: usize| {
             if m <= MMA_SLICE64_ROWS { (TARGET_BLOCKS_FEW, 64) } else { (TARGET_BLOCKS, 32) }
