@@ -866,12 +866,7 @@ fn cluster_size(functions: impl Iterator<Item = sys::CUfunction> + Clone, wanted
                 return false;
             }
         }
-        // SAFETY: a plain-old-data union; the id says which member the driver reads.
-        let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
-        attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION;
-        attr.value.clusterDim.x = 1;
-        attr.value.clusterDim.y = 1;
-        attr.value.clusterDim.z = size as u32;
+        let mut attr = cluster_attribute(size);
         let config = sys::CUlaunchConfig {
             gridDimX: 1,
             gridDimY: 1,
@@ -890,6 +885,27 @@ fn cluster_size(functions: impl Iterator<Item = sys::CUfunction> + Clone, wanted
         status == sys::cudaError_enum::CUDA_SUCCESS && clusters >= 1
     };
     (2..=wanted).rev().find(|&size| functions.clone().all(|f| fits(f, size))).unwrap_or(0)
+}
+
+/// The launch attribute for clusters of `blocks` blocks along z.
+fn cluster_attribute(blocks: usize) -> sys::CUlaunchAttribute {
+    // SAFETY: a plain-old-data union; the id says which member the driver reads.
+    let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+    attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION;
+    attr.value.clusterDim.x = 1;
+    attr.value.clusterDim.y = 1;
+    attr.value.clusterDim.z = blocks as u32;
+    attr
+}
+
+/// The launch attribute for programmatic dependent launch (the kernel may start before the
+/// previous one ends; it must `pdl_wait` before touching that kernel's results).
+fn pdl_attribute() -> sys::CUlaunchAttribute {
+    // SAFETY: a plain-old-data union; the id says which member the driver reads.
+    let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+    attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+    attr.value.programmaticStreamSerializationAllowed = 1;
+    attr
 }
 
 struct Shared {
@@ -1323,13 +1339,9 @@ impl CudaState {
         if !self.shared.device.pdl {
             return self.launch_grid(f, grid, block, smem, args);
         }
-        // SAFETY: a plain-old-data union; the id says which member the driver reads.
-        let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
-        attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
-        attr.value.programmaticStreamSerializationAllowed = 1;
         // SAFETY: the kernel waits (griddepcontrol.wait) before reading or writing anything an
         // earlier kernel touches.
-        unsafe { self.launch_with(f, grid, block, smem, args, &mut [attr]) }
+        unsafe { self.launch_with(f, grid, block, smem, args, &mut [pdl_attribute()]) }
     }
 
     /// Launches a cluster kernel (9.0+) with clusters of `cluster` blocks along z, overlapped as
@@ -1342,14 +1354,7 @@ impl CudaState {
         block: usize,
         args: Args,
     ) -> Result<()> {
-        // SAFETY: plain-old-data unions; the ids say which members the driver reads.
-        let mut attrs: [sys::CUlaunchAttribute; 2] = unsafe { std::mem::zeroed() };
-        attrs[0].id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION;
-        attrs[0].value.clusterDim.x = 1;
-        attrs[0].value.clusterDim.y = 1;
-        attrs[0].value.clusterDim.z = cluster as u32;
-        attrs[1].id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
-        attrs[1].value.programmaticStreamSerializationAllowed = 1;
+        let mut attrs = [cluster_attribute(cluster), pdl_attribute()];
         let n = if self.shared.device.pdl { 2 } else { 1 };
         // SAFETY: grid.2 is a multiple of the cluster (the caller launches one cluster a tile), the
         // device's cluster_max says clusters of this size fit, and the kernel waits
