@@ -7,6 +7,9 @@
 # For each DTYPE:BATCH (default f16:1 f16:16 f16:64 f32:16) it runs `gpt2rt bench` with prompt 12
 # and 4 new tokens once under ncu and prints, per kernel, the launches and the mean duration
 # (gpu__time_duration; ncu serialises kernels, so graph/PDL overlap is not in these numbers).
+# PROMPT_LEN (default 12) sets the prompt; NCU_ARGS adds ncu options, e.g.
+# NCU_ARGS="--clock-control none --cache-control none" for the GPU's own clocks and warm caches
+# (by default ncu locks the base clock and flushes the caches before each kernel).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpt2rt-gpu-out}
@@ -17,8 +20,9 @@ cells=("$@")
 for cell in "${cells[@]}"; do
   dtype=${cell%%:*} batch=${cell##*:}
   log="$OUT/ncu_${dtype}_b${batch}.txt"
-  ncu --csv --metrics gpu__time_duration.sum -c 3000 \
-    carry/gpt2rt bench --backend cuda --dtype "$dtype" --batches "$batch" --new-tokens 4 --prompt-len 12 \
+  # shellcheck disable=SC2086
+  ncu --csv --metrics gpu__time_duration.sum -c 3000 ${NCU_ARGS:-} \
+    carry/gpt2rt bench --backend cuda --dtype "$dtype" --batches "$batch" --new-tokens 4 --prompt-len "${PROMPT_LEN:-12}" \
     --reps 1 --no-kv-off >"$log.raw" 2>&1
   python3 - "$log.raw" "$dtype" "$batch" <<'PY' | tee "$log"
 import csv, io, sys
