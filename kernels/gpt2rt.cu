@@ -1375,6 +1375,187 @@ __device__ void matmul_mma_ring(const W* __restrict__ in, int M, int K, const W*
 MMA_KERNELS(__half, f16)
 MMA_KERNELS(__nv_bfloat16, bf16)
 
+// ---- The LM head of a step past the decode path, on tensor cores (8.0+) ----
+//
+// matmul_mma over the head's 64-column tiles read every tile's rows again (at 64 rows 98 KB, for
+// each of 786 tiles: as many bytes from L2 as the head's weights from memory), and argmax_partial
+// then read the logits back. lm_head_mma holds the rows (at most 16 * RG, already in the weights'
+// type) in shared memory for the whole kernel, one block of HEAD_THREADS an SM, and walks the
+// vocabulary in tiles of HEAD_TILE entries in a grid stride; their weights stream through a ring of
+// STAGES slices of HEAD_SLICE k (cp.async) that runs on across tiles, so the copies never
+// drain between them. Warp w holds the tile's columns 32w..32w+31 for every row. Each logit is the
+// sum matmul_mma makes (the same mma.sync calls in the same k order: the same bits); the block
+// also keeps each row's best (value, index) over its tiles and leaves it where lm_head_rows does
+// (best_value/best_index[m * gridDim.x + blockIdx.x]) for argmax_final. Requires C % HEAD_SLICE == 0;
+// dynamic shared memory: the ring, the rows and one finished tile (head_mma_smem in imp.rs).
+#define HEAD_THREADS 128
+#define HEAD_TILE 128
+#define HEAD_SLICE 64
+// The ring's stages in the instances holding up to 16, 32 and 64 rows. H200, f16, E2E ms, same
+// call, twice, stages 4/4/4 vs 8/8/6 vs 10/9/6 vs 6/6/5: batch 16 prompt 12 + 32 tokens 8.90 /
+// 8.91 vs 8.78 / 8.70 vs 8.49 / 8.52 vs 8.47 / 8.52, batch 8 7.89 / 7.88 vs 7.82 / 7.72 vs 7.59 /
+// 7.63 vs 7.52 / 7.56; batch 24 (32 rows) and 64 (prompt 128 + 128) within 1% in all four, so
+// the 64-row instance takes 4 (its shared memory also holds the rows and a finished tile).
+#define HEAD_STAGES_16 6
+#define HEAD_STAGES_32 6
+#define HEAD_STAGES_64 4
+
+template <typename W, int RG, int STAGES>
+__device__ void lm_head_mma(const W* __restrict__ in, int M, int C, const W* __restrict__ head, int V, float* logits,
+                            float* best_value, int* best_index) {
+    extern __shared__ __align__(128) unsigned char head_smem[];
+    __shared__ float warp_value[HEAD_THREADS / 32][16 * RG];
+    __shared__ int warp_index[HEAD_THREADS / 32][16 * RG];
+    // Halfs between the staged weight rows of a slice, and between the held rows: 4 banks apart
+    // (mod 32), so a warp's fragment loads (8 rows x 4 words) hit 32 distinct banks. Floats
+    // between the rows of a finished tile: 8 banks apart, so each half-warp's float2 stores (4
+    // rows x 8 columns) hit 32 distinct banks.
+    constexpr int WST = HEAD_SLICE + 8, OST = HEAD_TILE + 8;
+    static_assert(HEAD_THREADS == HEAD_TILE, "a thread a column when a tile is stored");
+    const int ast = C + 8;
+    unsigned short* w_s = reinterpret_cast<unsigned short*>(head_smem);
+    unsigned short* a_s = w_s + STAGES * HEAD_TILE * WST;
+    float* out_s = reinterpret_cast<float*>(a_s + 16 * RG * ast);
+    int t = threadIdx.x, warp = t >> 5, lane = t & 31, g = lane >> 2, tig = lane & 3;
+    int tiles = (V + HEAD_TILE - 1) / HEAD_TILE, per_tile = C / HEAD_SLICE;
+    int mine = (int)blockIdx.x < tiles ? (tiles - blockIdx.x + gridDim.x - 1) / gridDim.x : 0;
+    int slices = mine * per_tile;
+    // Slice s of this block: tile blockIdx.x + (s / per_tile) * gridDim.x, k (s % per_tile) *
+    // HEAD_SLICE; HEAD_TILE rows of 8 pieces of 8 k, thread t copying pieces t + HEAD_THREADS h
+    // (8 consecutive threads: one row's 128 contiguous bytes). Entries past V are zeros.
+    auto issue = [&](int s) {
+        int v0 = (blockIdx.x + (s / per_tile) * gridDim.x) * HEAD_TILE, kb = (s % per_tile) * HEAD_SLICE;
+        unsigned short* dst = w_s + (s % STAGES) * HEAD_TILE * WST;
+#pragma unroll
+        for (int h = 0; h < HEAD_TILE * HEAD_SLICE / 8 / HEAD_THREADS; h++) {
+            int i = t + h * HEAD_THREADS, r = i >> 3, kk = (i & 7) * 8;
+            bool ok = v0 + r < V;
+            copy_async16_or_zero(dst + r * WST + kk, ok ? head + (size_t)(v0 + r) * C + kb + kk : head, ok);
+        }
+    };
+    // The weights of the first slices stream while the previous kernel finishes (programmatic
+    // dependent launch); the rows only after it is done.
+    pdl_trigger();
+    for (int s = 0; s < STAGES - 1; s++) {
+        if (s < slices) issue(s);
+        copy_commit();
+    }
+    pdl_wait();
+    {
+        int pieces = C / 8;
+        for (int i = t; i < 16 * RG * pieces; i += HEAD_THREADS) {
+            int r = i / pieces, kk = (i - r * pieces) * 8;
+            bool ok = r < M;
+            copy_async16_or_zero(a_s + r * ast + kk, ok ? in + (size_t)r * C + kk : in, ok);
+        }
+        copy_commit();
+        copy_wait<0>();
+    }
+    float acc[RG][4][4] = {};
+    float bv[RG][2];
+    int bi[RG][2];
+#pragma unroll
+    for (int i = 0; i < RG; i++)
+#pragma unroll
+        for (int h = 0; h < 2; h++) { bv[i][h] = -INFINITY; bi[i][h] = 0x7fffffff; }
+    for (int s = 0; s < slices; s++) {
+        copy_wait<STAGES - 2>();
+        __syncthreads();  // slice s is in for every thread, and slice s - 1's stage is free
+        if (s + STAGES - 1 < slices) issue(s + STAGES - 1);
+        copy_commit();
+        int kb = (s % per_tile) * HEAD_SLICE;
+        const unsigned short* ws = w_s + (s % STAGES) * HEAD_TILE * WST + warp * 32 * WST;
+#pragma unroll
+        for (int ks = 0; ks < HEAD_SLICE; ks += 16) {
+            unsigned int b[4][2];
+#pragma unroll
+            for (int j = 0; j < 4; j++) {
+                const unsigned short* row = ws + (j * 8 + g) * WST + ks + tig * 2;
+                b[j][0] = *reinterpret_cast<const unsigned int*>(row);
+                b[j][1] = *reinterpret_cast<const unsigned int*>(row + 8);
+            }
+#pragma unroll
+            for (int i = 0; i < RG; i++) {
+                const unsigned short* r0 = a_s + (i * 16 + g) * ast + kb + ks + tig * 2;
+                const unsigned short* r1 = r0 + 8 * ast;
+                unsigned int a[4] = {*reinterpret_cast<const unsigned int*>(r0),
+                                     *reinterpret_cast<const unsigned int*>(r1),
+                                     *reinterpret_cast<const unsigned int*>(r0 + 8),
+                                     *reinterpret_cast<const unsigned int*>(r1 + 8)};
+#pragma unroll
+                for (int j = 0; j < 4; j++) Mma<W>::run(acc[i][j], a, b[j]);
+            }
+        }
+        if (s % per_tile == per_tile - 1) {
+            // The tile is done: each row's best kept, the sums cleared, and the tile staged in
+            // out_s, then stored a row at a time (thread t: column t), so each store instruction
+            // writes 512 consecutive bytes instead of 8 rows' scattered pairs. The next writes to
+            // out_s come after the barriers of this tile's slices.
+            int v0 = (blockIdx.x + (s / per_tile) * gridDim.x) * HEAD_TILE;
+#pragma unroll
+            for (int i = 0; i < RG; i++)
+#pragma unroll
+                for (int j = 0; j < 4; j++)
+#pragma unroll
+                    for (int h = 0; h < 2; h++) {
+                        int m = i * 16 + g + 8 * h, c = warp * 32 + j * 8 + tig * 2, n = v0 + c;
+                        float x = acc[i][j][2 * h], y = acc[i][j][2 * h + 1];
+                        acc[i][j][2 * h] = acc[i][j][2 * h + 1] = 0.0f;
+                        *reinterpret_cast<float2*>(out_s + m * OST + c) = make_float2(x, y);
+                        if (m < M && n < V && better(x, n, bv[i][h], bi[i][h])) { bv[i][h] = x; bi[i][h] = n; }
+                        if (m < M && n + 1 < V && better(y, n + 1, bv[i][h], bi[i][h])) { bv[i][h] = y; bi[i][h] = n + 1; }
+                    }
+            __syncthreads();
+            if (v0 + t < V) {
+                int rows = min(M, 16 * RG);
+                for (int m = 0; m < rows; m++) logits[(size_t)m * V + v0 + t] = out_s[m * OST + t];
+            }
+        }
+    }
+    // Each row's best: over the 4 lanes holding it (tig), then over the warps.
+#pragma unroll
+    for (int i = 0; i < RG; i++)
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+#pragma unroll
+            for (int o = 1; o < 4; o <<= 1) {
+                float ov = __shfl_xor_sync(0xffffffffu, bv[i][h], o);
+                int oi = __shfl_xor_sync(0xffffffffu, bi[i][h], o);
+                if (better(ov, oi, bv[i][h], bi[i][h])) { bv[i][h] = ov; bi[i][h] = oi; }
+            }
+            if (tig == 0) {
+                warp_value[warp][i * 16 + g + 8 * h] = bv[i][h];
+                warp_index[warp][i * 16 + g + 8 * h] = bi[i][h];
+            }
+        }
+    __syncthreads();
+    for (int m = t; m < M; m += HEAD_THREADS) {
+        float best = -INFINITY;
+        int at = 0x7fffffff;
+#pragma unroll
+        for (int w = 0; w < HEAD_THREADS / 32; w++)
+            if (better(warp_value[w][m], warp_index[w][m], best, at)) { best = warp_value[w][m]; at = warp_index[w][m]; }
+        best_value[m * gridDim.x + blockIdx.x] = best;
+        best_index[m * gridDim.x + blockIdx.x] = at;
+    }
+}
+
+#define HEAD_MMA_KERNELS(W, S)                                                                                    \
+    extern "C" __global__ void __launch_bounds__(HEAD_THREADS) lm_head_mma16_##S(                                 \
+        const W* in, int M, int C, const W* head, int V, float* logits, float* bv, int* bi) {                     \
+        lm_head_mma<W, 1, HEAD_STAGES_16>(in, M, C, head, V, logits, bv, bi);                                     \
+    }                                                                                                             \
+    extern "C" __global__ void __launch_bounds__(HEAD_THREADS) lm_head_mma32_##S(                                 \
+        const W* in, int M, int C, const W* head, int V, float* logits, float* bv, int* bi) {                     \
+        lm_head_mma<W, 2, HEAD_STAGES_32>(in, M, C, head, V, logits, bv, bi);                                     \
+    }                                                                                                             \
+    extern "C" __global__ void __launch_bounds__(HEAD_THREADS) lm_head_mma64_##S(                                 \
+        const W* in, int M, int C, const W* head, int V, float* logits, float* bv, int* bi) {                     \
+        lm_head_mma<W, 4, HEAD_STAGES_64>(in, M, C, head, V, logits, bv, bi);                                     \
+    }
+HEAD_MMA_KERNELS(__half, f16)
+HEAD_MMA_KERNELS(__nv_bfloat16, bf16)
+
 // Causal attention of one query row against its sequence's cached keys/values, one block per
 // (row, head). Dynamic shared memory: max_seq + head_dim floats.
 template <typename KV>

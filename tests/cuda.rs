@@ -551,6 +551,51 @@ fn cuda_half_rows_leave_every_logit_as_it_was() {
     }
 }
 
+#[test]
+fn cuda_lm_head_with_rows_in_shared_memory_leaves_every_logit_and_id_as_it_was() {
+    if !gpu_available() {
+        return;
+    }
+    // Past the decode rows in the half modes, the LM head holds its rows in shared memory and
+    // walks the vocabulary in wide tiles (lm_head_mma), making each logit with the same mma.sync
+    // calls in the same k order as the product it replaces (GPT2RT_CUDA_HEAD_MMA=0): every logit
+    // must be the same bit for bit. It also leaves the greedy argmax's first stage, so each
+    // device-chosen id must be the first largest logit of its row. Batches 2-64 cover its three
+    // instances (up to 16, 32 and 64 rows) and rows short of them; prompts of 20 tokens (the
+    // prefill's head), then 2 steps.
+    let (prompt_len, steps) = (20, 2);
+    for dtype in [DType::F16, DType::BF16] {
+        let on = distilgpt2(BackendKind::Cuda, Some(dtype));
+        let off = distilgpt2_with("GPT2RT_CUDA_HEAD_MMA", "0", dtype);
+        let vocab = on.config().vocab_size;
+        for batch in [2, 3, 16, 17, 33, 64] {
+            let prompts = prompts(vocab, batch, prompt_len);
+            let options = SessionOptions { max_batch: batch, max_seq: prompt_len + steps, kv_cache: true };
+            let (mut a, mut b) = (on.new_session(options).unwrap(), off.new_session(options).unwrap());
+            a.prefill(&prompts, &vec![prompt_len; batch]).unwrap();
+            b.prefill(&prompts, &vec![prompt_len; batch]).unwrap();
+            let (mut la, mut lb) = (vec![0.0f32; batch * vocab], vec![0.0f32; batch * vocab]);
+            let (mut ia, mut ib) = (vec![0u32; batch], vec![0u32; batch]);
+            for step in 0..=steps {
+                let at = format!("{dtype}, batch {batch}, step {step}");
+                a.read_logits(&mut la).unwrap();
+                b.read_logits(&mut lb).unwrap();
+                let differ = la.iter().zip(&lb).filter(|(x, y)| x.to_bits() != y.to_bits()).count();
+                assert_eq!(differ, 0, "{at}: {differ} logits differ");
+                a.select(&SamplingParams::greedy(), &mut ia).unwrap();
+                b.select(&SamplingParams::greedy(), &mut ib).unwrap();
+                let want: Vec<u32> = la.chunks(vocab).map(gpt2rt::sampling::argmax).collect();
+                assert_eq!(ia, want, "{at}: the device's greedy ids");
+                assert_eq!(ib, want, "{at}: the greedy ids without it");
+                if step < steps {
+                    a.step(&ia).unwrap();
+                    b.step(&ib).unwrap();
+                }
+            }
+        }
+    }
+}
+
 /// Over the rows of `vocab` logits of each snapshot: the largest difference between `got` and `want`
 /// relative to the `want` row's largest magnitude, and the number of rows with the same argmax.
 fn half_agreement(got: &[Vec<f32>], want: &[Vec<f32>], vocab: usize) -> (f32, usize) {

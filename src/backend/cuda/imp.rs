@@ -70,6 +70,15 @@ const TARGET_BLOCKS_FEW: usize = 2 * TARGET_BLOCKS;
 const MAX_SPLIT_BLOCKS: usize = 4 * TARGET_BLOCKS;
 /// Threads per block of matmul_mma.
 const MMA_THREADS: usize = 128;
+/// The LM head past the decode path on tensor cores (`lm_head_mma`, rows in the weights' type held
+/// in shared memory, one block an SM): threads a block, vocabulary entries a tile and k a staged
+/// slice (HEAD_THREADS, HEAD_TILE, HEAD_SLICE in the .cu file); its instances hold up to
+/// HEAD_MMA_ROWS rows, with HEAD_STAGES stages in their copy rings (HEAD_STAGES_16/32/64).
+const HEAD_THREADS: usize = 128;
+const HEAD_TILE: usize = 128;
+const HEAD_SLICE: usize = 64;
+const HEAD_MMA_ROWS: [usize; 3] = [16, 32, 64];
+const HEAD_STAGES: [usize; 3] = [6, 6, 4];
 /// Most blocks a tensor-core product of CLUSTER_ROWS rows (a step, or a short prefill pass) puts in
 /// a thread-block cluster by default (9.0+): its splits of k sum inside the cluster
 /// (matmul_mma_cluster), with no finishing kernel. H200, f16,
@@ -297,6 +306,9 @@ struct Kernels {
     /// (9.0+, see `Device::cluster_max`), `[fp32 rows, rows in the weights' type]`; the second is
     /// present with `matmul_mma_half`.
     matmul_mma_cluster: Option<[Option<sys::CUfunction>; 2]>,
+    /// The LM head of up to HEAD_MMA_ROWS rows in the weights' type (present with
+    /// `matmul_mma_half`), unless `GPT2RT_CUDA_HEAD_MMA=0` (for comparisons).
+    lm_head_mma: Option<[sys::CUfunction; 3]>,
     matmul_finish: sys::CUfunction,
     matmul_finish_rows: sys::CUfunction,
     /// The prefill attention with staged keys (heads of 64), unless `GPT2RT_CUDA_TILED_ATTENTION=0`.
@@ -408,6 +420,15 @@ impl Device {
             matmul_mma_cluster: if cluster {
                 let half = if half_rows { Some(get(&format!("matmul_mma_half_cluster_{suffix}"))?) } else { None };
                 Some([Some(get(&format!("matmul_mma_cluster_{suffix}"))?), half])
+            } else {
+                None
+            },
+            lm_head_mma: if half_rows && knob_on("GPT2RT_CUDA_HEAD_MMA") {
+                Some([
+                    get(&format!("lm_head_mma16_{suffix}"))?,
+                    get(&format!("lm_head_mma32_{suffix}"))?,
+                    get(&format!("lm_head_mma64_{suffix}"))?,
+                ])
             } else {
                 None
             },
@@ -887,6 +908,51 @@ fn cluster_size(functions: impl Iterator<Item = sys::CUfunction> + Clone, wanted
     (2..=wanted).rev().find(|&size| functions.clone().all(|f| fits(f, size))).unwrap_or(0)
 }
 
+/// Dynamic shared memory of `lm_head_mma` holding `rows` rows of `c` in 2-byte weights with a ring
+/// of `stages` weight slices, each staged row 8 halves longer than its data, and a finished tile
+/// of fp32 logits, rows 8 floats longer (see the .cu file).
+fn head_mma_smem(rows: usize, stages: usize, c: usize) -> usize {
+    (stages * HEAD_TILE * (HEAD_SLICE + 8) + rows * (c + 8)) * 2 + rows * (HEAD_TILE + 8) * 4
+}
+
+/// The dynamic shared memory of each instance of `lm_head_mma` (`[up to 16, 32, 64 rows]`) this
+/// device runs for a model of width `c`: those whose shared memory it can give one block an SM,
+/// allowed that much. None for all where `c` is not a multiple of HEAD_SLICE.
+fn head_mma_smem_allowed(device: &Device, c: usize) -> Result<[Option<usize>; 3]> {
+    let mut out = [None; 3];
+    let Some(functions) = device.kernels.lm_head_mma.filter(|_| c % HEAD_SLICE == 0) else {
+        return Ok(out);
+    };
+    for (((slot, f), rows), stages) in out.iter_mut().zip(functions).zip(HEAD_MMA_ROWS).zip(HEAD_STAGES) {
+        let smem = head_mma_smem(rows, stages, c);
+        // SAFETY: the function belongs to the loaded module.
+        let static_smem = unsafe {
+            result::function::get_function_attribute(f, sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES)
+        }
+        .check("cuda: sizing the LM head")?
+        .max(0) as usize;
+        if smem + static_smem > device.smem_optin {
+            continue;
+        }
+        // SAFETY: as above; the size is within the opt-in limit.
+        unsafe {
+            result::function::set_function_attribute(
+                f,
+                sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                smem as i32,
+            )
+        }
+        .check("cuda: configuring the LM head")?;
+        // SAFETY: as above.
+        let resident = unsafe { result::occupancy::max_active_block_per_multiprocessor(f, HEAD_THREADS as i32, smem) }
+            .check("cuda: sizing the LM head")?;
+        if resident >= 1 {
+            *slot = Some(smem);
+        }
+    }
+    Ok(out)
+}
+
 /// The launch attribute for clusters of `blocks` blocks along z.
 fn cluster_attribute(blocks: usize) -> sys::CUlaunchAttribute {
     // SAFETY: a plain-old-data union; the id says which member the driver reads.
@@ -932,6 +998,11 @@ struct Shared {
     tiled_head_rows: usize,
     /// The fused decode step (None where it cannot run), for the batch sizes it `takes`.
     fused: Option<FusedStep>,
+    /// The dynamic shared memory of each of `lm_head_mma`'s instances this device runs (see
+    /// `head_mma_smem_allowed`), and its blocks: one an SM, at most LM_HEAD_BLOCKS (which sizes
+    /// the argmax buffer).
+    head_mma: [Option<usize>; 3],
+    head_mma_blocks: usize,
     device: Arc<Device>,
     weights: DeviceWeights,
     config: ModelConfig,
@@ -963,6 +1034,13 @@ impl Shared {
         let pair = self.device.kernels.matmul_mma_cluster.as_ref()?;
         let (_, slice) = self.mma(m, k).filter(|_| CLUSTER_ROWS.contains(&m) && self.device.cluster_max >= 2)?;
         pair[usize::from(half_rows)].map(|f| (f, slice))
+    }
+
+    /// The smallest instance of `lm_head_mma` (and its dynamic shared memory) holding `m` rows,
+    /// where one runs.
+    fn head_mma(&self, m: usize) -> Option<(sys::CUfunction, usize)> {
+        let i = HEAD_MMA_ROWS.iter().position(|&rows| m <= rows)?;
+        Some((self.device.kernels.lm_head_mma?[i], self.head_mma[i]?))
     }
 
     /// The LayerNorm kernel writing fp32 rows, or with `half_rows` rows in the weights' type
@@ -1007,7 +1085,11 @@ impl CudaBackend {
         let config = model.config.clone();
         let fused = fused_step(&device, &config, &weights, dtype)?;
         let prefill_rows = knob("GPT2RT_CUDA_PREFILL_ROWS").unwrap_or(PREFILL_CHUNK).max(1);
+        let head_mma = head_mma_smem_allowed(&device, config.n_embd)?;
+        let head_mma_blocks = device.sm_count.min(LM_HEAD_BLOCKS);
         let shared = Shared {
+            head_mma,
+            head_mma_blocks,
             prefill_rows,
             decode_max_rows,
             split_blocks,
@@ -1047,8 +1129,15 @@ impl Backend for CudaBackend {
                 CLUSTER_ROWS.end()
             ),
         };
+        let head = match self.shared.head_mma.iter().rposition(Option::is_some) {
+            Some(i) => format!(
+                ", LM heads of up to {} rows past the decode path with their rows in shared memory",
+                HEAD_MMA_ROWS[i]
+            ),
+            None => String::new(),
+        };
         format!(
-            "cuda ({}, compute capability {}.{}, {} weights, {} MiB on the device{clusters})",
+            "cuda ({}, compute capability {}.{}, {} weights, {} MiB on the device{clusters}{head})",
             d.name,
             d.capability.0,
             d.capability.1,
@@ -1585,6 +1674,7 @@ impl CudaState {
         match self.fused_step(b) {
             Some(fs) => fs.blocks,
             None if self.decode_rows(b) => self.shared.lm_head_blocks,
+            None if self.head_mma(b).is_some() => self.shared.head_mma_blocks,
             None => 0,
         }
     }
@@ -1600,6 +1690,12 @@ impl CudaState {
             && self.shared.mma(m, self.shared.config.n_embd).is_some()
             && k.layer_norm_half.is_some()
             && k.matmul_mma_half.is_some()
+    }
+
+    /// `lm_head_mma` for an LM head of `m` rows, where it serves them: rows past the decode path,
+    /// normalised into the weights' type.
+    fn head_mma(&self, m: usize) -> Option<(sys::CUfunction, usize)> {
+        self.half_rows(m).then(|| self.shared.head_mma(m)).flatten()
     }
 
     /// Whether `m` rows take the decode path (see `forward_rows`).
@@ -1918,6 +2014,22 @@ impl CudaState {
                 .ptr(advance.unwrap_or(0));
             self.launch_overlapped(f, blocks, 256, smem, args)?;
             return Ok(advance.is_some());
+        }
+        if let Some((f, smem)) = self.head_mma(m) {
+            // The rows stay in shared memory; the argmax's first stage is done with the logits.
+            let blocks = self.shared.head_mma_blocks;
+            self.best_chunks.set(blocks);
+            let args = Args::new()
+                .ptr(self.last_norm.ptr)
+                .int(m)
+                .int(c)
+                .ptr(head.ptr)
+                .int(v)
+                .ptr(self.logits.ptr)
+                .ptr(self.best.ptr)
+                .ptr(self.best.at::<f32>(m * blocks));
+            self.launch_overlapped(f, blocks, HEAD_THREADS, smem, args)?;
+            return Ok(false);
         }
         self.best_chunks.set(0);
         // The tensor-core product, or from tiled_head_rows rows the tiled one, with one split: the
@@ -2456,8 +2568,31 @@ mod tests {
             ("STEP_ROWS", FUSED_WIDE_ROWS),
             ("STEP_MMA", STEP_MMA),
             ("ATT_ROWS", ATTENTION_TILE_ROWS),
+            ("HEAD_THREADS", HEAD_THREADS),
+            ("HEAD_TILE", HEAD_TILE),
+            ("HEAD_SLICE", HEAD_SLICE),
+            ("HEAD_STAGES_16", HEAD_STAGES[0]),
+            ("HEAD_STAGES_32", HEAD_STAGES[1]),
+            ("HEAD_STAGES_64", HEAD_STAGES[2]),
         ] {
             assert_eq!(define(name), value, "{name}");
+        }
+    }
+
+    #[test]
+    fn every_lm_head_instance_fits_one_block_an_sm_on_hopper_at_gpt2_widths() {
+        // The H100's and H200's opt-in shared memory a block: an instance whose ring, rows and
+        // finished tile (plus its static arrays: a best value and index a row for each warp) do
+        // not fit falls back to the product over 64-column tiles without saying so.
+        const HOPPER_OPTIN: usize = 232_448;
+        for c in [768, 1024, 1280, 1600] {
+            assert_eq!(c % HEAD_SLICE, 0, "width {c}");
+            for (rows, stages) in HEAD_MMA_ROWS.into_iter().zip(HEAD_STAGES) {
+                let smem = head_mma_smem(rows, stages, c) + (HEAD_THREADS / 32) * rows * 8;
+                if c == 768 || rows <= 32 {
+                    assert!(smem <= HOPPER_OPTIN, "width {c}, {rows} rows: {smem} bytes");
+                }
+            }
         }
     }
 
