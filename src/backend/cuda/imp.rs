@@ -303,9 +303,9 @@ struct Kernels {
     attention_combine_half: Option<sys::CUfunction>,
     matmul_finish_half: Option<[sys::CUfunction; 2]>,
     /// The tensor-core product (32-k slices) summing its splits inside a thread-block cluster
-    /// (9.0+, see `Device::cluster_max`), `[fp32 rows, rows in the weights' type]`; the second is
+    /// (9.0+, see `Device::cluster_max`), `(fp32 rows, rows in the weights' type)`; the second is
     /// present with `matmul_mma_half`.
-    matmul_mma_cluster: Option<[Option<sys::CUfunction>; 2]>,
+    matmul_mma_cluster: Option<(sys::CUfunction, Option<sys::CUfunction>)>,
     /// The LM head of up to HEAD_MMA_ROWS rows in the weights' type (present with
     /// `matmul_mma_half`), unless `GPT2RT_CUDA_HEAD_MMA=0` (for comparisons).
     lm_head_mma: Option<[sys::CUfunction; 3]>,
@@ -419,7 +419,7 @@ impl Device {
             },
             matmul_mma_cluster: if cluster {
                 let half = if half_rows { Some(get(&format!("matmul_mma_half_cluster_{suffix}"))?) } else { None };
-                Some([Some(get(&format!("matmul_mma_cluster_{suffix}"))?), half])
+                Some((get(&format!("matmul_mma_cluster_{suffix}"))?, half))
             } else {
                 None
             },
@@ -450,7 +450,7 @@ impl Device {
             decode_step_wide: if fused && dtype == DType::F32 { Some(get("decode_step16_f32")?) } else { None },
         };
         let cluster_max = match &kernels.matmul_mma_cluster {
-            Some(pair) => cluster_size(pair.iter().flatten().copied(), cluster_wanted),
+            Some((fp32_rows, half)) => cluster_size(std::iter::once(*fp32_rows).chain(*half), cluster_wanted),
             None => 0,
         };
         Ok(Arc::new(Self {
@@ -1031,9 +1031,9 @@ impl Shared {
     /// The cluster instance of `mma_for`'s kernel (and its slice) for `m` rows: where the cluster
     /// kernels run and `m` is in CLUSTER_ROWS (one tile of rows, past MMA_SLICE64_ROWS).
     fn mma_cluster(&self, m: usize, k: usize, half_rows: bool) -> Option<(sys::CUfunction, usize)> {
-        let pair = self.device.kernels.matmul_mma_cluster.as_ref()?;
+        let (fp32_rows, half) = self.device.kernels.matmul_mma_cluster?;
         let (_, slice) = self.mma(m, k).filter(|_| CLUSTER_ROWS.contains(&m) && self.device.cluster_max >= 2)?;
-        pair[usize::from(half_rows)].map(|f| (f, slice))
+        if half_rows { half } else { Some(fp32_rows) }.map(|f| (f, slice))
     }
 
     /// The smallest instance of `lm_head_mma` (and its dynamic shared memory) holding `m` rows,
