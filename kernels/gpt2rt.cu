@@ -1057,18 +1057,27 @@ __device__ __forceinline__ void mma_tile_slice(const unsigned short* a_s, const 
         }
     }
 }
-__device__ __forceinline__ void mma_tile_store(const float (&acc)[4][2][4], float* out, int M, int N, int m0, int n0) {
+// Calls f(row, column, value, next column's value) for each pair of adjacent outputs this thread
+// holds of the block tile: rows i * 16 + g + 8h, columns warp * 16 + j * 8 + tig * 2 (and + 1),
+// from acc[i][j][2h] and acc[i][j][2h + 1] (the m16n8 accumulator layout).
+template <typename F>
+__device__ __forceinline__ void mma_tile_pairs(const float (&acc)[4][2][4], F f) {
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tig = lane & 3;
 #pragma unroll
     for (int i = 0; i < 4; i++)
 #pragma unroll
         for (int j = 0; j < 2; j++)
 #pragma unroll
-            for (int r = 0; r < 4; r++) {
-                int m = m0 + i * 16 + g + (r >= 2 ? 8 : 0);
-                int n = n0 + warp * 16 + j * 8 + tig * 2 + (r & 1);
-                if (m < M && n < N) out[(size_t)m * N + n] = acc[i][j][r];
-            }
+            for (int h = 0; h < 2; h++)
+                f(i * 16 + g + 8 * h, warp * 16 + j * 8 + tig * 2, acc[i][j][2 * h], acc[i][j][2 * h + 1]);
+}
+__device__ __forceinline__ void mma_tile_store(const float (&acc)[4][2][4], float* out, int M, int N, int m0, int n0) {
+    mma_tile_pairs(acc, [&](int r, int c, float x, float y) {
+        int m = m0 + r, n = n0 + c;
+        if (m >= M) return;
+        if (n < N) out[(size_t)m * N + n] = x;
+        if (n + 1 < N) out[(size_t)m * N + n + 1] = y;
+    });
 }
 
 // ---- Split-K inside a thread-block cluster (9.0+): no partial sums in global memory. ----
@@ -1130,15 +1139,9 @@ template <typename W>
 __device__ void mma_cluster_finish(const float (&acc)[4][2][4], float* red, int M, int N, int m0, int n0,
                                    const ClusterOut<W>& o) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tig = lane & 3;
-#pragma unroll
-    for (int i = 0; i < 4; i++)
-#pragma unroll
-        for (int j = 0; j < 2; j++)
-#pragma unroll
-            for (int h = 0; h < 2; h++)
-                *reinterpret_cast<float2*>(red + (i * 16 + g + 8 * h) * RED_STRIDE + warp * 16 + j * 8 + tig * 2) =
-                    make_float2(acc[i][j][2 * h], acc[i][j][2 * h + 1]);
+    mma_tile_pairs(acc, [&](int r, int c, float x, float y) {
+        *reinterpret_cast<float2*>(red + r * RED_STRIDE + c) = make_float2(x, y);
+    });
     cluster_sync();
     unsigned int rank = cluster_rank(), blocks = cluster_blocks();
     int rows = min(64, M - m0), total = rows * 64;
