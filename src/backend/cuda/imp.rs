@@ -835,16 +835,7 @@ fn step_kernel(
     function: sys::CUfunction,
     kernel_rows: usize,
 ) -> Result<Option<StepKernel>> {
-    // SAFETY: the function belongs to the loaded module.
-    let static_smem = unsafe {
-        result::function::get_function_attribute(
-            function,
-            sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES,
-        )
-    }
-    .check("cuda: sizing the fused step")?
-    .max(0) as usize;
-    let limit = device.smem_optin.saturating_sub(static_smem);
+    let limit = device.smem_optin.saturating_sub(static_smem(function, "the fused step")?);
     let smem_for = |m: usize, stage_h4: bool| fused_step_smem(cfg, blocks, dtype.size(), m, stage_h4, kernel_rows);
     let rows = (1..=kernel_rows).take_while(|&m| smem_for(m, false) <= limit).count();
     if rows == 0 {
@@ -852,7 +843,31 @@ fn step_kernel(
     }
     let stage_rows = (1..=rows).take_while(|&m| smem_for(m, true) <= limit).count();
     let smem = smem_for(rows, false).max(smem_for(stage_rows, true));
-    // SAFETY: the function belongs to the loaded module; the size is within the opt-in limit.
+    let wide = kernel_rows > GEMV_MAX_ROWS;
+    let fits = allow_dynamic_smem(function, STEP_THREADS, smem, "the fused step")?;
+    Ok(fits.then_some(StepKernel { wide, kernel_rows, rows, stage_rows }))
+}
+
+/// The static shared memory of `function` (a kernel of the loaded module; `what` names it in
+/// errors).
+fn static_smem(function: sys::CUfunction, what: &str) -> Result<usize> {
+    // SAFETY: the function belongs to the loaded module.
+    let bytes = unsafe {
+        result::function::get_function_attribute(
+            function,
+            sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES,
+        )
+    }
+    .check(&format!("cuda: sizing {what}"))?;
+    Ok(bytes.max(0) as usize)
+}
+
+/// Lets `function` (a kernel of the loaded module) have `smem` bytes of dynamic shared memory,
+/// which must be within the device's opt-in limit beside its static shared memory, and says
+/// whether one block of `threads` with that much is then resident on an SM.
+fn allow_dynamic_smem(function: sys::CUfunction, threads: usize, smem: usize, what: &str) -> Result<bool> {
+    // SAFETY: the function belongs to the loaded module; the caller keeps the size within the
+    // opt-in limit.
     unsafe {
         result::function::set_function_attribute(
             function,
@@ -860,13 +875,11 @@ fn step_kernel(
             smem as i32,
         )
     }
-    .check("cuda: configuring the fused step")?;
+    .check(&format!("cuda: configuring {what}"))?;
     // SAFETY: as above.
-    let resident =
-        unsafe { result::occupancy::max_active_block_per_multiprocessor(function, STEP_THREADS as i32, smem) }
-            .check("cuda: sizing the fused step")?;
-    let wide = kernel_rows > GEMV_MAX_ROWS;
-    Ok((resident >= 1).then_some(StepKernel { wide, kernel_rows, rows, stage_rows }))
+    let resident = unsafe { result::occupancy::max_active_block_per_multiprocessor(function, threads as i32, smem) }
+        .check(&format!("cuda: sizing {what}"))?;
+    Ok(resident >= 1)
 }
 
 /// The largest cluster, from `wanted` down, with which every one of `functions` (MMA_THREADS
@@ -925,28 +938,9 @@ fn head_mma_smem_allowed(device: &Device, c: usize) -> Result<[Option<usize>; 3]
     };
     for (((slot, f), rows), stages) in out.iter_mut().zip(functions).zip(HEAD_MMA_ROWS).zip(HEAD_STAGES) {
         let smem = head_mma_smem(rows, stages, c);
-        // SAFETY: the function belongs to the loaded module.
-        let static_smem = unsafe {
-            result::function::get_function_attribute(f, sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES)
-        }
-        .check("cuda: sizing the LM head")?
-        .max(0) as usize;
-        if smem + static_smem > device.smem_optin {
-            continue;
-        }
-        // SAFETY: as above; the size is within the opt-in limit.
-        unsafe {
-            result::function::set_function_attribute(
-                f,
-                sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                smem as i32,
-            )
-        }
-        .check("cuda: configuring the LM head")?;
-        // SAFETY: as above.
-        let resident = unsafe { result::occupancy::max_active_block_per_multiprocessor(f, HEAD_THREADS as i32, smem) }
-            .check("cuda: sizing the LM head")?;
-        if resident >= 1 {
+        if smem + static_smem(f, "the LM head")? <= device.smem_optin
+            && allow_dynamic_smem(f, HEAD_THREADS, smem, "the LM head")?
+        {
             *slot = Some(smem);
         }
     }
