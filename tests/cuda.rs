@@ -524,31 +524,7 @@ fn cuda_half_rows_leave_every_logit_as_it_was() {
     // way in to fp32 rows
     // (GPT2RT_CUDA_HALF_ROWS=0), so every logit must be the same bit for bit. Batches 16 and 64
     // (64-k and 32-k slices), prompts of 20 tokens, then 3 steps on the same tokens.
-    let (prompt_len, steps) = (20, 3);
-    for dtype in [DType::F16, DType::BF16] {
-        let on = distilgpt2(BackendKind::Cuda, Some(dtype));
-        let off = distilgpt2_with("GPT2RT_CUDA_HALF_ROWS", "0", dtype);
-        let vocab = on.config().vocab_size;
-        for batch in [16, 64] {
-            let prompts = prompts(vocab, batch, prompt_len);
-            let options = SessionOptions { max_batch: batch, max_seq: prompt_len + steps, kv_cache: true };
-            let (mut a, mut b) = (on.new_session(options).unwrap(), off.new_session(options).unwrap());
-            a.prefill(&prompts, &vec![prompt_len; batch]).unwrap();
-            b.prefill(&prompts, &vec![prompt_len; batch]).unwrap();
-            let (mut la, mut lb) = (vec![0.0f32; batch * vocab], vec![0.0f32; batch * vocab]);
-            for step in 0..=steps {
-                a.read_logits(&mut la).unwrap();
-                b.read_logits(&mut lb).unwrap();
-                let differ = la.iter().zip(&lb).filter(|(x, y)| x.to_bits() != y.to_bits()).count();
-                assert_eq!(differ, 0, "{dtype}, batch {batch}, step {step}: {differ} logits differ");
-                if step < steps {
-                    let next: Vec<u32> = la.chunks(vocab).map(gpt2rt::sampling::argmax).collect();
-                    a.step(&next).unwrap();
-                    b.step(&next).unwrap();
-                }
-            }
-        }
-    }
+    assert_logits_unchanged_without("GPT2RT_CUDA_HALF_ROWS", &[16, 64], 20, 3, false);
 }
 
 #[test]
@@ -563,12 +539,19 @@ fn cuda_lm_head_with_rows_in_shared_memory_leaves_every_logit_and_id_as_it_was()
     // device-chosen id must be the first largest logit of its row. Batches 2-64 cover its three
     // instances (up to 16, 32 and 64 rows) and rows short of them; prompts of 20 tokens (the
     // prefill's head), then 2 steps.
-    let (prompt_len, steps) = (20, 2);
+    assert_logits_unchanged_without("GPT2RT_CUDA_HEAD_MMA", &[2, 3, 16, 17, 33, 64], 20, 2, true);
+}
+
+/// The built-in DistilGPT2 on CUDA in f16 and bf16, as loaded and with the tuning variable `var`
+/// set to 0: for each of `batches` prompts of `prompt_len` tokens, then `steps` steps on the
+/// greedy ids of the logits, every logit the same bit for bit. With `greedy_ids`, each engine's
+/// device-chosen greedy ids must also be the first largest logit of each row.
+fn assert_logits_unchanged_without(var: &str, batches: &[usize], prompt_len: usize, steps: usize, greedy_ids: bool) {
     for dtype in [DType::F16, DType::BF16] {
         let on = distilgpt2(BackendKind::Cuda, Some(dtype));
-        let off = distilgpt2_with("GPT2RT_CUDA_HEAD_MMA", "0", dtype);
+        let off = distilgpt2_with(var, "0", dtype);
         let vocab = on.config().vocab_size;
-        for batch in [2, 3, 16, 17, 33, 64] {
+        for &batch in batches {
             let prompts = prompts(vocab, batch, prompt_len);
             let options = SessionOptions { max_batch: batch, max_seq: prompt_len + steps, kv_cache: true };
             let (mut a, mut b) = (on.new_session(options).unwrap(), off.new_session(options).unwrap());
@@ -582,14 +565,16 @@ fn cuda_lm_head_with_rows_in_shared_memory_leaves_every_logit_and_id_as_it_was()
                 b.read_logits(&mut lb).unwrap();
                 let differ = la.iter().zip(&lb).filter(|(x, y)| x.to_bits() != y.to_bits()).count();
                 assert_eq!(differ, 0, "{at}: {differ} logits differ");
-                a.select(&SamplingParams::greedy(), &mut ia).unwrap();
-                b.select(&SamplingParams::greedy(), &mut ib).unwrap();
-                let want: Vec<u32> = la.chunks(vocab).map(gpt2rt::sampling::argmax).collect();
-                assert_eq!(ia, want, "{at}: the device's greedy ids");
-                assert_eq!(ib, want, "{at}: the greedy ids without it");
+                let next: Vec<u32> = la.chunks(vocab).map(gpt2rt::sampling::argmax).collect();
+                if greedy_ids {
+                    a.select(&SamplingParams::greedy(), &mut ia).unwrap();
+                    b.select(&SamplingParams::greedy(), &mut ib).unwrap();
+                    assert_eq!(ia, next, "{at}: the device's greedy ids");
+                    assert_eq!(ib, next, "{at}: the greedy ids with {var}=0");
+                }
                 if step < steps {
-                    a.step(&ia).unwrap();
-                    b.step(&ib).unwrap();
+                    a.step(&next).unwrap();
+                    b.step(&next).unwrap();
                 }
             }
         }
