@@ -174,8 +174,8 @@ const ATTENTION_TILE_ROWS: usize = 32;
 /// sequences' rows in turn) or the blocks few (batch 1 prompt 128: 0.94 vs 0.83, 48 blocks).
 const TILED_ATTENTION_LEN: usize = 64;
 /// Threads per block of attention_combine: a thread a column, over (row, column block) blocks
-/// (measured together with its half rows: see the README's "Half rows into every tensor-core
-/// product").
+/// (measured together with its half rows: see "Half rows into every tensor-core product" in
+/// docs/performance-notes.md).
 const ATTENTION_COMBINE_THREADS: usize = 128;
 /// Threads per block of the attention kernel.
 const ATTENTION_THREADS: usize = 256;
