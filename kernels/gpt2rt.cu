@@ -697,6 +697,25 @@ __device__ __forceinline__ uint4 load_hinted(const void* ptr, unsigned long long
 // is not NULL, block 0 then advances the positions of the M sequences (the step's last work).
 // keep_rows >= 0: the weights of the vocabulary rows below it are read with L2 priority
 // evict_last, the others evict_first (l2_policy); -1 (the default): plain loads.
+// The LM heads' closing stage: each of the M rows' best (value, index) over the block's WARPS
+// warps (their own bests in warp_value/warp_index[warp][m], stored before a __syncthreads) into
+// best_value/best_index[m * gridDim.x + blockIdx.x], the first index on ties (argmax_final reads
+// them). With seq_len, block 0 also advances the M sequences' positions.
+template <int WARPS, int ROWS>
+__device__ __forceinline__ void block_best_rows(const float (&warp_value)[WARPS][ROWS], const int (&warp_index)[WARPS][ROWS],
+                                                int M, float* best_value, int* best_index, int* seq_len = nullptr) {
+    for (int m = threadIdx.x; m < M; m += blockDim.x) {
+        float best = -INFINITY;
+        int at = 0x7fffffff;
+#pragma unroll
+        for (int w = 0; w < WARPS; w++)
+            if (better(warp_value[w][m], warp_index[w][m], best, at)) { best = warp_value[w][m]; at = warp_index[w][m]; }
+        best_value[m * gridDim.x + blockIdx.x] = best;
+        best_index[m * gridDim.x + blockIdx.x] = at;
+        if (seq_len != nullptr && blockIdx.x == 0) seq_len[m] += 1;
+    }
+}
+
 template <typename W, int WARPS, int MAXM>
 __device__ void lm_head_rows(const float* x, int M, const W* __restrict__ wte, int V, int C, int item0, int stride,
                              float* logits, float* best_value, int* best_index, int* seq_len, int keep_rows = -1) {
@@ -798,15 +817,7 @@ __device__ void lm_head_rows(const float* x, int M, const W* __restrict__ wte, i
         }
     }
     __syncthreads();
-    for (int m = threadIdx.x; m < M; m += blockDim.x) {
-        float best = -INFINITY;
-        int at = 0x7fffffff;
-        for (int w = 0; w < WARPS; w++)
-            if (better(warp_value[w][m], warp_index[w][m], best, at)) { best = warp_value[w][m]; at = warp_index[w][m]; }
-        best_value[m * gridDim.x + blockIdx.x] = best;
-        best_index[m * gridDim.x + blockIdx.x] = at;
-        if (seq_len != nullptr && blockIdx.x == 0) seq_len[m] += 1;
-    }
+    block_best_rows(warp_value, warp_index, M, best_value, best_index, seq_len);
 }
 
 // Asks L2 for the weights of the warp's first LM-head item (before work that does not need them).
@@ -1532,15 +1543,7 @@ __device__ void lm_head_mma(const W* __restrict__ in, int M, int C, const W* __r
             }
         }
     __syncthreads();
-    for (int m = t; m < M; m += HEAD_THREADS) {
-        float best = -INFINITY;
-        int at = 0x7fffffff;
-#pragma unroll
-        for (int w = 0; w < HEAD_THREADS / 32; w++)
-            if (better(warp_value[w][m], warp_index[w][m], best, at)) { best = warp_value[w][m]; at = warp_index[w][m]; }
-        best_value[m * gridDim.x + blockIdx.x] = best;
-        best_index[m * gridDim.x + blockIdx.x] = at;
-    }
+    block_best_rows(warp_value, warp_index, M, best_value, best_index);
 }
 
 #define HEAD_MMA_KERNELS(W, S)                                                                                    \
