@@ -689,14 +689,6 @@ __device__ __forceinline__ uint4 load_hinted(const void* ptr, unsigned long long
     return v;
 }
 
-// Logits and the first stage of the greedy argmax for M <= MAXM rows of x (C floats each, shared
-// or global memory): the warp's items (HEAD_ROWS<W> consecutive vocabulary rows each) are item0,
-// item0 + stride, ...; each item's weights are read once for all M rows, which go by in groups of
-// GEMV_ROWS. The logits are stored and the best (value, index) of each row kept; block b then
-// stores them into best_value/best_index[m * gridDim.x + b] (first index on ties). When `seq_len`
-// is not NULL, block 0 then advances the positions of the M sequences (the step's last work).
-// keep_rows >= 0: the weights of the vocabulary rows below it are read with L2 priority
-// evict_last, the others evict_first (l2_policy); -1 (the default): plain loads.
 // The LM heads' closing stage: each of the M rows' best (value, index) over the block's WARPS
 // warps (their own bests in warp_value/warp_index[warp][m], stored before a __syncthreads) into
 // best_value/best_index[m * gridDim.x + blockIdx.x], the first index on ties (argmax_final reads
@@ -716,6 +708,14 @@ __device__ __forceinline__ void block_best_rows(const float (&warp_value)[WARPS]
     }
 }
 
+// Logits and the first stage of the greedy argmax for M <= MAXM rows of x (C floats each, shared
+// or global memory): the warp's items (HEAD_ROWS<W> consecutive vocabulary rows each) are item0,
+// item0 + stride, ...; each item's weights are read once for all M rows, which go by in groups of
+// GEMV_ROWS. The logits are stored and the best (value, index) of each row kept; block b then
+// stores them into best_value/best_index[m * gridDim.x + b] (first index on ties). When `seq_len`
+// is not NULL, block 0 then advances the positions of the M sequences (the step's last work).
+// keep_rows >= 0: the weights of the vocabulary rows below it are read with L2 priority
+// evict_last, the others evict_first (l2_policy); -1 (the default): plain loads.
 template <typename W, int WARPS, int MAXM>
 __device__ void lm_head_rows(const float* x, int M, const W* __restrict__ wte, int V, int C, int item0, int stride,
                              float* logits, float* best_value, int* best_index, int* seq_len, int keep_rows = -1) {
