@@ -1770,6 +1770,26 @@ __device__ __forceinline__ void load8_kv(const KV* p, float* o) {
         Vec<KV>::convert(CG ? __ldcg(q) : *q, o);
     }
 }
+// Eight consecutive cached values as loaded (load8_kv in two parts): zero unless `ok`.
+template <typename KV>
+struct KvRaw8 {
+    uint4 r[IsF32<KV>::value ? 2 : 1];
+    template <bool CG>
+    __device__ __forceinline__ void load(const KV* p, bool ok) {
+        const uint4* q = reinterpret_cast<const uint4*>(p);
+#pragma unroll
+        for (int i = 0; i < (IsF32<KV>::value ? 2 : 1); i++) r[i] = ok ? (CG ? __ldcg(q + i) : q[i]) : make_uint4(0, 0, 0, 0);
+    }
+    __device__ __forceinline__ void convert(float* o) const {
+        if constexpr (IsF32<KV>::value) {
+            const float* f = reinterpret_cast<const float*>(r);
+#pragma unroll
+            for (int i = 0; i < 8; i++) o[i] = f[i];
+        } else {
+            Vec<KV>::convert(r[0], o);
+        }
+    }
+};
 // With GROUP, a barrier over the `warps` warps of a group (bar.sync `id`); without, __syncthreads().
 template <bool GROUP>
 __device__ __forceinline__ void group_sync(int id, int warps) {
@@ -1798,20 +1818,8 @@ __device__ __forceinline__ void attend(const float* q_in, float scale, const KV*
     bool d64 = D == 64 && ATT_MAX_DL >= 8;
     if (d64) {
         int g = lane >> 3, j = (lane & 7) * 8;
-#pragma unroll
-        for (int i = 0; i < 8; i++) {
-            q[i] = load(q_in + j + i) * scale;
-            acc[i] = 0.0f;
-        }
-#pragma unroll 2
-        for (int tb = t0 + gw * 4; tb < t1; tb += warps * 4) {
-            int t = tb + g;
-            bool ok = t < t1;
-            float kk[8] = {0, 0, 0, 0, 0, 0, 0, 0}, vv[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-            if (ok) {
-                load8_kv<CG>(keys + (size_t)t * C + j, kk);
-                load8_kv<CG>(values + (size_t)t * C + j, vv);
-            }
+        // The warp's four keys (this lane's group's, if ok) into the running max, sum and acc.
+        auto keys4 = [&](bool ok, const float* kk, const float* vv) {
             float sc = q[0] * kk[0] + q[1] * kk[1] + q[2] * kk[2] + q[3] * kk[3] + q[4] * kk[4] + q[5] * kk[5] +
                        q[6] * kk[6] + q[7] * kk[7];
             sc += __shfl_xor_sync(0xffffffffu, sc, 1);
@@ -1825,6 +1833,52 @@ __device__ __forceinline__ void attend(const float* q_in, float scale, const KV*
                 for (int i = 0; i < 8; i++) acc[i] = acc[i] * a + p * vv[i];
                 mx = mn;
             }
+        };
+        auto load_keys = [&](int t, bool ok, float* kk, float* vv) {
+#pragma unroll
+            for (int i = 0; i < 8; i++) kk[i] = vv[i] = 0.0f;
+            if (ok) {
+                load8_kv<CG>(keys + (size_t)t * C + j, kk);
+                load8_kv<CG>(values + (size_t)t * C + j, vv);
+            }
+        };
+        // The warp's first keys are loaded (raw) before q, and converted after, so that the two
+        // loads are in flight together: scaling q first made the keys' loads wait for it, one more
+        // L2 round trip a split (the fused step's attention at batch 1 has one round of keys a
+        // warp). With the fused step's splits staged for their combination (step_combine_load),
+        // H200, E2E ms, same call, twice: prompt 128 + 128 tokens f32 batch 1 27.27 / 27.39 ->
+        // 26.02 / 26.16, f16 batch 1 23.09 / 23.04 -> 22.90 / 22.83, f16 batch 2 25.61 / 25.68 ->
+        // 24.95 / 25.02, f16 batch 64 71.05 / 70.98 -> 70.04 / 70.04 (bf16 batch 1 within 0.5%);
+        // f16 batch 1 prompt 512 + 128 26.28 / 26.22 -> 25.22 / 25.17; f32 batch 16 prompt 12 + 32
+        // 14.19 / 14.23 -> 14.01 / 13.93.
+        int tb = t0 + gw * 4;
+        float kk[8], vv[8];
+        KvRaw8<KV> kraw, vraw;
+        bool first = tb + g < t1;
+        kraw.load<CG>(keys + (size_t)(first ? tb + g : 0) * C + j, first);
+        vraw.load<CG>(values + (size_t)(first ? tb + g : 0) * C + j, first);
+        float4 q0 = CG ? __ldcg(reinterpret_cast<const float4*>(q_in + j)) : *reinterpret_cast<const float4*>(q_in + j);
+        float4 q1 = CG ? __ldcg(reinterpret_cast<const float4*>(q_in + j + 4))
+                       : *reinterpret_cast<const float4*>(q_in + j + 4);
+        q[0] = q0.x * scale;
+        q[1] = q0.y * scale;
+        q[2] = q0.z * scale;
+        q[3] = q0.w * scale;
+        q[4] = q1.x * scale;
+        q[5] = q1.y * scale;
+        q[6] = q1.z * scale;
+        q[7] = q1.w * scale;
+#pragma unroll
+        for (int i = 0; i < 8; i++) acc[i] = 0.0f;
+        kraw.convert(kk);
+        vraw.convert(vv);
+        if (tb < t1) keys4(first, kk, vv);
+#pragma unroll 2
+        for (tb += warps * 4; tb < t1; tb += warps * 4) {
+            int t = tb + g;
+            bool ok = t < t1;
+            load_keys(t, ok, kk, vv);
+            keys4(ok, kk, vv);
         }
         // The four groups' results, combined (every group ends with the warp's).
 #pragma unroll
@@ -2701,29 +2755,50 @@ __device__ __noinline__ void step_attention(const float* qkv, const W* k_cache, 
 }
 
 // Phase C's prologue, in two parts: the splits' (max, sum) into shared memory (before the slab
-// wait), and with one split its rows into xs (a bulk copy on sm_90+ completing on `mbar`, cp.async
-// before: the caller commits them); then each split's weight exp(max - row max) / total and the
-// attention output rows (weighted sums of the splits) into xs. With one split every output is its
-// row's value times the weight, in place: one copy instead of a round trip to L2 for each of the
-// thread's outputs in turn (24 at 16 rows).
+// wait), and their outputs copied into shared memory (a bulk copy on sm_90+ completing on `mbar`,
+// cp.async before: the caller commits them): with one split into xs, with more into `stage` where
+// the launch has room for them (else nullptr: they are read from L2 in the second part); then each
+// split's weight exp(max - row max) / total and the attention output rows (weighted sums of the
+// splits) into xs. With one split every output is its row's value times the weight, in place: one
+// copy instead of a round trip to L2 for each of the thread's outputs in turn (24 at 16 rows).
+// With more, the copy puts the splits' outputs in flight with the (max, sum) loads, instead of one
+// L2 round trip after them.
 __device__ __noinline__ void step_combine_load(const float* ml, const float* part, int M, int C, int H, int S,
-                                               float* scratch, float* xs, unsigned long long* mbar) {
-    if (S == 1) {
+                                               float* scratch, float* xs, float* stage, unsigned long long* mbar) {
+    float* dst = S == 1 ? xs : stage;
+    if (dst != nullptr) {
+        unsigned int bytes = (unsigned int)((size_t)M * S * C * 4);
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
         if (threadIdx.x == 0) {
             // The rows were written by other blocks (generic proxy) and acquired by the barrier.
             asm volatile("fence.proxy.async;" ::: "memory");
-            fetch_expect(mbar, (unsigned int)(M * C * 4));
-            fetch_piece(xs, part, (unsigned int)(M * C * 4), mbar);
+            fetch_expect(mbar, bytes);
+            fetch_piece(dst, part, bytes, mbar);
         }
 #else
-        copy_block(xs, part, (size_t)M * C * 4);
+        copy_block(dst, part, bytes);
 #endif
     }
     for (int i = threadIdx.x; i < M * S * H * 2; i += STEP_THREADS) scratch[i] = __ldcg(ml + i);
 }
+// The splits' weighted sums into xs: their outputs from `src` (shared memory if STAGED, else
+// global through L2).
+template <bool STAGED>
+__device__ __forceinline__ void step_combine_splits(const float* src, const float* weight, int M, int C, int H, int S,
+                                                    float* xs, const StepDivs& dv) {
+    for (int i = threadIdx.x; i < M * C; i += STEP_THREADS) {
+        int m = udiv(i, dv.C), k = i - m * C, h = udiv(k, dv.D);
+        float v = 0.0f;
+#pragma unroll 4
+        for (int sp = 0; sp < S; sp++) {
+            const float* o = src + ((size_t)m * S + sp) * C + k;
+            v += weight[(m * S + sp) * H + h] * (STAGED ? *o : __ldcg(o));
+        }
+        xs[i] = v;
+    }
+}
 __device__ __noinline__ void step_combine(const float* part, int M, int C, int H, int S, float* scratch, float* xs,
-                                          unsigned long long* mbar, int use, const StepDivs& dv) {
+                                          const float* stage, unsigned long long* mbar, int use, const StepDivs& dv) {
     const float* sml = scratch;
     float* weight = scratch + 2 * M * S * H;
     __syncthreads();
@@ -2738,22 +2813,17 @@ __device__ __noinline__ void step_combine(const float* part, int M, int C, int H
         for (int sp = 0; sp < S; sp++)
             weight[(m * S + sp) * H + h] = __expf(sml[((m * S + sp) * H + h) * 2] - mx) / total;
     }
-    if (S == 1) fetch_wait(mbar, use);
+    if (S == 1 || stage != nullptr) fetch_wait(mbar, use);
     __syncthreads();
     if (S == 1) {
         for (int i = threadIdx.x; i < M * C; i += STEP_THREADS) {
             int m = udiv(i, dv.C);
             xs[i] = weight[m * H + udiv(i - m * C, dv.D)] * xs[i];
         }
+    } else if (stage != nullptr) {
+        step_combine_splits<true>(stage, weight, M, C, H, S, xs, dv);
     } else {
-        for (int i = threadIdx.x; i < M * C; i += STEP_THREADS) {
-            int m = udiv(i, dv.C), k = i - m * C, h = udiv(k, dv.D);
-            float v = 0.0f;
-#pragma unroll 4
-            for (int sp = 0; sp < S; sp++)
-                v += weight[(m * S + sp) * H + h] * __ldcg(part + ((size_t)m * S + sp) * C + k);
-            xs[i] = v;
-        }
+        step_combine_splits<false>(part, weight, M, C, H, S, xs, dv);
     }
     __syncthreads();
 }
@@ -2827,7 +2897,7 @@ __device__ void decode_step(const unsigned long long* table, int L, int C, int H
     if (table_at + (size_t)step_table_entries(L) * 8 > smem_size || M > ROWS) __trap();
     for (int i = threadIdx.x; i < step_table_entries(L); i += STEP_THREADS) s_table[i] = table[i];
     // The weight buffers' mbarriers (sm_90+: step_fetch's bulk copies), and fetched[2] for the
-    // attention rows of one-split steps (step_combine_load; one use a layer, so use l in layer l).
+    // attention splits' outputs (step_combine_load; one use a layer, so use l in layer l).
     __shared__ unsigned long long fetched[3];
     fetch_init(fetched, 3);
     auto at = [&](int slot) { return reinterpret_cast<const W*>(s_table[slot]); };
@@ -2842,6 +2912,13 @@ __device__ void decode_step(const unsigned long long* table, int L, int C, int H
     }
     __syncthreads();
     int S_att = step_splits(s_pos, M, H);
+    // Where the attention splits' outputs are copied for their combination, past the table, when
+    // there are several and the launch's shared memory has room (sized for the kernel's most rows,
+    // it has at few rows: the only ones with several splits).
+    size_t stage_at = (table_at + (size_t)step_table_entries(L) * 8 + 15) / 16 * 16;
+    float* stage = S_att > 1 && stage_at + (size_t)M * S_att * C * 4 <= smem_size
+                       ? reinterpret_cast<float*>(step_smem + stage_at)
+                       : nullptr;
     // Half weights on CUDA cores take one column an item at any row count: their steps of 2 rows or
     // more run on tensor cores unless a knob says otherwise, and a third product instance cost the
     // half kernels 20 bytes of spills (without it, H100, same call, three times, E2E ms: f16 batch 2
@@ -2937,8 +3014,8 @@ __device__ void decode_step(const unsigned long long* table, int L, int C, int H
         grid_barrier(bar, barriers);
         product(
             p + 1, xs, false, x, 2, nullptr, nullptr,
-            [&] { step_combine_load(ml, part, M, C, H, S_att, scratch, xs, &fetched[2]); },
-            [&] { step_combine(part, M, C, H, S_att, scratch, xs, &fetched[2], l, dv); });
+            [&] { step_combine_load(ml, part, M, C, H, S_att, scratch, xs, stage, &fetched[2]); },
+            [&] { step_combine(part, M, C, H, S_att, scratch, xs, stage, &fetched[2], l, dv); });
         product(
             p + 2, xs, false, h4, 1, nullptr, nullptr, [&] { copy_block(xs, x, (size_t)M * C * 4); },
             [&] { step_norm<W>(xs, ln(p + 2, 0), ln(p + 2, 1), eps, M, C); });
