@@ -405,7 +405,14 @@ __device__ __forceinline__ void dot_rows(const W* __restrict__ wrow, const Chunk
 // into shared memory. Returns the rows to multiply. LayerNorm: one warp per row, two-pass mean and
 // variance in fp32.
 // Keys per block of attention_decode; the host passes the same value (ATTENTION_SPLIT in imp.rs).
-#define ATTENTION_SPLIT 64
+// Fewer, longer blocks measured faster at every row count that uses it: H200, E2E ms, same call,
+// twice, 64 / 128 / 256 keys: f16 batch 64 prompt 128 + 128 tokens 70.12 / 70.37, 66.80 / 66.87,
+// 66.00 / 65.90; bf16 the same 70.62 / 70.45, 67.28 / 67.05, 66.01 / 66.23; f16 batch 32 49.66 /
+// 49.66, 48.31 / 48.31, 47.38 / 47.39; f16 batch 16 39.18 / 39.13, 38.82 / 38.84, 38.69 / 38.39;
+// f32 batch 64 128.99 / 129.08, 126.53 / 126.84, 125.98 / 126.07; f16 batch 64 prompt 512 + 64
+// 120.47 / 120.15, 116.76 / 116.68, 115.87 / 116.07; f16 batch 16 prompt 896 + 64 73.24 / 73.16,
+// 70.79 / 70.49, 70.35 / 70.21. (128 keys with the key loop unrolled 4 times instead of 2: as 128.)
+#define ATTENTION_SPLIT 256
 enum { IN_PLAIN = 0, IN_LN = 1, IN_EMBED_LN = 2, IN_ATTN = 3 };
 template <typename W, int IN>
 __device__ __forceinline__ const float* input_rows(const float* in, const int* tokens, const int* pos, const W* wte,
@@ -2260,8 +2267,8 @@ extern "C" __global__ void sample_rows(const float* logits, int V, const float* 
 // ahead (two buffers, each also holding the LayerNorm parameters its phase needs; bulk copies on
 // an mbarrier on sm_90+, cp.async before: step_fetch), so the weights stream while the previous
 // phase and its barrier run. The input rows are copied with cp.async at the start of a phase (the
-// attention rows of one-split steps by bulk copy on sm_90+: step_combine_load); bias and residual
-// are loaded before the copies are waited for.
+// attention splits' outputs by bulk copy on sm_90+: step_combine_load); bias and residual are
+// loaded before the copies are waited for.
 // Wherever the step waits on memory it waits once, for everything it needs next. A product's
 // columns are split into (column, k-share) items over the warps; the shares add up in a fixed
 // order, so results are deterministic. The last block to finish picks each row's token from the
@@ -2467,7 +2474,8 @@ __device__ __noinline__ void step_plan(StepPlan& pl, int j, int C, int CB, int u
 // (the largest product's slab, then LayerNorm gamma and beta), M x C floats of rows, M x 4C more
 // when the MLP-down rows are staged, then the scratch (the products' shares, attention's per-warp
 // results, or the attention splits' (max, sum) and weights), then from a 16-byte boundary a copy
-// of the weight table (step_table_entries addresses).
+// of the weight table (step_table_entries addresses), then from a 16-byte boundary, where the
+// launch has room for them, several attention splits' outputs (decode_step's `stage`).
 __device__ __forceinline__ size_t step_slab_bytes(int C, int blocks, int wsize) {
     int elems = max(max(ceil_div(3 * C, blocks) * C, ceil_div(4 * C, blocks) * C), ceil_div(C, blocks) * 4 * C);
     return ((size_t)elems * wsize + 15) / 16 * 16;
