@@ -1764,20 +1764,9 @@ __device__ __forceinline__ float load_kv(const KV* p) {
         return to_f(*reinterpret_cast<const KV*>(&raw));
     }
 }
-// Eight consecutive cached values (16-byte aligned for fp32, 16 bytes in all for f16/bf16).
-template <bool CG, typename KV>
-__device__ __forceinline__ void load8_kv(const KV* p, float* o) {
-    if constexpr (IsF32<KV>::value) {
-        const float4* q = reinterpret_cast<const float4*>(p);
-        float4 a = CG ? __ldcg(q) : *q, b = CG ? __ldcg(q + 1) : q[1];
-        o[0] = a.x; o[1] = a.y; o[2] = a.z; o[3] = a.w;
-        o[4] = b.x; o[5] = b.y; o[6] = b.z; o[7] = b.w;
-    } else {
-        const uint4* q = reinterpret_cast<const uint4*>(p);
-        Vec<KV>::convert(CG ? __ldcg(q) : *q, o);
-    }
-}
-// Eight consecutive cached values as loaded (load8_kv in two parts): zero unless `ok`.
+// Eight consecutive cached values (16-byte aligned for fp32, 16 bytes in all for f16/bf16) as
+// loaded, zero unless `ok` (load), and as floats (convert): apart, so that the loads need not be
+// waited for where they are issued.
 template <typename KV>
 struct KvRaw8 {
     uint4 r[IsF32<KV>::value ? 2 : 1];
@@ -1841,29 +1830,31 @@ __device__ __forceinline__ void attend(const float* q_in, float scale, const KV*
                 mx = mn;
             }
         };
-        auto load_keys = [&](int t, bool ok, float* kk, float* vv) {
-#pragma unroll
-            for (int i = 0; i < 8; i++) kk[i] = vv[i] = 0.0f;
-            if (ok) {
-                load8_kv<CG>(keys + (size_t)t * C + j, kk);
-                load8_kv<CG>(values + (size_t)t * C + j, vv);
-            }
-        };
-        // The warp's first keys are loaded (raw) before q, and converted after, so that the two
-        // loads are in flight together: scaling q first made the keys' loads wait for it, one more
-        // L2 round trip a split (the fused step's attention at batch 1 has one round of keys a
-        // warp). With the fused step's splits staged for their combination (step_combine_load),
-        // H200, E2E ms, same call, twice: prompt 128 + 128 tokens f32 batch 1 27.27 / 27.39 ->
+        // Each round's keys are loaded (raw) one round ahead: the first before q, and each next
+        // one before the current round's math, converted when their round comes. Scaling q first
+        // made the keys' loads wait for it, one more L2 round trip a split (the fused step's
+        // attention at batch 1 has one round of keys a warp); and the next round's loads issued
+        // before this round's math keep two rounds in flight, as the loop unrolled twice did. (With
+        // only the first round ahead of q and the rest loaded in their turn, warps with two rounds
+        // waited for the first one's math before loading the second: H200, E2E ms, same call,
+        // twice, that vs this: prompt 128 + 128 tokens f16 batch 8 33.73 / 33.72 -> 33.27 / 33.09,
+        // bf16 batch 8 33.70 / 33.58 -> 33.10 / 33.32, f32 batch 16 67.31 / 67.50 -> 66.55 / 66.77;
+        // batch 1, f16 batch 64 and the f16 / f32 batch-16 grid cells within 1%.) That first
+        // round ahead of q, with the fused step's splits staged for their combination
+        // (step_combine_load), against the loop unrolled twice with q loaded first, H200, E2E ms,
+        // same call, twice: prompt 128 + 128 tokens f32 batch 1 27.27 / 27.39 ->
         // 26.02 / 26.16, f16 batch 1 23.09 / 23.04 -> 22.90 / 22.83, f16 batch 2 25.61 / 25.68 ->
         // 24.95 / 25.02, f16 batch 64 71.05 / 70.98 -> 70.04 / 70.04 (bf16 batch 1 within 0.5%);
         // f16 batch 1 prompt 512 + 128 26.28 / 26.22 -> 25.22 / 25.17; f32 batch 16 prompt 12 + 32
         // 14.19 / 14.23 -> 14.01 / 13.93.
-        int tb = t0 + gw * 4;
-        float kk[8], vv[8];
+        int tb = t0 + gw * 4, step = warps * 4;
         KvRaw8<KV> kraw, vraw;
-        bool first = tb + g < t1;
-        kraw.load<CG>(keys + (size_t)(first ? tb + g : 0) * C + j, first);
-        vraw.load<CG>(values + (size_t)(first ? tb + g : 0) * C + j, first);
+        auto fetch = [&](int tb) {
+            bool ok = tb + g < t1;
+            kraw.template load<CG>(keys + (size_t)(ok ? tb + g : 0) * C + j, ok);
+            vraw.template load<CG>(values + (size_t)(ok ? tb + g : 0) * C + j, ok);
+        };
+        fetch(tb);
         float4 q0 = CG ? __ldcg(reinterpret_cast<const float4*>(q_in + j)) : *reinterpret_cast<const float4*>(q_in + j);
         float4 q1 = CG ? __ldcg(reinterpret_cast<const float4*>(q_in + j + 4))
                        : *reinterpret_cast<const float4*>(q_in + j + 4);
@@ -1877,15 +1868,12 @@ __device__ __forceinline__ void attend(const float* q_in, float scale, const KV*
         q[7] = q1.w * scale;
 #pragma unroll
         for (int i = 0; i < 8; i++) acc[i] = 0.0f;
-        kraw.convert(kk);
-        vraw.convert(vv);
-        if (tb < t1) keys4(first, kk, vv);
-#pragma unroll 2
-        for (tb += warps * 4; tb < t1; tb += warps * 4) {
-            int t = tb + g;
-            bool ok = t < t1;
-            load_keys(t, ok, kk, vv);
-            keys4(ok, kk, vv);
+        for (; tb < t1; tb += step) {
+            float kk[8], vv[8];
+            kraw.convert(kk);
+            vraw.convert(vv);
+            fetch(tb + step);
+            keys4(tb + g < t1, kk, vv);
         }
         // The four groups' results, combined (every group ends with the warp's).
 #pragma unroll
