@@ -238,7 +238,7 @@ fn cuda_long_prompts_attention_matches_the_cpu_reference() {
     let cpu = distilgpt2(BackendKind::Cpu, None);
     let vocab = cpu.config().vocab_size;
     let tokens = prompts(vocab, 1, lengths.iter().sum());
-    let run = |engine: &Engine, feed: Option<&[Vec<u32>]>| steps_after_prompts(engine, &tokens, &lengths, 256, feed);
+    let run = |engine: &Engine, feed: Option<&[Vec<u32>]>| steps_after_prompts(engine, &tokens, &lengths, 256, 2, feed);
     let (want, fed) = run(&cpu, None);
     let engines = [
         (distilgpt2(BackendKind::Cuda, Some(DType::F32)), "default"),
@@ -267,14 +267,15 @@ fn cuda_long_prompts_attention_matches_the_cpu_reference() {
     }
 }
 
-/// Logits after the prefill of `tokens` (prompts of `lengths`, back to back) and after each of two
-/// steps, and the ids the steps took: `feed`'s, or with None each row's argmax. Every engine
+/// Logits after the prefill of `tokens` (prompts of `lengths`, back to back) and after each of
+/// `steps` steps, and the ids the steps took: `feed`'s, or with None each row's argmax. Every engine
 /// compared with the CPU steps with the CPU's ids, so no comparison follows a diverged sequence.
 fn steps_after_prompts(
     engine: &Engine,
     tokens: &[u32],
     lengths: &[usize],
     max_seq: usize,
+    steps: usize,
     feed: Option<&[Vec<u32>]>,
 ) -> (Vec<Vec<f32>>, Vec<Vec<u32>>) {
     let (batch, vocab) = (lengths.len(), engine.config().vocab_size);
@@ -282,10 +283,10 @@ fn steps_after_prompts(
     session.prefill(tokens, lengths).unwrap();
     let mut logits = vec![0.0f32; batch * vocab];
     let (mut all, mut fed) = (Vec::new(), Vec::new());
-    for step in 0..3 {
+    for step in 0..=steps {
         session.read_logits(&mut logits).unwrap();
         all.push(logits.clone());
-        if step < 2 {
+        if step < steps {
             let next: Vec<u32> = match feed {
                 Some(tokens) => tokens[step].clone(),
                 None => logits.chunks(vocab).map(gpt2rt::sampling::argmax).collect(),
@@ -316,20 +317,20 @@ fn cuda_decode_attention_over_several_key_blocks_matches_the_cpu_reference() {
     let cpu = distilgpt2(BackendKind::Cpu, None);
     let vocab = cpu.config().vocab_size;
     let tokens = prompts(vocab, 1, lengths.iter().sum());
-    let (want, fed) = steps_after_prompts(&cpu, &tokens, &lengths, 320, None);
+    let (want, fed) = steps_after_prompts(&cpu, &tokens, &lengths, 320, 2, None);
     let f32_engines = [
         (distilgpt2(BackendKind::Cuda, Some(DType::F32)), "default"),
         (distilgpt2_with("GPT2RT_CUDA_DECODE_ROWS", "0", DType::F32), "tiled kernels"),
     ];
     for (engine, what) in &f32_engines {
-        let (got, _) = steps_after_prompts(engine, &tokens, &lengths, 320, Some(&fed));
+        let (got, _) = steps_after_prompts(engine, &tokens, &lengths, 320, 2, Some(&fed));
         for (i, (g, w)) in got.iter().zip(&want).enumerate() {
             assert_logits_close(g, w, &format!("f32 {what}, after {i} steps"));
         }
     }
     for dtype in [DType::F16, DType::BF16] {
         let (got, _) =
-            steps_after_prompts(&distilgpt2(BackendKind::Cuda, Some(dtype)), &tokens, &lengths, 320, Some(&fed));
+            steps_after_prompts(&distilgpt2(BackendKind::Cuda, Some(dtype)), &tokens, &lengths, 320, 2, Some(&fed));
         let (worst, same) = half_agreement(&got, &want, vocab);
         let rows = want.len() * lengths.len();
         println!(
@@ -660,28 +661,9 @@ fn half_logits_against_the_cpu(
     let cpu = distilgpt2(BackendKind::Cpu, None);
     let vocab = cpu.config().vocab_size;
     let prompts = prompts(vocab, batch, prompt_len);
-    // Logits after the prefill and after each step; every engine is fed the CPU's greedy tokens,
-    // so the comparison never follows a diverged sequence.
+    let lengths = vec![prompt_len; batch];
     let trace = |engine: &Engine, feed: Option<&[Vec<u32>]>| {
-        let mut session = engine
-            .new_session(SessionOptions { max_batch: batch, max_seq: prompt_len + steps, kv_cache: true })
-            .unwrap();
-        session.prefill(&prompts, &vec![prompt_len; batch]).unwrap();
-        let (mut all, mut fed) = (Vec::new(), Vec::new());
-        let mut logits = vec![0.0f32; batch * vocab];
-        for step in 0..=steps {
-            session.read_logits(&mut logits).unwrap();
-            all.push(logits.clone());
-            if step < steps {
-                let next: Vec<u32> = match feed {
-                    Some(tokens) => tokens[step].clone(),
-                    None => logits.chunks(vocab).map(gpt2rt::sampling::argmax).collect(),
-                };
-                session.step(&next).unwrap();
-                fed.push(next);
-            }
-        }
-        (all, fed)
+        steps_after_prompts(engine, &prompts, &lengths, prompt_len + steps, steps, feed)
     };
     let (want, fed) = trace(&cpu, None);
     let worst = |got: &[Vec<f32>]| half_agreement(got, &want, vocab);
