@@ -2868,6 +2868,124 @@ __device__ __noinline__ void step_head(const float* xs, int M, const W* head, in
                                       best_index, pos, keep_rows);
 }
 
+// The LM head phase on tensor cores (half weights, M <= 16 rows, C % 32 == 0; where the products
+// run on them). lm_head_rows on CUDA cores converts each weight and does M multiply-adds with it,
+// so past a few rows it was bound by those: block 0's head phase (GPT2RT_CUDA_STEP_TRACE=1, H200,
+// f16, prompt 128 + 128 tokens) took 22.5 us at batch 2 and 43.2 at 8, against 18 us for its 77
+// MB at 4.3 TB/s; here 19.4 and 33.5. Warp item it covers vocabulary entries [32 it, 32 it + 32)
+// for every row: four m16n8k16 tiles, the weights loaded straight from memory into the B fragments
+// (lane (g, tig): 8 consecutive k from 8 tig of entry 8 j + g, mapped to logical k as
+// step_product_mma does), the rows (rounded to W, as matmul_mma does) from `a_s` (16 x (C + 32)
+// of W, rows M..15 zero; 32 more between rows so that the fragment loads of rows g and g + 1 fall
+// 16 banks apart). Items go round the blocks first (item it: warp it / gridDim.x of block it %
+// gridDim.x), so that every SM streams. keep_rows as lm_head_rows. Then as lm_head_rows: logits
+// stored, each block's best per row into best_value/best_index[m * gridDim.x + blockIdx.x] (first
+// index on ties), block 0 advancing the positions.
+#define STEP_HEAD_ITEM 32
+template <typename W>
+__device__ void step_head_rows(const float* xs, int M, int C, unsigned short* a_s) {
+    int ast = C + 32, half = C / 2;
+    for (int i = threadIdx.x; i < 16 * half; i += STEP_THREADS) {
+        int m = i / half, k = 2 * (i - m * half);
+        unsigned int v = m < M ? Mma<W>::pack(xs[(size_t)m * C + k], xs[(size_t)m * C + k + 1]) : 0u;
+        *reinterpret_cast<unsigned int*>(a_s + (size_t)m * ast + k) = v;
+    }
+}
+// Asks L2 for the first 128 k of the warp's first item (8 KB a warp, 13 MB in all at 132 SMs, as
+// lm_head_prefetch's first items): the whole item (the whole head, 77 MB) held the final LayerNorm
+// up by 6 us.
+template <typename W>
+__device__ __forceinline__ void step_head_prefetch(const W* head, int V, int C) {
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    int v = (warp * (int)gridDim.x + (int)blockIdx.x) * STEP_HEAD_ITEM + (lane >> 1);
+    const char* p = reinterpret_cast<const char*>(head + (size_t)v * C) + (lane & 1) * 128;
+    for (int r = 0; r < STEP_HEAD_ITEM; r += 16)
+        if (v + r < V && (lane & 1) * 128 < C * (int)sizeof(W))
+            asm volatile("prefetch.global.L2 [%0];" ::"l"(p + (size_t)r * C * sizeof(W)));
+}
+template <typename W>
+__device__ __noinline__ void step_head_mma(const unsigned short* a_s, int M, const W* __restrict__ head, int V, int C,
+                                           float* logits, float* best_value, int* best_index, int* pos,
+                                           int keep_rows, float* scratch) {
+    // The warps' bests in the step's scratch (free by now), not in more static shared memory.
+    auto& warp_value = *reinterpret_cast<float(*)[STEP_WARPS][16]>(scratch);
+    auto& warp_index = *reinterpret_cast<int(*)[STEP_WARPS][16]>(scratch + STEP_WARPS * 16);
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tig = lane & 3;
+    int ast = C + 32;
+    const unsigned short* r0 = a_s + (size_t)g * ast + tig * 8;
+    const unsigned short* r1 = r0 + (size_t)8 * ast;
+    float bv[2] = {-INFINITY, -INFINITY};
+    int bi[2] = {0x7fffffff, 0x7fffffff};
+    int items = (V + STEP_HEAD_ITEM - 1) / STEP_HEAD_ITEM;
+    for (int it = warp * gridDim.x + blockIdx.x; it < items; it += gridDim.x * STEP_WARPS) {
+        int v0 = it * STEP_HEAD_ITEM;
+        unsigned long long policy = keep_rows < 0 ? 0 : l2_policy(v0 < keep_rows);
+        const W* wr[4];
+#pragma unroll
+        for (int j = 0; j < 4; j++) wr[j] = head + (size_t)min(v0 + 8 * j + g, V - 1) * C + tig * 8;
+        float acc[4][4] = {};
+        // Four 32-k steps' weights loaded before their math: 16 loads of 512 bytes a warp in flight.
+        for (int k0 = 0; k0 < C; k0 += 128) {
+            uint4 b[4][4];
+#pragma unroll
+            for (int u = 0; u < 4; u++)
+#pragma unroll
+                for (int j = 0; j < 4; j++) {
+                    int k = k0 + 32 * u;
+                    b[u][j] = k >= C           ? make_uint4(0, 0, 0, 0)
+                              : keep_rows < 0 ? *reinterpret_cast<const uint4*>(wr[j] + k)
+                                              : load_hinted(wr[j] + k, policy);
+                }
+#pragma unroll
+            for (int u = 0; u < 4; u++) {
+                int k = k0 + 32 * u;
+                if (k >= C) break;
+                uint4 x0 = *reinterpret_cast<const uint4*>(r0 + k), x1 = *reinterpret_cast<const uint4*>(r1 + k);
+                unsigned int lo[4] = {x0.x, x1.x, x0.y, x1.y}, hi[4] = {x0.z, x1.z, x0.w, x1.w};
+#pragma unroll
+                for (int j = 0; j < 4; j++) {
+                    unsigned int b0[2] = {b[u][j].x, b[u][j].y}, b1[2] = {b[u][j].z, b[u][j].w};
+                    Mma<W>::run(acc[j], lo, b0);
+                    Mma<W>::run(acc[j], hi, b1);
+                }
+            }
+        }
+        // acc[j][2 h], acc[j][2 h + 1]: row g + 8 h, entries v0 + 8 j + 2 tig and + 1.
+#pragma unroll
+        for (int j = 0; j < 4; j++)
+#pragma unroll
+            for (int h = 0; h < 2; h++) {
+                int m = g + 8 * h, n = v0 + 8 * j + 2 * tig;
+                if (m >= M) continue;
+                float x = acc[j][2 * h], y = acc[j][2 * h + 1];
+                if (n < V) {
+                    logits[(size_t)m * V + n] = x;
+                    if (better(x, n, bv[h], bi[h])) { bv[h] = x; bi[h] = n; }
+                }
+                if (n + 1 < V) {
+                    logits[(size_t)m * V + n + 1] = y;
+                    if (better(y, n + 1, bv[h], bi[h])) { bv[h] = y; bi[h] = n + 1; }
+                }
+            }
+    }
+    // Each row's best over the 4 lanes holding it (tig), then over the warps.
+#pragma unroll
+    for (int h = 0; h < 2; h++) {
+#pragma unroll
+        for (int o = 1; o < 4; o <<= 1) {
+            float ov = __shfl_xor_sync(0xffffffffu, bv[h], o);
+            int oi = __shfl_xor_sync(0xffffffffu, bi[h], o);
+            if (better(ov, oi, bv[h], bi[h])) { bv[h] = ov; bi[h] = oi; }
+        }
+        if (tig == 0) {
+            warp_value[warp][g + 8 * h] = bv[h];
+            warp_index[warp][g + 8 * h] = bi[h];
+        }
+    }
+    __syncthreads();
+    block_best_rows(warp_value, warp_index, M, best_value, best_index, pos);
+}
+
 template <typename W, int ROWS>
 __device__ void decode_step(const unsigned long long* table, int L, int C, int H, int V, float eps, int M,
                             const int* tokens, const int* row_seq, int* pos, float* x, float* qkv, float* h4,
@@ -3027,11 +3145,19 @@ __device__ void decode_step(const unsigned long long* table, int L, int C, int H
             },
             [] {});
     }
-    // The LM head: the final LayerNorm's parameters came with product 4L - 1's fetch.
+    // The LM head: the final LayerNorm's parameters came with product 4L - 1's fetch. On tensor
+    // cores where the products are, its rows (in W) in the two buffers, free once the LayerNorm is
+    // done, where they fit.
     int warp = threadIdx.x >> 5;
     int item0 = blockIdx.x * STEP_WARPS + warp;
     const W* head = at(T_HEAD);
-    lm_head_prefetch<W>(head, V, C, item0);
+    bool head_mma = false;
+    if constexpr (!IsF32<W>::value && ROWS <= 8)
+        head_mma = mma && (size_t)16 * (C + 32) * sizeof(W) <= 2 * buffer;
+    if (head_mma)
+        step_head_prefetch<W>(head, V, C);
+    else
+        lm_head_prefetch<W>(head, V, C, item0);
     copy_block(xs, x, (size_t)M * C * 4);
     copy_commit();
     copy_commit();
@@ -3040,7 +3166,16 @@ __device__ void decode_step(const unsigned long long* table, int L, int C, int H
     __syncthreads();
     step_norm<W>(xs, ln(4 * L, 0), ln(4 * L, 1), eps, M, C);
     stamp(trace, stamps);
-    step_head<W, ROWS>(xs, M, head, V, C, item0, logits, best_value, best_index, pos, head_keep);
+    if constexpr (!IsF32<W>::value && ROWS <= 8) {
+        if (head_mma) {
+            unsigned short* a_s = reinterpret_cast<unsigned short*>(step_smem);
+            __syncthreads();  // the LayerNorm's rows are in xs, and its parameters read
+            step_head_rows<W>(xs, M, C, a_s);
+            __syncthreads();
+            step_head_mma<W>(a_s, M, head, V, C, logits, best_value, best_index, pos, head_keep, scratch);
+        }
+    }
+    if (!head_mma) step_head<W, ROWS>(xs, M, head, V, C, item0, logits, best_value, best_index, pos, head_keep);
     stamp(trace, stamps);
     grid_barrier_done(bar, best_value, best_index, M, next);
 }

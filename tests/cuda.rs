@@ -546,6 +546,47 @@ fn cuda_fused_step_on_tensor_cores_matches_the_cpu_reference() {
 }
 
 #[test]
+fn cuda_fused_step_head_on_tensor_cores_picks_each_rows_first_largest_logit() {
+    if !gpu_available() {
+        return;
+    }
+    // In the half modes the fused step's LM head runs on tensor cores from 2 rows (step_head_mma,
+    // the steps of batches 2-8 by default) and keeps each block's best (value, index) per row for
+    // the device's greedy choice. For batches 2, 5 and 8 (ragged prompts of 3-20 tokens, then 6
+    // steps on the device's own choices), each chosen id must be the first largest of the logits
+    // read back, which must be close to the CPU reference's (f32) for the same tokens.
+    let cpu = distilgpt2(BackendKind::Cpu, None);
+    let vocab = cpu.config().vocab_size;
+    for dtype in [DType::F16, DType::BF16] {
+        let gpu = distilgpt2(BackendKind::Cuda, Some(dtype));
+        for batch in [2, 5, 8] {
+            let lengths: Vec<usize> = (0..batch).map(|i| 3 + (i * 17) % 18).collect();
+            let tokens = prompts(vocab, 1, lengths.iter().sum());
+            let options = SessionOptions { max_batch: batch, max_seq: 32, kv_cache: true };
+            let (mut g, mut c) = (gpu.new_session(options).unwrap(), cpu.new_session(options).unwrap());
+            g.prefill(&tokens, &lengths).unwrap();
+            c.prefill(&tokens, &lengths).unwrap();
+            let (mut logits, mut want) = (vec![0.0f32; batch * vocab], vec![0.0f32; batch * vocab]);
+            let mut ids = vec![0u32; batch];
+            for step in 0..=6 {
+                let at = format!("{dtype}, batch {batch}, step {step}");
+                g.read_logits(&mut logits).unwrap();
+                c.read_logits(&mut want).unwrap();
+                let (worst, _) = half_agreement(&[logits.clone()], &[want.clone()], vocab);
+                assert!(worst < 5e-2, "{at}: logits differ from the CPU reference by {worst}");
+                g.select(&SamplingParams::greedy(), &mut ids).unwrap();
+                let first: Vec<u32> = logits.chunks(vocab).map(gpt2rt::sampling::argmax).collect();
+                assert_eq!(ids, first, "{at}: the device's greedy ids");
+                if step < 6 {
+                    g.step(&ids).unwrap();
+                    c.step(&ids).unwrap();
+                }
+            }
+        }
+    }
+}
+
+#[test]
 fn cuda_cluster_products_match_the_cpu_reference() {
     if !gpu_available() {
         return;
