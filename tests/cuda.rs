@@ -191,14 +191,14 @@ fn cuda_f32_matches_the_cpu_reference_at_every_batch_path() {
     }
     for dtype in [DType::F16, DType::BF16] {
         let half = distilgpt2(BackendKind::Cuda, Some(dtype));
-        let fused = distilgpt2_with("GPT2RT_CUDA_FUSED_ROWS", "8", dtype);
+        let phases = distilgpt2_with("GPT2RT_CUDA_FUSED_ROWS", "0", dtype);
         let decode = distilgpt2_with_vars([("GPT2RT_CUDA_FUSED_ROWS", "0"), ("GPT2RT_CUDA_DECODE_ROWS", "8")], dtype);
-        // On 8.0+ GPUs steps of batches 1 and 2 take the fused step (2 with its tensor-core
-        // products), 4, 6, 12 and 64 the tensor-core products (6 the fused step with
-        // GPT2RT_CUDA_FUSED_ROWS=8; the decode kernels, several rows a warp, with
-        // GPT2RT_CUDA_DECODE_ROWS=8 and no fused step).
+        // On 8.0+ GPUs steps of batches 1-8 take the fused step (from 2 with its products and LM
+        // head on tensor cores), 12 and 64 the tensor-core products, and so does 6 with
+        // GPT2RT_CUDA_FUSED_ROWS=0 (the decode kernels, several rows a warp, with
+        // GPT2RT_CUDA_DECODE_ROWS=8 too).
         let engines =
-            [(1, &half), (2, &half), (4, &half), (6, &half), (6, &fused), (6, &decode), (12, &half), (64, &half)];
+            [(1, &half), (2, &half), (4, &half), (6, &half), (6, &phases), (6, &decode), (12, &half), (64, &half)];
         for (batch, engine) in engines {
             let want = batch_tokens(&cpu, batch, 5, 12, SamplingParams::greedy());
             let got = batch_tokens(engine, batch, 5, 12, SamplingParams::greedy());

@@ -129,9 +129,18 @@ const STEP_THREADS: usize = 512;
 /// path (DECODE_ROWS_MMA), fused vs that: f16 8.47 / 8.45 vs 8.34 / 8.37, bf16 8.43 / 8.46 vs
 /// 8.36 / 8.42, prompt 128 + 128 tokens f16 37.46 / 36.95 vs 36.76 / 36.48; batch 2 f16 8.00 /
 /// 8.03 vs 8.38 / 8.33. f32 batches 2-4 measured again, fused vs decode kernels: 10.26 vs 9.36,
-/// 10.81 vs 10.22, 11.22 vs 11.02.
+/// 10.81 vs 10.22, 11.22 vs 11.02. Since the fused step's LM head runs on tensor cores too
+/// (step_head_mma; H200, 2026-11-29, E2E ms, same call, twice, fused vs a kernel per phase),
+/// prompt 128 + 128 tokens: f16 batch 2 24.75 / 24.83 vs 31.39, 3 26.13 / 25.78 vs 31.20, 5 28.77
+/// / 28.68 vs 31.71, 6 27.53 / 27.43 vs 32.48, 7 28.36 / 28.44 vs 32.90, 8 30.63 / 30.70 vs 33.24,
+/// bf16 batch 8 30.69 / 30.75 vs 33.38; prompt 12 + 32 tokens: f16 batch 3 5.79 / 5.89 vs 7.21, 6
+/// 6.38 / 6.40 vs 7.37, 8 6.98 / 7.01 vs 7.62: so every half batch up to 8 takes it. A 16-row
+/// half kernel (its products' m16n8k16 tiles using all 16 rows) measured slower than a kernel per
+/// phase at 12 and 16 rows (f16 prompt 128 + 128 tokens, batch 12 36.92 / 36.88 vs 35.78, 16 40.42
+/// / 40.42 vs 37.97; batch 16 prompt 12 + 32 8.93 / 8.98 vs 8.36; with a prefetch since cut that
+/// cost about 5 us a step), and was not kept.
 const FUSED_BATCHES_F32: u32 = 0b1_1111_1111_1110_0010;
-const FUSED_BATCHES_HALF: u32 = 0b110;
+const FUSED_BATCHES_HALF: u32 = 0b1_1111_1110;
 /// Batches from which the fused step's products run on tensor cores, where they can (the rows
 /// rounded to f16/bf16 as in matmul_mma). H100, f16, prompt 12, 32 new tokens, E2E ms, tensor
 /// cores vs CUDA cores: batch 1 7.87 vs 7.83 (so batch 1 keeps fp32 rows), 2 8.05 vs 8.51, 3 8.62
