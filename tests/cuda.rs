@@ -534,9 +534,9 @@ fn cuda_fused_step_on_tensor_cores_matches_the_cpu_reference() {
     if !gpu_available() {
         return;
     }
-    // Batch 8 through the fused step (GPT2RT_CUDA_FUSED_ROWS=8), its products on tensor cores from
-    // 3 rows on 8.0+ GPUs in the half modes (step_product_mma), beside its CUDA-core products
-    // (GPT2RT_CUDA_STEP_MMA_ROWS past the batch).
+    // Batch 8 through the fused step (GPT2RT_CUDA_FUSED_ROWS=8), its products and LM head on tensor
+    // cores from 3 rows on 8.0+ GPUs in the half modes (step_product_mma, step_head_mma), beside
+    // its CUDA-core products and head (GPT2RT_CUDA_STEP_MMA_ROWS past the batch).
     half_logits_against_the_cpu(
         8,
         "the fused step on tensor cores",

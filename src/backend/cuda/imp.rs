@@ -141,10 +141,10 @@ const STEP_THREADS: usize = 512;
 /// cost about 5 us a step), and was not kept.
 const FUSED_BATCHES_F32: u32 = 0b1_1111_1111_1110_0010;
 const FUSED_BATCHES_HALF: u32 = 0b1_1111_1110;
-/// Batches from which the fused step's products run on tensor cores, where they can (the rows
-/// rounded to f16/bf16 as in matmul_mma). H100, f16, prompt 12, 32 new tokens, E2E ms, tensor
-/// cores vs CUDA cores: batch 1 7.87 vs 7.83 (so batch 1 keeps fp32 rows), 2 8.05 vs 8.51, 3 8.62
-/// vs 9.93, 4 9.13 vs 10.55, 8 10.87 vs 12.87.
+/// Batches from which the fused step's products (and, since, its LM head: step_head_mma) run on
+/// tensor cores, where they can (the rows rounded to f16/bf16 as in matmul_mma). H100, f16, prompt
+/// 12, 32 new tokens, E2E ms, tensor cores vs CUDA cores: batch 1 7.87 vs 7.83 (so batch 1 keeps
+/// fp32 rows), 2 8.05 vs 8.51, 3 8.62 vs 9.93, 4 9.13 vs 10.55, 8 10.87 vs 12.87.
 const STEP_MMA_ROWS: usize = 2;
 /// The fused step's flag for that (STEP_MMA in the .cu file).
 const STEP_MMA: usize = 2;
@@ -704,7 +704,7 @@ struct FusedStep {
     /// `GPT2RT_CUDA_FUSED_ROWS` (a tuning knob read when the engine loads); either way at most the
     /// rows whose inputs fit a kernel's shared memory.
     batches: u32,
-    /// Batches from which its products run on tensor cores (the half modes where matmul_mma runs
+    /// Batches from which its products and LM head run on tensor cores (the half modes where matmul_mma runs
     /// and n_embd % 32 == 0): STEP_MMA_ROWS, or `GPT2RT_CUDA_STEP_MMA_ROWS` (a tuning knob read
     /// when the engine loads); usize::MAX where they cannot.
     mma_rows: usize,
