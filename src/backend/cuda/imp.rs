@@ -138,8 +138,12 @@ const STEP_THREADS: usize = 512;
 /// half kernel (its products' m16n8k16 tiles using all 16 rows) measured slower than a kernel per
 /// phase at 12 and 16 rows (f16 prompt 128 + 128 tokens, batch 12 36.92 / 36.88 vs 35.78, 16 40.42
 /// / 40.42 vs 37.97; batch 16 prompt 12 + 32 8.93 / 8.98 vs 8.36; with a prefetch since cut that
-/// cost about 5 us a step), and was not kept.
-const FUSED_BATCHES_F32: u32 = 0b1_1111_1111_1110_0010;
+/// cost about 5 us a step), and was not kept. f32 batches 2-4 measured again (H200, the same day,
+/// E2E ms, same call, twice, fused vs decode kernels): prompt 12 + 32 tokens batch 2 6.66 / 6.67
+/// vs 7.99 / 7.94, 3 6.69 / 6.72 vs 8.91 / 9.00, 4 7.06 / 7.02 vs 9.83 / 9.90; prompt 128 + 128
+/// batch 2 29.42 / 29.23 vs 34.53 / 34.59, 3 31.41 / 31.33 vs 38.67 / 38.64, 4 33.92 / 33.97 vs
+/// 43.15 / 43.19: so every f32 batch up to 16 takes it.
+const FUSED_BATCHES_F32: u32 = 0b1_1111_1111_1111_1110;
 const FUSED_BATCHES_HALF: u32 = 0b1_1111_1110;
 /// Batches from which the fused step's products (and, since, its LM head: step_head_mma) run on
 /// tensor cores, where they can (the rows rounded to f16/bf16 as in matmul_mma). H100, f16, prompt
