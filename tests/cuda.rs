@@ -565,16 +565,17 @@ fn cuda_fused_step_head_on_tensor_cores_picks_each_rows_first_largest_logit() {
             c.prefill(&tokens, &lengths).unwrap();
             let (mut logits, mut want) = (vec![0.0f32; batch * vocab], vec![0.0f32; batch * vocab]);
             let mut ids = vec![0u32; batch];
-            for step in 0..=6 {
+            const STEPS: usize = 6;
+            for step in 0..=STEPS {
                 let at = format!("{dtype}, batch {batch}, step {step}");
                 g.read_logits(&mut logits).unwrap();
                 c.read_logits(&mut want).unwrap();
-                let (worst, _) = half_agreement(&[logits.clone()], &[want.clone()], vocab);
+                let (worst, _) = half_agreement(std::slice::from_ref(&logits), std::slice::from_ref(&want), vocab);
                 assert!(worst < 5e-2, "{at}: logits differ from the CPU reference by {worst}");
                 g.select(&SamplingParams::greedy(), &mut ids).unwrap();
                 let first: Vec<u32> = logits.chunks(vocab).map(gpt2rt::sampling::argmax).collect();
                 assert_eq!(ids, first, "{at}: the device's greedy ids");
-                if step < 6 {
+                if step < STEPS {
                     g.step(&ids).unwrap();
                     c.step(&ids).unwrap();
                 }

@@ -708,9 +708,9 @@ struct FusedStep {
     /// `GPT2RT_CUDA_FUSED_ROWS` (a tuning knob read when the engine loads); either way at most the
     /// rows whose inputs fit a kernel's shared memory.
     batches: u32,
-    /// Batches from which its products and LM head run on tensor cores (the half modes where matmul_mma runs
-    /// and n_embd % 32 == 0): STEP_MMA_ROWS, or `GPT2RT_CUDA_STEP_MMA_ROWS` (a tuning knob read
-    /// when the engine loads); usize::MAX where they cannot.
+    /// Batches from which its products and LM head run on tensor cores (the half modes where
+    /// matmul_mma runs and n_embd % 32 == 0): STEP_MMA_ROWS, or `GPT2RT_CUDA_STEP_MMA_ROWS` (a
+    /// tuning knob read when the engine loads); usize::MAX where they cannot.
     mma_rows: usize,
     /// Vocabulary rows of the LM head whose weights stay in L2 from one step to the next (evict_last;
     /// the rest of the weights stream through with evict_first): head_keep_bytes of them.
