@@ -40,6 +40,12 @@ __device__ __forceinline__ float warp_max(float v) {
 
 // Argmax order: larger value first, then the smaller index (first index on ties).
 __device__ __forceinline__ bool better(float v, int i, float bv, int bi) { return v > bv || (v == bv && i < bi); }
+// Keeps the better of this lane's (value, index) and lane ^ o's (first index on ties).
+__device__ __forceinline__ void best_xor(float& bv, int& bi, int o) {
+    float ov = __shfl_xor_sync(0xffffffffu, bv, o);
+    int oi = __shfl_xor_sync(0xffffffffu, bi, o);
+    if (better(ov, oi, bv, bi)) { bv = ov; bi = oi; }
+}
 
 // Sum (or max) over the block; every thread gets the result. `scratch` holds 32 floats.
 __device__ float block_sum(float v, float* scratch) {
@@ -695,6 +701,11 @@ __device__ __forceinline__ uint4 load_hinted(const void* ptr, unsigned long long
 #endif
     return v;
 }
+// 16 bytes of weights: with the L2 priority `policy` (l2_policy) when keep_rows >= 0 (an LM head
+// keeping part of itself in L2), else a plain load.
+__device__ __forceinline__ uint4 load_weights(const void* ptr, int keep_rows, unsigned long long policy) {
+    return keep_rows < 0 ? *reinterpret_cast<const uint4*>(ptr) : load_hinted(ptr, policy);
+}
 
 // The LM heads' closing stage: each of the M rows' best (value, index) over the block's WARPS
 // warps (their own bests in warp_value/warp_index[warp][m], stored before a __syncthreads) into
@@ -749,7 +760,7 @@ __device__ void lm_head_rows(const float* x, int M, const W* __restrict__ wte, i
                 for (int u = 0; u < U; u++) {
                     int k = k0 + (u * 32 + lane) * VW;
                     if (k < C)
-                        w[r][u] = keep_rows < 0 ? *reinterpret_cast<const uint4*>(row + k) : load_hinted(row + k, policy);
+                        w[r][u] = load_weights(row + k, keep_rows, policy);
                 }
             }
         };
@@ -812,11 +823,7 @@ __device__ void lm_head_rows(const float* x, int M, const W* __restrict__ wte, i
 #pragma unroll
     for (int g = 0; g < GROUPS; g++) {
 #pragma unroll
-        for (int o = 8 * 32 / N; o < 32; o <<= 1) {
-            float ov = __shfl_xor_sync(0xffffffffu, bv[g], o);
-            int oi = __shfl_xor_sync(0xffffffffu, bi[g], o);
-            if (better(ov, oi, bv[g], bi[g])) { bv[g] = ov; bi[g] = oi; }
-        }
+        for (int o = 8 * 32 / N; o < 32; o <<= 1) best_xor(bv[g], bi[g], o);
         int m = g * GEMV_ROWS + my_m;
         if (my_r == 0 && lane % (32 / N) == 0 && m < M) {
             warp_value[warp][m] = bv[g];
@@ -1539,11 +1546,7 @@ __device__ void lm_head_mma(const W* __restrict__ in, int M, int C, const W* __r
 #pragma unroll
         for (int h = 0; h < 2; h++) {
 #pragma unroll
-            for (int o = 1; o < 4; o <<= 1) {
-                float ov = __shfl_xor_sync(0xffffffffu, bv[i][h], o);
-                int oi = __shfl_xor_sync(0xffffffffu, bi[i][h], o);
-                if (better(ov, oi, bv[i][h], bi[i][h])) { bv[i][h] = ov; bi[i][h] = oi; }
-            }
+            for (int o = 1; o < 4; o <<= 1) best_xor(bv[i][h], bi[i][h], o);
             if (tig == 0) {
                 warp_value[warp][i * 16 + g + 8 * h] = bv[i][h];
                 warp_index[warp][i * 16 + g + 8 * h] = bi[i][h];
@@ -2011,22 +2014,14 @@ extern "C" __global__ void gather_rows(const float* x, const int* rows, int row_
 __device__ void block_best(float& bv, int& bi) {
     __shared__ float sv[32];
     __shared__ int si[32];
-    for (int o = 16; o > 0; o >>= 1) {
-        float ov = __shfl_xor_sync(0xffffffffu, bv, o);
-        int oi = __shfl_xor_sync(0xffffffffu, bi, o);
-        if (better(ov, oi, bv, bi)) { bv = ov; bi = oi; }
-    }
+    for (int o = 16; o > 0; o >>= 1) best_xor(bv, bi, o);
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = (blockDim.x + 31) >> 5;
     __syncthreads();
     if (lane == 0) { sv[warp] = bv; si[warp] = bi; }
     __syncthreads();
     bv = lane < warps ? sv[lane] : -INFINITY;
     bi = lane < warps ? si[lane] : 0x7fffffff;
-    for (int o = 16; o > 0; o >>= 1) {
-        float ov = __shfl_xor_sync(0xffffffffu, bv, o);
-        int oi = __shfl_xor_sync(0xffffffffu, bi, o);
-        if (better(ov, oi, bv, bi)) { bv = ov; bi = oi; }
-    }
+    for (int o = 16; o > 0; o >>= 1) best_xor(bv, bi, o);
 }
 
 extern "C" __global__ void argmax_partial(const float* logits, int V, int chunk, float* best_value, int* best_index) {
@@ -2932,9 +2927,7 @@ __device__ __noinline__ void step_head_mma(const unsigned short* a_s, int M, con
 #pragma unroll
                 for (int j = 0; j < 4; j++) {
                     int k = k0 + 32 * u;
-                    b[u][j] = k >= C           ? make_uint4(0, 0, 0, 0)
-                              : keep_rows < 0 ? *reinterpret_cast<const uint4*>(wr[j] + k)
-                                              : load_hinted(wr[j] + k, policy);
+                    b[u][j] = k >= C ? make_uint4(0, 0, 0, 0) : load_weights(wr[j] + k, keep_rows, policy);
                 }
 #pragma unroll
             for (int u = 0; u < 4; u++) {
@@ -2972,11 +2965,7 @@ __device__ __noinline__ void step_head_mma(const unsigned short* a_s, int M, con
 #pragma unroll
     for (int h = 0; h < 2; h++) {
 #pragma unroll
-        for (int o = 1; o < 4; o <<= 1) {
-            float ov = __shfl_xor_sync(0xffffffffu, bv[h], o);
-            int oi = __shfl_xor_sync(0xffffffffu, bi[h], o);
-            if (better(ov, oi, bv[h], bi[h])) { bv[h] = ov; bi[h] = oi; }
-        }
+        for (int o = 1; o < 4; o <<= 1) best_xor(bv[h], bi[h], o);
         if (tig == 0) {
             warp_value[warp][g + 8 * h] = bv[h];
             warp_index[warp][g + 8 * h] = bi[h];
