@@ -758,7 +758,8 @@ fn fused_step_smem(
     let shares = (STEP_WARPS * 8).max(cpb(4 * c) + 7) * kernel_rows;
     let attention = STEP_WARPS * cfg.head_dim() + 2 * STEP_WARPS;
     let combine = 3 * blocks.max(kernel_rows * cfg.n_head);
-    let rows = m * c + if stage_h4 { m * 4 * c } else { 0 };
+    // The staged MLP-down rows take the place of the input rows (decode_step).
+    let rows = m * c * if stage_h4 { 4 } else { 1 };
     let table = STEP_TABLE_GLOBALS + cfg.n_layer * STEP_TABLE_PER_LAYER;
     (2 * buffer + (rows + shares.max(attention).max(combine)) * 4).next_multiple_of(16) + table * 8
 }
