@@ -1843,8 +1843,9 @@ __device__ __forceinline__ void attend(const float* q_in, float scale, const KV*
         // twice, that vs this: prompt 128 + 128 tokens f16 batch 8 33.73 / 33.72 -> 33.27 / 33.09,
         // bf16 batch 8 33.70 / 33.58 -> 33.10 / 33.32, f32 batch 16 67.31 / 67.50 -> 66.55 / 66.77;
         // batch 1, f16 batch 64 and the f16 / f32 batch-16 grid cells within 1%.) That first
-        // round ahead of q, with the fused step's splits staged for their combination
-        // (step_combine_load), against the loop unrolled twice with q loaded first, H200, E2E ms,
+        // round ahead of q (the fused step's staging of several splits' outputs for their
+        // combination, step_combine_load, meant to come with it, got no room from the host until
+        // later), against the loop unrolled twice with q loaded first, H200, E2E ms,
         // same call, twice: prompt 128 + 128 tokens f32 batch 1 27.27 / 27.39 ->
         // 26.02 / 26.16, f16 batch 1 23.09 / 23.04 -> 22.90 / 22.83, f16 batch 2 25.61 / 25.68 ->
         // 24.95 / 25.02, f16 batch 64 71.05 / 70.98 -> 70.04 / 70.04 (bf16 batch 1 within 0.5%);
@@ -3025,8 +3026,9 @@ __device__ void decode_step(const unsigned long long* table, int L, int C, int H
     __syncthreads();
     int S_att = step_splits(s_pos, M, H);
     // Where the attention splits' outputs are copied for their combination, past the table, when
-    // there are several and the launch's shared memory has room (sized for the kernel's most rows,
-    // it has at few rows: the only ones with several splits).
+    // there are several and the launch's shared memory has room: the host asks for it where it
+    // fits (step_stage_bytes in imp.rs; until 2026-11-29 it asked for none, and the combination
+    // read the outputs through L2 after the (max, sum) pairs had come).
     size_t stage_at = (table_at + (size_t)step_table_entries(L) * 8 + 15) / 16 * 16;
     float* stage = S_att > 1 && stage_at + (size_t)M * S_att * C * 4 <= smem_size
                        ? reinterpret_cast<float*>(step_smem + stage_at)

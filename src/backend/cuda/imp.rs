@@ -112,6 +112,9 @@ const SAMPLE_THREADS: usize = 1024;
 const ARGMAX_CHUNK: usize = 2048;
 /// Threads per block of the fused decode step (STEP_THREADS in the .cu file), one block an SM.
 const STEP_THREADS: usize = 512;
+/// Fewest keys of one of the fused step's attention splits (STEP_SPLIT_KEYS in the .cu file: four
+/// keys a warp).
+const STEP_SPLIT_KEYS: usize = 4 * STEP_THREADS / 32;
 /// Batches that take the fused step by default (bit b: batch b), per dtype. H200, prompt 12, 32 new
 /// tokens, E2E ms, fused vs a kernel per phase (the tensor-core products from 4 rows in the half
 /// modes), same call: f16 batch 2 8.18 vs 8.50, 4 10.45 vs 10.85, 8 12.68 vs 11.11, 16 23.15 vs
@@ -715,6 +718,9 @@ struct FusedStep {
     /// Vocabulary rows of the LM head whose weights stay in L2 from one step to the next (evict_last;
     /// the rest of the weights stream through with evict_first): head_keep_bytes of them.
     head_keep_rows: usize,
+    /// Whether a launch asks for room to stage its attention splits' outputs (step_stage_bytes):
+    /// on unless `GPT2RT_CUDA_STEP_STAGE_SPLITS=0` (a tuning knob read when the engine loads).
+    stage_splits: bool,
 }
 
 /// One kernel of the fused step.
@@ -726,6 +732,8 @@ struct StepKernel {
     rows: usize,
     /// Rows up to which the MLP-down input is staged in shared memory (as much as fits).
     stage_rows: usize,
+    /// Dynamic shared memory a launch may ask for (the device's opt-in limit less the static).
+    smem_limit: usize,
 }
 
 impl FusedStep {
@@ -823,7 +831,8 @@ fn fused_step(
         usize::MAX
     };
     let head_keep_rows = (head_keep_bytes(device, dtype) / (c * dtype.size())).min(cfg.vocab_size);
-    Ok(Some(FusedStep { blocks, table, kernels, batches, mma_rows, head_keep_rows }))
+    let stage_splits = knob_on("GPT2RT_CUDA_STEP_STAGE_SPLITS");
+    Ok(Some(FusedStep { blocks, table, kernels, batches, mma_rows, head_keep_rows, stage_splits }))
 }
 
 /// Bytes of LM-head weights the fused step keeps in L2 across steps: HEAD_KEEP_MB_HALF or
@@ -836,6 +845,16 @@ fn head_keep_bytes(device: &Device, dtype: DType) -> usize {
         HEAD_KEEP_MB_HALF
     });
     mb.saturating_mul(1 << 20).min(device.l2_bytes / 3)
+}
+
+/// Bytes the fused step's attention splits' outputs take where they are staged for their
+/// combination (step_combine_load in the .cu file: past the weight table's copy, where the launch's
+/// shared memory has room): `m` rows of as many splits as step_splits can choose in a session of
+/// `max_seq` (no more than the blocks' share of each (row, head), no fewer than STEP_SPLIT_KEYS
+/// keys each), n_embd floats each; 0 where there is one split.
+fn step_stage_bytes(cfg: &ModelConfig, blocks: usize, m: usize, max_seq: usize) -> usize {
+    let splits = (blocks / (m * cfg.n_head).max(1)).min(max_seq.div_ceil(STEP_SPLIT_KEYS)).max(1);
+    if splits > 1 { m * splits * cfg.n_embd * 4 } else { 0 }
 }
 
 /// Sizes one fused-step kernel (compiled for `kernel_rows` rows) for this device: the rows whose
@@ -856,10 +875,11 @@ fn step_kernel(
         return Ok(None);
     }
     let stage_rows = (1..=rows).take_while(|&m| smem_for(m, true) <= limit).count();
-    let smem = smem_for(rows, false).max(smem_for(stage_rows, true));
     let wide = kernel_rows > GEMV_MAX_ROWS;
-    let fits = allow_dynamic_smem(function, STEP_THREADS, smem, "the fused step")?;
-    Ok(fits.then_some(StepKernel { wide, kernel_rows, rows, stage_rows }))
+    // Any launch up to the limit: past what its rows need, a launch may ask for room to stage the
+    // attention splits' outputs.
+    let fits = allow_dynamic_smem(function, STEP_THREADS, limit, "the fused step")?;
+    Ok(fits.then_some(StepKernel { wide, kernel_rows, rows, stage_rows, smem_limit: limit }))
 }
 
 /// The static shared memory of `function` (a kernel of the loaded module; `what` names it in
@@ -2162,7 +2182,11 @@ impl CudaState {
                 .int(fs.head_keep_rows)
                 .ptr(self.trace.as_ref().map_or(0, |t| t.ptr));
             let wsize = self.shared.dtype.size();
-            let smem = fused_step_smem(cfg, fs.blocks, wsize, b, stage, kernel.kernel_rows);
+            let mut smem = fused_step_smem(cfg, fs.blocks, wsize, b, stage, kernel.kernel_rows);
+            let staged = if fs.stage_splits { step_stage_bytes(cfg, fs.blocks, b, self.profile.max_seq) } else { 0 };
+            if staged > 0 && smem.next_multiple_of(16) + staged <= kernel.smem_limit {
+                smem = smem.next_multiple_of(16) + staged;
+            }
             let k = &self.shared.device.kernels;
             let f = if kernel.wide { k.decode_step_wide } else { k.decode_step };
             let f = f.expect("a fused step has its kernels");
@@ -2602,6 +2626,33 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn the_attention_stage_holds_the_splits_of_every_context_a_session_reaches() {
+        // What step_splits in the .cu file picks (positions of up to `longest` keys): the room a
+        // launch asks for must hold every row's splits' outputs, or the combination silently reads
+        // them through L2.
+        let device_splits = |blocks: usize, m: usize, h: usize, longest: usize| {
+            (blocks / (m * h)).min(longest.div_ceil(STEP_SPLIT_KEYS)).max(1)
+        };
+        let cfg = crate::model::Preset::DistilGpt2.config();
+        for blocks in [46, 108, 132, 144] {
+            for m in 1..=FUSED_WIDE_ROWS {
+                for max_seq in [1, 12, 44, 64, 65, 256, 640, 1024] {
+                    let room = step_stage_bytes(&cfg, blocks, m, max_seq);
+                    let most = (1..=max_seq).map(|t| device_splits(blocks, m, cfg.n_head, t)).max().unwrap();
+                    let at = format!("blocks {blocks}, rows {m}, max_seq {max_seq}");
+                    if most == 1 {
+                        assert_eq!(room, 0, "{at}");
+                    } else {
+                        assert_eq!(room, m * most * cfg.n_embd * 4, "{at}");
+                    }
+                }
+            }
+        }
+        // DistilGPT2 at batch 1 on 132 SMs, 256 positions: four splits of 64 keys, 12 KB.
+        assert_eq!(step_stage_bytes(&cfg, 132, 1, 256), 4 * 768 * 4);
     }
 
     #[test]
