@@ -2455,11 +2455,12 @@ __device__ __noinline__ void step_plan(StepPlan& pl, int j, int C, int CB, int u
 }
 
 // Shared memory of decode_step (the host mirrors this: fused_step_smem in imp.rs): two buffers
-// (the largest product's slab, then LayerNorm gamma and beta), M x C floats of rows, M x 4C more
-// when the MLP-down rows are staged, then the scratch (the products' shares, attention's per-warp
-// results, or the attention splits' (max, sum) and weights), then from a 16-byte boundary a copy
-// of the weight table (step_table_entries addresses), then from a 16-byte boundary, where the
-// launch has room for them, several attention splits' outputs (decode_step's `stage`).
+// (the largest product's slab, then LayerNorm gamma and beta), M x C floats of rows (M x 4C when
+// the MLP-down rows are staged: they take the same place), then the scratch (the products'
+// shares, attention's per-warp results, or the attention splits' (max, sum) and weights), then
+// from a 16-byte boundary a copy of the weight table (step_table_entries addresses), then from a
+// 16-byte boundary, where the launch has room for them, several attention splits' outputs
+// (decode_step's `stage`).
 __device__ __forceinline__ size_t step_slab_bytes(int C, int blocks, int wsize) {
     int elems = max(max(ceil_div(3 * C, blocks) * C, ceil_div(4 * C, blocks) * C), ceil_div(C, blocks) * 4 * C);
     return ((size_t)elems * wsize + 15) / 16 * 16;
