@@ -2260,7 +2260,7 @@ extern "C" __global__ void sample_rows(const float* logits, int V, const float* 
 // ld.global.cg): another SM wrote them, and L1 is not coherent.
 #define STEP_THREADS 512
 #define STEP_WARPS (STEP_THREADS / 32)
-// Rows of the wide fused step (decode_step16_f32; the others take GEMV_ROWS), which the products
+// Rows of the wide fused step (decode_step16_*; the others take GEMV_ROWS), which the products
 // take in groups of GEMV_ROWS. FUSED_WIDE_ROWS in imp.rs.
 #define STEP_ROWS 16
 // flags of decode_step: the MLP-down input rows are staged in shared memory.
@@ -2667,21 +2667,48 @@ __device__ __noinline__ void step_product(const W* slab, const StepPlan& pl, con
     __syncthreads();
 }
 
-// step_product on tensor cores (f16/bf16 weights, M <= 8 rows, K % 32 == 0): item it = (group
+// step_product on tensor cores (f16/bf16 weights, M <= 16 rows, K % 32 == 0): item it = (group
 // it / S of 8 adjacent columns, k-share it % S) belongs to warp it % STEP_WARPS and runs two
-// m16n8k16 products a 32 k (rows 8..15 of the A operand are zero). Lane (g, tig) loads 8
-// consecutive k (from 8 tig) of column g and of row g; the first product takes k 0-3 of them as
-// its logical k {2 tig, 2 tig + 1, 2 tig + 8, 2 tig + 9}, the second k 4-7: a dot product does
-// not mind which k pairs with which so long as both operands agree, and every lane holding a
-// logical k maps it to the same k. The rows are rounded to W, as matmul_mma does. red as
+// m16n8k16 products a 32 k (rows M..15 of the A operand are zero; for ROWS <= 8, rows 8..15 are
+// never loaded). Lane (g, tig) loads 8 consecutive k (from 8 tig) of column g and of rows g and g +
+// 8; the first product takes k 0-3 of them as its logical k {2 tig, 2 tig + 1, 2 tig + 8, 2 tig +
+// 9}, the second k 4-7: a dot product does not mind which k pairs with which so long as both
+// operands agree, and every lane holding a logical k maps it to the same k. Rows in fp32 (A =
+// float) are rounded to W, as matmul_mma does; rows already in W (A = W: the MLP-down input, which
+// the MLP-up epilogue rounded the same way) are taken as they are, half the bytes to read. red as
 // step_product with CB = 8.
-template <typename W, int ROWS>
-__device__ __noinline__ void step_product_mma(const W* slab, const StepPlan& pl, const float* x, bool global_x, int M,
+template <typename W, typename A>
+__device__ __forceinline__ void step_mma_pairs(const A* p, bool global_x, bool ok, unsigned int (&r)[4]) {
+    if constexpr (sizeof(A) == sizeof(W)) {
+        uint4 u = global_x ? __ldcg(reinterpret_cast<const uint4*>(p)) : *reinterpret_cast<const uint4*>(p);
+        r[0] = ok ? u.x : 0u;
+        r[1] = ok ? u.y : 0u;
+        r[2] = ok ? u.z : 0u;
+        r[3] = ok ? u.w : 0u;
+    } else {
+        float4 x0, x1;
+        if (global_x) {
+            x0 = __ldcg(reinterpret_cast<const float4*>(p));
+            x1 = __ldcg(reinterpret_cast<const float4*>(p + 4));
+        } else {
+            x0 = *reinterpret_cast<const float4*>(p);
+            x1 = *reinterpret_cast<const float4*>(p + 4);
+        }
+        r[0] = ok ? Mma<W>::pack(x0.x, x0.y) : 0u;
+        r[1] = ok ? Mma<W>::pack(x0.z, x0.w) : 0u;
+        r[2] = ok ? Mma<W>::pack(x1.x, x1.y) : 0u;
+        r[3] = ok ? Mma<W>::pack(x1.z, x1.w) : 0u;
+    }
+}
+template <typename W, int ROWS, typename A>
+__device__ __noinline__ void step_product_mma(const W* slab, const StepPlan& pl, const A* x, bool global_x, int M,
                                               float* red) {
+    constexpr bool TWO = ROWS > 8;
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tig = lane & 3;
     int nc = pl.nc, K = pl.K, S = pl.S, per = pl.per;
-    bool row_ok = g < M;
-    const float* xr = x + (size_t)min(g, M - 1) * K + tig * 8;
+    bool ok0 = g < M, ok1 = TWO && g + 8 < M;
+    const A* xr0 = x + (size_t)min(g, M - 1) * K + tig * 8;
+    const A* xr1 = x + (size_t)min(g + 8, M - 1) * K + tig * 8;
     for (int it = warp; it < pl.items; it += STEP_WARPS) {
         int gi = udiv(it, pl.by_s);
         int c0 = gi * 8, kb = (it - gi * S) * per, ke = min(K, kb + per);
@@ -2691,27 +2718,28 @@ __device__ __noinline__ void step_product_mma(const W* slab, const StepPlan& pl,
 #pragma unroll 4
         for (int k = kb; k < ke; k += 32) {
             uint4 b = *reinterpret_cast<const uint4*>(wr + k);
-            float4 x0, x1;
-            if (global_x) {
-                x0 = __ldcg(reinterpret_cast<const float4*>(xr + k));
-                x1 = __ldcg(reinterpret_cast<const float4*>(xr + k + 4));
-            } else {
-                x0 = *reinterpret_cast<const float4*>(xr + k);
-                x1 = *reinterpret_cast<const float4*>(xr + k + 4);
-            }
-            unsigned int a[4] = {row_ok ? Mma<W>::pack(x0.x, x0.y) : 0u, 0u, row_ok ? Mma<W>::pack(x0.z, x0.w) : 0u, 0u};
+            unsigned int r0[4], r1[4] = {0u, 0u, 0u, 0u};
+            step_mma_pairs<W>(xr0 + k, global_x, ok0, r0);
+            if constexpr (TWO) step_mma_pairs<W>(xr1 + k, global_x, ok1, r1);
+            unsigned int a[4] = {r0[0], r1[0], r0[1], r1[1]};
             unsigned int bw[2] = {b.x, b.y};
             Mma<W>::run(d, a, bw);
-            a[0] = row_ok ? Mma<W>::pack(x1.x, x1.y) : 0u;
-            a[2] = row_ok ? Mma<W>::pack(x1.z, x1.w) : 0u;
+            a[0] = r0[2];
+            a[1] = r1[2];
+            a[2] = r0[3];
+            a[3] = r1[3];
             bw[0] = b.z;
             bw[1] = b.w;
             Mma<W>::run(d, a, bw);
         }
-        // d[0], d[1]: row g, columns c0 + 2 tig and c0 + 2 tig + 1 (d[2], d[3]: the zero rows).
-        if (row_ok) {
+        // d[0], d[1]: row g, columns c0 + 2 tig and c0 + 2 tig + 1; d[2], d[3]: row g + 8.
+        if (ok0) {
             red[(it * 8 + 2 * tig) * ROWS + g] = d[0];
             red[(it * 8 + 2 * tig + 1) * ROWS + g] = d[1];
+        }
+        if (ok1) {
+            red[(it * 8 + 2 * tig) * ROWS + g + 8] = d[2];
+            red[(it * 8 + 2 * tig + 1) * ROWS + g + 8] = d[3];
         }
     }
     __syncthreads();
@@ -2828,7 +2856,8 @@ __device__ __noinline__ void step_combine(const float* part, int M, int C, int H
 
 // Output (m, n0 + c) of a product: its S shares (column groups of CB) in order + bias, then by
 // mode as matmul_finish: 1 store gelu_new; 2 out += v (the residual); 3 store, and append k/v
-// columns to the KV cache. The thread's first output uses the bias and residual loaded ahead.
+// columns to the KV cache; and 4 store gelu_new rounded to W (out then holds W). The thread's first
+// output uses the bias and residual loaded ahead.
 template <typename W, int ROWS>
 __device__ __noinline__ void step_epilogue(const float* red, const StepPlan& pl, const StepDivs& dv, int M, int C,
                                            const W* bias, W bias0, float res0, float* out, int mode, W* kc,
@@ -2845,6 +2874,8 @@ __device__ __noinline__ void step_epilogue(const float* red, const StepPlan& pl,
         size_t i = (size_t)m * N + n;
         if (mode == 1) {
             out[i] = gelu_new(v);
+        } else if (mode == 4) {
+            store_as(reinterpret_cast<W*>(out) + i, gelu_new(v));
         } else if (mode == 2) {
             out[i] = (t == t0 ? res0 : __ldcg(out + i)) + v;
         } else {
@@ -2993,7 +3024,12 @@ __device__ void decode_step(const unsigned long long* table, int L, int C, int H
     unsigned char* bufs[2] = {step_smem, step_smem + buffer};
     float* xs = reinterpret_cast<float*>(step_smem + 2 * buffer);
     bool stage_h4 = flags & STEP_STAGE_H4;
-    bool mma = !IsF32<W>::value && ROWS <= 8 && (flags & STEP_MMA);
+    bool mma = !IsF32<W>::value && (flags & STEP_MMA);
+    // In the wide kernel on tensor cores the MLP-up epilogue stores its rows in W (rounded as the
+    // MLP-down product would round them on the way in: the same sums) and the MLP-down product
+    // reads them so: half the bytes to copy and stage (16 rows: 96 KB instead of 192, which fits
+    // beside the buffers).
+    bool half_h4 = mma && ROWS > GEMV_ROWS;
     // The staged MLP-down rows take the place of xs, which nothing reads from the end of the MLP-up
     // product to the next layer's input copy: the launch's shared memory is M C floats smaller, so
     // more of each SM is L1, which the loads in flight need (H200, f16 batch 8: 207.6 KB left 28 KB
@@ -3002,7 +3038,8 @@ __device__ void decode_step(const unsigned long long* table, int L, int C, int H
     // (Written as a choice of two offsets: as one offset times a choice, the f16/bf16 entry
     // functions spilled 16 bytes of stores and 52 of loads instead of 8 and 8, and bf16 batch 1 was
     // 8% slower: H200, prompt 128 + 128 tokens, E2E 23.06 / 23.21 -> 24.94 / 25.00 ms.)
-    float* scratch = xs + (stage_h4 ? (size_t)M * 4 * C : (size_t)M * C);
+    float* scratch = ROWS > GEMV_ROWS ? xs + (stage_h4 ? (size_t)M * (half_h4 ? 2 : 4) * C : (size_t)M * C)
+                                      : xs + (stage_h4 ? (size_t)M * 4 * C : (size_t)M * C);
     size_t table_at = ((size_t)(reinterpret_cast<unsigned char*>(scratch + step_scratch_floats(C, H, gridDim.x, ROWS)) -
                                 step_smem) +
                        15) / 16 * 16;
@@ -3079,9 +3116,10 @@ __device__ void decode_step(const unsigned long long* table, int L, int C, int H
     Ahead next_product = ahead(0);
     // Product p: `issue` starts the copies of its input rows and the next product's buffer is
     // requested; everything is waited for at once and `prepare` finishes the input rows; then the
-    // block's columns and the epilogue (mode as matmul_finish: 1 GELU, 2 residual add, 3 store +
-    // KV append). The caller runs the barrier.
-    auto product = [&](int p, const float* in, bool global_in, float* out, int mode, W* kc, W* vc,
+    // block's columns and the epilogue (mode as step_epilogue: 1 GELU, 2 residual add, 3 store +
+    // KV append, 4 GELU in W). `half_in`: the input rows are in W (tensor cores only). The caller
+    // runs the barrier.
+    auto product = [&](int p, const float* in, bool global_in, bool half_in, float* out, int mode, W* kc, W* vc,
                        auto&& issue, auto&& prepare) {
         Ahead a = next_product;
         const StepPlan& pl = plans[p % 4];
@@ -3097,8 +3135,13 @@ __device__ void decode_step(const unsigned long long* table, int L, int C, int H
         prepare();
         const W* slab_p = reinterpret_cast<const W*>(bufs[p & 1]);
         if (mma) {
-            // mma is never set for f32 or wide kernels: no instance of those is made.
-            if constexpr (!IsF32<W>::value && ROWS <= 8) step_product_mma<W, ROWS>(slab_p, pl, in, global_in, M, scratch);
+            // mma is never set for f32: no instance of that is made.
+            if constexpr (!IsF32<W>::value) {
+                if (half_in)
+                    step_product_mma<W, ROWS, W>(slab_p, pl, reinterpret_cast<const W*>(in), global_in, M, scratch);
+                else
+                    step_product_mma<W, ROWS, float>(slab_p, pl, in, global_in, M, scratch);
+            }
         } else if (pl.cb_shift == 0) {
             step_product<W, 1, ROWS>(slab_p, pl, in, global_in, M, scratch);
         } else {
@@ -3117,7 +3160,7 @@ __device__ void decode_step(const unsigned long long* table, int L, int C, int H
         W* vc = v_cache + l * layer_stride;
         int p = 4 * l;
         product(
-            p, xs, false, qkv, 3, kc, vc,
+            p, xs, false, false, qkv, 3, kc, vc,
             [&] {
                 if (l > 0) copy_block(xs, x, (size_t)M * C * 4);
             },
@@ -3131,16 +3174,16 @@ __device__ void decode_step(const unsigned long long* table, int L, int C, int H
         stamp(trace, stamps);
         grid_barrier(bar, barriers);
         product(
-            p + 1, xs, false, x, 2, nullptr, nullptr,
+            p + 1, xs, false, false, x, 2, nullptr, nullptr,
             [&] { step_combine_load(ml, part, M, C, H, S_att, scratch, xs, stage, &fetched[2]); },
             [&] { step_combine(part, M, C, H, S_att, scratch, xs, stage, &fetched[2], l, dv); });
         product(
-            p + 2, xs, false, h4, 1, nullptr, nullptr, [&] { copy_block(xs, x, (size_t)M * C * 4); },
+            p + 2, xs, false, false, h4, half_h4 ? 4 : 1, nullptr, nullptr, [&] { copy_block(xs, x, (size_t)M * C * 4); },
             [&] { step_norm<W>(xs, ln(p + 2, 0), ln(p + 2, 1), eps, M, C); });
         product(
-            p + 3, stage_h4 ? h4s : h4, !stage_h4, x, 2, nullptr, nullptr,
+            p + 3, stage_h4 ? h4s : h4, !stage_h4, half_h4, x, 2, nullptr, nullptr,
             [&] {
-                if (stage_h4) copy_block(h4s, h4, (size_t)M * 4 * C * 4);
+                if (stage_h4) copy_block(h4s, h4, (size_t)M * 4 * C * (half_h4 ? sizeof(W) : 4));
             },
             [] {});
     }
@@ -3151,7 +3194,7 @@ __device__ void decode_step(const unsigned long long* table, int L, int C, int H
     int item0 = blockIdx.x * STEP_WARPS + warp;
     const W* head = at(T_HEAD);
     bool head_mma = false;
-    if constexpr (!IsF32<W>::value && ROWS <= 8)
+    if constexpr (!IsF32<W>::value)
         head_mma = mma && (size_t)16 * (C + 32) * sizeof(W) <= 2 * buffer;
     if (head_mma)
         step_head_prefetch<W>(head, V, C);
@@ -3165,7 +3208,7 @@ __device__ void decode_step(const unsigned long long* table, int L, int C, int H
     __syncthreads();
     step_norm<W>(xs, ln(4 * L, 0), ln(4 * L, 1), eps, M, C);
     stamp(trace, stamps);
-    if constexpr (!IsF32<W>::value && ROWS <= 8) {
+    if constexpr (!IsF32<W>::value) {
         if (head_mma) {
             unsigned short* a_s = reinterpret_cast<unsigned short*>(step_smem);
             __syncthreads();  // the LayerNorm's rows are in xs, and its parameters read
@@ -3191,5 +3234,7 @@ __device__ void decode_step(const unsigned long long* table, int L, int C, int H
 STEP_KERNEL(float, decode_step_f32, GEMV_ROWS)
 STEP_KERNEL(__half, decode_step_f16, GEMV_ROWS)
 STEP_KERNEL(__nv_bfloat16, decode_step_bf16, GEMV_ROWS)
-// Up to 16 rows, f32 only: in the half modes the tensor-core products are faster past 4 rows.
+// Up to 16 rows (the products' tensor-core tiles take rows 8-15 too).
 STEP_KERNEL(float, decode_step16_f32, STEP_ROWS)
+STEP_KERNEL(__half, decode_step16_f16, STEP_ROWS)
+STEP_KERNEL(__nv_bfloat16, decode_step16_bf16, STEP_ROWS)

@@ -190,9 +190,9 @@ fn cuda_f32_matches_the_cpu_reference_at_every_batch_path() {
         let half = distilgpt2(BackendKind::Cuda, Some(dtype));
         let phases = distilgpt2_with("GPT2RT_CUDA_FUSED_ROWS", "0", dtype);
         let decode = distilgpt2_with_vars([("GPT2RT_CUDA_FUSED_ROWS", "0"), ("GPT2RT_CUDA_DECODE_ROWS", "8")], dtype);
-        // On 8.0+ GPUs steps of batches 1-8 take the fused step (from 2 with its products and LM
-        // head on tensor cores), 12 and 64 the tensor-core products, and so does 6 with
-        // GPT2RT_CUDA_FUSED_ROWS=0 (the decode kernels, several rows a warp, with
+        // On 8.0+ GPUs steps of batches 1-16 take the fused step (from 2 with its products and LM
+        // head on tensor cores; 9-16 the wide kernel), 64 the tensor-core products, and so does 6
+        // with GPT2RT_CUDA_FUSED_ROWS=0 (the decode kernels, several rows a warp, with
         // GPT2RT_CUDA_DECODE_ROWS=8 too).
         let engines =
             [(1, &half), (2, &half), (4, &half), (6, &half), (6, &phases), (6, &decode), (12, &half), (64, &half)];
@@ -531,15 +531,21 @@ fn cuda_fused_step_on_tensor_cores_matches_the_cpu_reference() {
     if !gpu_available() {
         return;
     }
-    // Batch 8 through the fused step (GPT2RT_CUDA_FUSED_ROWS=8), its products and LM head on tensor
-    // cores from 3 rows on 8.0+ GPUs in the half modes (step_product_mma, step_head_mma), beside
-    // its CUDA-core products and head (GPT2RT_CUDA_STEP_MMA_ROWS past the batch).
-    half_logits_against_the_cpu(
-        8,
-        "the fused step on tensor cores",
-        |dtype| distilgpt2_with_vars([("GPT2RT_CUDA_FUSED_ROWS", "8"), ("GPT2RT_CUDA_STEP_MMA_ROWS", "3")], dtype),
-        |dtype| distilgpt2_with_vars([("GPT2RT_CUDA_FUSED_ROWS", "8"), ("GPT2RT_CUDA_STEP_MMA_ROWS", "99")], dtype),
-    );
+    // Batches 8 and 16 through the fused step (GPT2RT_CUDA_FUSED_ROWS=16; 16 takes the wide kernel,
+    // whose tensor-core tiles use all 16 rows and whose MLP-down rows are kept in the weights'
+    // type), its products and LM head on tensor cores from 3 rows on 8.0+ GPUs in the half modes
+    // (step_product_mma, step_head_mma), beside its CUDA-core products and head
+    // (GPT2RT_CUDA_STEP_MMA_ROWS past the batch).
+    for batch in [8, 16] {
+        half_logits_against_the_cpu(
+            batch,
+            "the fused step on tensor cores",
+            |dtype| distilgpt2_with_vars([("GPT2RT_CUDA_FUSED_ROWS", "16"), ("GPT2RT_CUDA_STEP_MMA_ROWS", "3")], dtype),
+            |dtype| {
+                distilgpt2_with_vars([("GPT2RT_CUDA_FUSED_ROWS", "16"), ("GPT2RT_CUDA_STEP_MMA_ROWS", "99")], dtype)
+            },
+        );
+    }
 }
 
 #[test]
@@ -547,16 +553,17 @@ fn cuda_fused_step_head_on_tensor_cores_picks_each_rows_first_largest_logit() {
     if !gpu_available() {
         return;
     }
-    // In the half modes the fused step's LM head runs on tensor cores from 2 rows (step_head_mma,
-    // the steps of batches 2-8 by default) and keeps each block's best (value, index) per row for
-    // the device's greedy choice. For batches 2, 5 and 8 (ragged prompts of 3-20 tokens, then 6
-    // steps on the device's own choices), each chosen id must be the first largest of the logits
-    // read back, which must be close to the CPU reference's (f32) for the same tokens.
+    // In the half modes the fused step's LM head runs on tensor cores from 2 rows (step_head_mma)
+    // and keeps each block's best (value, index) per row for the device's greedy choice. For
+    // batches 2, 5, 8, 13 and 16 (GPT2RT_CUDA_FUSED_ROWS=16: 13 and 16 take the wide kernel; ragged
+    // prompts of 3-20 tokens, then 6 steps on the device's own choices), each chosen id must be the
+    // first largest of the logits read back, which must be close to the CPU reference's (f32) for
+    // the same tokens.
     let cpu = distilgpt2(BackendKind::Cpu, None);
     let vocab = cpu.config().vocab_size;
     for dtype in [DType::F16, DType::BF16] {
-        let gpu = distilgpt2(BackendKind::Cuda, Some(dtype));
-        for batch in [2, 5, 8] {
+        let gpu = distilgpt2_with("GPT2RT_CUDA_FUSED_ROWS", "16", dtype);
+        for batch in [2, 5, 8, 13, 16] {
             let lengths: Vec<usize> = (0..batch).map(|i| 3 + (i * 17) % 18).collect();
             let tokens = prompts(vocab, 1, lengths.iter().sum());
             let options = SessionOptions { max_batch: batch, max_seq: 32, kv_cache: true };

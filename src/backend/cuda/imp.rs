@@ -138,16 +138,21 @@ const STEP_SPLIT_KEYS: usize = 4 * STEP_THREADS / 32;
 /// / 28.68 vs 31.71, 6 27.53 / 27.43 vs 32.48, 7 28.36 / 28.44 vs 32.90, 8 30.63 / 30.70 vs 33.24,
 /// bf16 batch 8 30.69 / 30.75 vs 33.38; prompt 12 + 32 tokens: f16 batch 3 5.79 / 5.89 vs 7.21, 6
 /// 6.38 / 6.40 vs 7.37, 8 6.98 / 7.01 vs 7.62: so every half batch up to 8 takes it. A 16-row
-/// half kernel (its products' m16n8k16 tiles using all 16 rows) measured slower than a kernel per
-/// phase at 12 and 16 rows (f16 prompt 128 + 128 tokens, batch 12 36.92 / 36.88 vs 35.78, 16 40.42
-/// / 40.42 vs 37.97; batch 16 prompt 12 + 32 8.93 / 8.98 vs 8.36; with a prefetch since cut that
-/// cost about 5 us a step), and was not kept. f32 batches 2-4 measured again (H200, the same day,
+/// half kernel (its products' m16n8k16 tiles using all 16 rows) first measured slower than a
+/// kernel per phase at 12 and 16 rows (f16 prompt 128 + 128 tokens, batch 12 36.92 / 36.88 vs
+/// 35.78, 16 40.42 / 40.42 vs 37.97; batch 16 prompt 12 + 32 8.93 / 8.98 vs 8.36), and was not
+/// kept then; with the MLP-down rows in the weights' type, staged in shared memory (H200, the same
+/// day, same call, twice, kernels vs fused), prompt 12 + 32 tokens: f16 batch 9 7.66 / 7.65 vs
+/// 7.09 / 7.15, 12 8.03 / 8.00 vs 7.49 / 7.51, 16 8.38 / 8.43 vs 8.17 / 8.16, bf16 9 7.66 / 7.70 vs
+/// 7.07 / 7.06, 12 8.03 / 8.05 vs 7.48 / 7.49, 16 8.34 / 8.41 vs 8.14 / 8.17; f16 batch 16 prompt
+/// 12 + 8 2.34 / 2.34 vs 2.28 / 2.29; prompt 128 + 128: batch 12 35.77 / 35.87 vs 34.32 / 34.23, 16
+/// 37.93 / 37.61 vs 37.64 / 37.60: so every half batch up to 16 takes it. f32 batches 2-4 measured again (H200, the same day,
 /// E2E ms, same call, twice, fused vs decode kernels): prompt 12 + 32 tokens batch 2 6.66 / 6.67
 /// vs 7.99 / 7.94, 3 6.69 / 6.72 vs 8.91 / 9.00, 4 7.06 / 7.02 vs 9.83 / 9.90; prompt 128 + 128
 /// batch 2 29.42 / 29.23 vs 34.53 / 34.59, 3 31.41 / 31.33 vs 38.67 / 38.64, 4 33.92 / 33.97 vs
 /// 43.15 / 43.19: so every f32 batch up to 16 takes it.
 const FUSED_BATCHES_F32: u32 = 0b1_1111_1111_1111_1110;
-const FUSED_BATCHES_HALF: u32 = 0b1_1111_1110;
+const FUSED_BATCHES_HALF: u32 = 0b1_1111_1111_1111_1110;
 /// Batches from which the fused step's products (and, since, its LM head: step_head_mma) run on
 /// tensor cores, where they can (the rows rounded to f16/bf16 as in matmul_mma). H100, f16, prompt
 /// 12, 32 new tokens, E2E ms, tensor cores vs CUDA cores: batch 1 7.87 vs 7.83 (so batch 1 keeps
@@ -175,7 +180,7 @@ fn trace_stamps(layers: usize) -> usize {
 /// STEP_PER_LAYER in the .cu file).
 const STEP_TABLE_GLOBALS: usize = 5;
 const STEP_TABLE_PER_LAYER: usize = 12;
-/// Rows of the wide (f32) fused-step kernel (STEP_ROWS in the .cu file).
+/// Rows of the wide fused-step kernel (STEP_ROWS in the .cu file).
 const FUSED_WIDE_ROWS: usize = 16;
 /// Warps of a fused-step block (STEP_WARPS in the .cu file).
 const STEP_WARPS: usize = STEP_THREADS / 32;
@@ -463,7 +468,7 @@ impl Device {
             sample_rows: get("sample_rows")?,
             advance: get("advance")?,
             decode_step: if fused { Some(get(&format!("decode_step_{suffix}"))?) } else { None },
-            decode_step_wide: if fused && dtype == DType::F32 { Some(get("decode_step16_f32")?) } else { None },
+            decode_step_wide: if fused { Some(get(&format!("decode_step16_{suffix}"))?) } else { None },
         };
         let cluster_max = match &kernels.matmul_mma_cluster {
             Some((fp32_rows, half)) => cluster_size(std::iter::once(*fp32_rows).chain(*half), cluster_wanted),
@@ -730,8 +735,10 @@ struct StepKernel {
     /// The rows it is compiled for (its ROWS), and those whose inputs fit its shared memory.
     kernel_rows: usize,
     rows: usize,
-    /// Rows up to which the MLP-down input is staged in shared memory (as much as fits).
+    /// Rows up to which the MLP-down input is staged in shared memory (as much as fits): in fp32,
+    /// and in the weights' type (the wide kernel's on tensor cores: `half_h4`).
     stage_rows: usize,
+    stage_rows_half: usize,
     /// Dynamic shared memory a launch may ask for (the device's opt-in limit less the static).
     smem_limit: usize,
 }
@@ -749,14 +756,15 @@ impl FusedStep {
 }
 
 /// Dynamic shared memory of the fused-step kernel for `kernel_rows` rows (its ROWS) at `m` rows,
-/// with the MLP-down rows staged in it or not, and the copy of the weight table after it (mirrors
+/// with the MLP-down rows staged in it (`h4_size` bytes a value: 4, or the weights' size where
+/// they are in the weights' type) or not (0), and the copy of the weight table after it (mirrors
 /// step_buffer_bytes, step_scratch_floats and step_table_entries in the .cu file).
 fn fused_step_smem(
     cfg: &ModelConfig,
     blocks: usize,
     wsize: usize,
     m: usize,
-    stage_h4: bool,
+    h4_size: usize,
     kernel_rows: usize,
 ) -> usize {
     let c = cfg.n_embd;
@@ -767,7 +775,7 @@ fn fused_step_smem(
     let attention = STEP_WARPS * cfg.head_dim() + 2 * STEP_WARPS;
     let combine = 3 * blocks.max(kernel_rows * cfg.n_head);
     // The staged MLP-down rows take the place of the input rows (decode_step).
-    let rows = m * c * if stage_h4 { 4 } else { 1 };
+    let rows = m * c * if h4_size > 0 { h4_size } else { 1 };
     let table = STEP_TABLE_GLOBALS + cfg.n_layer * STEP_TABLE_PER_LAYER;
     (2 * buffer + (rows + shares.max(attention).max(combine)) * 4).next_multiple_of(16) + table * 8
 }
@@ -869,17 +877,18 @@ fn step_kernel(
     kernel_rows: usize,
 ) -> Result<Option<StepKernel>> {
     let limit = device.smem_optin.saturating_sub(static_smem(function, "the fused step")?);
-    let smem_for = |m: usize, stage_h4: bool| fused_step_smem(cfg, blocks, dtype.size(), m, stage_h4, kernel_rows);
-    let rows = (1..=kernel_rows).take_while(|&m| smem_for(m, false) <= limit).count();
+    let smem_for = |m: usize, h4_size: usize| fused_step_smem(cfg, blocks, dtype.size(), m, h4_size, kernel_rows);
+    let rows = (1..=kernel_rows).take_while(|&m| smem_for(m, 0) <= limit).count();
     if rows == 0 {
         return Ok(None);
     }
-    let stage_rows = (1..=rows).take_while(|&m| smem_for(m, true) <= limit).count();
+    let stage_rows = (1..=rows).take_while(|&m| smem_for(m, 4) <= limit).count();
+    let stage_rows_half = (1..=rows).take_while(|&m| smem_for(m, dtype.size()) <= limit).count();
     let wide = kernel_rows > GEMV_MAX_ROWS;
     // Any launch up to the limit: past what its rows need, a launch may ask for room to stage the
     // attention splits' outputs.
     let fits = allow_dynamic_smem(function, STEP_THREADS, limit, "the fused step")?;
-    Ok(fits.then_some(StepKernel { wide, kernel_rows, rows, stage_rows, smem_limit: limit }))
+    Ok(fits.then_some(StepKernel { wide, kernel_rows, rows, stage_rows, stage_rows_half, smem_limit: limit }))
 }
 
 /// The static shared memory of `function` (a kernel of the loaded module; `what` names it in
@@ -2152,7 +2161,10 @@ impl CudaState {
             let cfg = &self.shared.config;
             let kernel = fs.kernel(b);
             let mma = b >= fs.mma_rows;
-            let stage = b <= kernel.stage_rows;
+            // The wide kernel on tensor cores keeps the MLP-down rows in the weights' type
+            // (decode_step's half_h4).
+            let half_h4 = mma && kernel.wide;
+            let stage = b <= if half_h4 { kernel.stage_rows_half } else { kernel.stage_rows };
             let args = Args::new()
                 .ptr(fs.table.ptr)
                 .int(cfg.n_layer)
@@ -2182,7 +2194,12 @@ impl CudaState {
                 .int(fs.head_keep_rows)
                 .ptr(self.trace.as_ref().map_or(0, |t| t.ptr));
             let wsize = self.shared.dtype.size();
-            let mut smem = fused_step_smem(cfg, fs.blocks, wsize, b, stage, kernel.kernel_rows);
+            let h4_size = match (stage, half_h4) {
+                (false, _) => 0,
+                (true, true) => wsize,
+                (true, false) => 4,
+            };
+            let mut smem = fused_step_smem(cfg, fs.blocks, wsize, b, h4_size, kernel.kernel_rows);
             let staged = if fs.stage_splits { step_stage_bytes(cfg, fs.blocks, b, self.profile.max_seq) } else { 0 };
             if staged > 0 && smem.next_multiple_of(16) + staged <= kernel.smem_limit {
                 smem = smem.next_multiple_of(16) + staged;
