@@ -191,11 +191,20 @@ fn cuda_f32_matches_the_cpu_reference_at_every_batch_path() {
         let phases = distilgpt2_with("GPT2RT_CUDA_FUSED_ROWS", "0", dtype);
         let decode = distilgpt2_with_vars([("GPT2RT_CUDA_FUSED_ROWS", "0"), ("GPT2RT_CUDA_DECODE_ROWS", "8")], dtype);
         // On 8.0+ GPUs steps of batches 1-16 take the fused step (from 2 with its products and LM
-        // head on tensor cores; 9-16 the wide kernel), 64 the tensor-core products, and so does 6
-        // with GPT2RT_CUDA_FUSED_ROWS=0 (the decode kernels, several rows a warp, with
+        // head on tensor cores; 9-16 the wide kernel), 64 the tensor-core products, and so do 6
+        // and 12 with GPT2RT_CUDA_FUSED_ROWS=0 (6 the decode kernels, several rows a warp, with
         // GPT2RT_CUDA_DECODE_ROWS=8 too).
-        let engines =
-            [(1, &half), (2, &half), (4, &half), (6, &half), (6, &phases), (6, &decode), (12, &half), (64, &half)];
+        let engines = [
+            (1, &half),
+            (2, &half),
+            (4, &half),
+            (6, &half),
+            (6, &phases),
+            (6, &decode),
+            (12, &half),
+            (12, &phases),
+            (64, &half),
+        ];
         for (batch, engine) in engines {
             let want = batch_tokens(&cpu, batch, 5, 12, SamplingParams::greedy());
             let got = batch_tokens(engine, batch, 5, 12, SamplingParams::greedy());

@@ -146,11 +146,11 @@ const STEP_SPLIT_KEYS: usize = 4 * STEP_THREADS / 32;
 /// 7.09 / 7.15, 12 8.03 / 8.00 vs 7.49 / 7.51, 16 8.38 / 8.43 vs 8.17 / 8.16, bf16 9 7.66 / 7.70 vs
 /// 7.07 / 7.06, 12 8.03 / 8.05 vs 7.48 / 7.49, 16 8.34 / 8.41 vs 8.14 / 8.17; f16 batch 16 prompt
 /// 12 + 8 2.34 / 2.34 vs 2.28 / 2.29; prompt 128 + 128: batch 12 35.77 / 35.87 vs 34.32 / 34.23, 16
-/// 37.93 / 37.61 vs 37.64 / 37.60: so every half batch up to 16 takes it. f32 batches 2-4 measured again (H200, the same day,
-/// E2E ms, same call, twice, fused vs decode kernels): prompt 12 + 32 tokens batch 2 6.66 / 6.67
-/// vs 7.99 / 7.94, 3 6.69 / 6.72 vs 8.91 / 9.00, 4 7.06 / 7.02 vs 9.83 / 9.90; prompt 128 + 128
-/// batch 2 29.42 / 29.23 vs 34.53 / 34.59, 3 31.41 / 31.33 vs 38.67 / 38.64, 4 33.92 / 33.97 vs
-/// 43.15 / 43.19: so every f32 batch up to 16 takes it.
+/// 37.93 / 37.61 vs 37.64 / 37.60: so every half batch up to 16 takes it. f32 batches 2-4
+/// measured again (H200, the same day, E2E ms, same call, twice, fused vs decode kernels): prompt
+/// 12 + 32 tokens batch 2 6.66 / 6.67 vs 7.99 / 7.94, 3 6.69 / 6.72 vs 8.91 / 9.00, 4 7.06 / 7.02
+/// vs 9.83 / 9.90; prompt 128 + 128 batch 2 29.42 / 29.23 vs 34.53 / 34.59, 3 31.41 / 31.33 vs
+/// 38.67 / 38.64, 4 33.92 / 33.97 vs 43.15 / 43.19: so every f32 batch up to 16 takes it.
 const FUSED_BATCHES_F32: u32 = 0b1_1111_1111_1111_1110;
 const FUSED_BATCHES_HALF: u32 = 0b1_1111_1111_1111_1110;
 /// Batches from which the fused step's products (and, since, its LM head: step_head_mma) run on
