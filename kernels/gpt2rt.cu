@@ -2260,8 +2260,9 @@ extern "C" __global__ void sample_rows(const float* logits, int V, const float* 
 // ld.global.cg): another SM wrote them, and L1 is not coherent.
 #define STEP_THREADS 512
 #define STEP_WARPS (STEP_THREADS / 32)
-// Rows of the wide fused step (decode_step16_*; the others take GEMV_ROWS), which the products
-// take in groups of GEMV_ROWS. FUSED_WIDE_ROWS in imp.rs.
+// Rows of the wide fused step (decode_step16_*; the others take GEMV_ROWS), which the CUDA-core
+// products take in groups of GEMV_ROWS (the tensor-core ones all at once). FUSED_WIDE_ROWS in
+// imp.rs.
 #define STEP_ROWS 16
 // flags of decode_step: the MLP-down input rows are staged in shared memory.
 #define STEP_STAGE_H4 1
@@ -2831,8 +2832,8 @@ __device__ __forceinline__ int step_column_block(int M) { return M <= 2 ? 1 : 4;
 // Phase B: items (m, h, split) over the blocks. Split sp of row m covers keys [sp * len,
 // (sp + 1) * len) below its context (len = ceil(ctx / S)) with attend, as attention_decode does:
 // the unnormalised output into part[m * S + sp][C] and (max, sum) into ml[((m * S + sp) * H + h) * 2].
-// Where there are more items than blocks (f32 steps of 12-16 rows: one split, 144-192 items on
-// 132 SMs), each half of a block's warps takes an item of its own (named barriers 1 and 2), so
+// Where there are more items than blocks (steps of 12-16 rows: one split, 144-192 items on 132
+// SMs), each half of a block's warps takes an item of its own (named barriers 1 and 2), so
 // that no block has two items in turn while others wait. (Only the wide kernel can have more: the
 // others take GROUPS = false.)
 template <typename W, bool GROUPS>
