@@ -2886,19 +2886,25 @@ __device__ __noinline__ void step_combine_load(const float* ml, const float* par
     for (int i = threadIdx.x; i < M * S * H * 2; i += STEP_THREADS) scratch[i] = __ldcg(ml + i);
 }
 // The splits' weighted sums into xs: their outputs from `src` (shared memory if STAGED, else
-// global through L2).
+// global through L2). Four outputs a thread at a time (of one head: the head size is a multiple
+// of 4, which the host checks), so the index arithmetic and the weights' loads serve four.
 template <bool STAGED>
 __device__ __forceinline__ void step_combine_splits(const float* src, const float* weight, int M, int C, int H, int S,
                                                     float* xs, const StepDivs& dv) {
-    for (int i = threadIdx.x; i < M * C; i += STEP_THREADS) {
+    for (int i = threadIdx.x * 4; i < M * C; i += STEP_THREADS * 4) {
         int m = udiv(i, dv.C), k = i - m * C, h = udiv(k, dv.D);
-        float v = 0.0f;
+        float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
 #pragma unroll 4
         for (int sp = 0; sp < S; sp++) {
-            const float* o = src + ((size_t)m * S + sp) * C + k;
-            v += weight[(m * S + sp) * H + h] * (STAGED ? *o : __ldcg(o));
+            const float4* o = reinterpret_cast<const float4*>(src + ((size_t)m * S + sp) * C + k);
+            float4 u = STAGED ? *o : __ldcg(o);
+            float w = weight[(m * S + sp) * H + h];
+            v.x += w * u.x;
+            v.y += w * u.y;
+            v.z += w * u.z;
+            v.w += w * u.w;
         }
-        xs[i] = v;
+        *reinterpret_cast<float4*>(xs + i) = v;
     }
 }
 __device__ __noinline__ void step_combine(const float* part, int M, int C, int H, int S, float* scratch, float* xs,
@@ -2920,9 +2926,14 @@ __device__ __noinline__ void step_combine(const float* part, int M, int C, int H
     if (S == 1 || stage != nullptr) fetch_wait(mbar, use);
     __syncthreads();
     if (S == 1) {
-        for (int i = threadIdx.x; i < M * C; i += STEP_THREADS) {
+        // Four a thread, as step_combine_splits: one element a thread took 24 of them at 16 rows,
+        // and this phase's prologue 2.8-4.3 us (1.7 at 8 rows; H200, f16, prompt 128 + 128).
+        for (int i = threadIdx.x * 4; i < M * C; i += STEP_THREADS * 4) {
             int m = udiv(i, dv.C);
-            xs[i] = weight[m * H + udiv(i - m * C, dv.D)] * xs[i];
+            float w = weight[m * H + udiv(i - m * C, dv.D)];
+            float4* o = reinterpret_cast<float4*>(xs + i);
+            float4 u = *o;
+            *o = make_float4(w * u.x, w * u.y, w * u.z, w * u.w);
         }
     } else if (stage != nullptr) {
         step_combine_splits<true>(stage, weight, M, C, H, S, xs, dv);

@@ -790,7 +790,8 @@ fn fused_step(
 ) -> Result<Option<FusedStep>> {
     let Some(narrow) = device.kernels.decode_step else { return Ok(None) };
     let (c, h) = (cfg.n_embd, cfg.n_head);
-    if c % 8 != 0 || h == 0 || c % h != 0 || c / h > 256 {
+    // (Its attention combination takes four outputs of a head at a time: heads of a multiple of 4.)
+    if c % 8 != 0 || h == 0 || c % h != 0 || c / h > 256 || (c / h) % 4 != 0 {
         return Ok(None);
     }
     let blocks =
