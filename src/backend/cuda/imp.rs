@@ -735,10 +735,6 @@ struct StepKernel {
     /// The rows it is compiled for (its ROWS), and those whose inputs fit its shared memory.
     kernel_rows: usize,
     rows: usize,
-    /// Rows up to which the MLP-down input is staged in shared memory (as much as fits): in fp32,
-    /// and in the weights' type (the wide kernel's on tensor cores: `half_h4`).
-    stage_rows: usize,
-    stage_rows_half: usize,
     /// Dynamic shared memory a launch may ask for (the device's opt-in limit less the static).
     smem_limit: usize,
 }
@@ -867,8 +863,8 @@ fn step_stage_bytes(cfg: &ModelConfig, blocks: usize, m: usize, max_seq: usize) 
 }
 
 /// Sizes one fused-step kernel (compiled for `kernel_rows` rows) for this device: the rows whose
-/// inputs fit its shared memory and the rows whose MLP-down input fits too; None where none fit or
-/// one block an SM does not.
+/// inputs fit its shared memory (whether a launch's MLP-down rows fit too is worked out when it is
+/// enqueued); None where none fit or one block an SM does not.
 fn step_kernel(
     device: &Arc<Device>,
     cfg: &ModelConfig,
@@ -883,13 +879,11 @@ fn step_kernel(
     if rows == 0 {
         return Ok(None);
     }
-    let stage_rows = (1..=rows).take_while(|&m| smem_for(m, 4) <= limit).count();
-    let stage_rows_half = (1..=rows).take_while(|&m| smem_for(m, dtype.size()) <= limit).count();
     let wide = kernel_rows > GEMV_MAX_ROWS;
     // Any launch up to the limit: past what its rows need, a launch may ask for room to stage the
     // attention splits' outputs.
     let fits = allow_dynamic_smem(function, STEP_THREADS, limit, "the fused step")?;
-    Ok(fits.then_some(StepKernel { wide, kernel_rows, rows, stage_rows, stage_rows_half, smem_limit: limit }))
+    Ok(fits.then_some(StepKernel { wide, kernel_rows, rows, smem_limit: limit }))
 }
 
 /// The static shared memory of `function` (a kernel of the loaded module; `what` names it in
@@ -2162,10 +2156,12 @@ impl CudaState {
             let cfg = &self.shared.config;
             let kernel = fs.kernel(b);
             let mma = b >= fs.mma_rows;
-            // The wide kernel on tensor cores keeps the MLP-down rows in the weights' type
-            // (decode_step's half_h4).
-            let half_h4 = mma && kernel.wide;
-            let stage = b <= if half_h4 { kernel.stage_rows_half } else { kernel.stage_rows };
+            let wsize = self.shared.dtype.size();
+            // The MLP-down rows, staged in shared memory where they fit: in fp32, or in the
+            // weights' type in the wide kernel on tensor cores (decode_step's half_h4).
+            let h4_value = if mma && kernel.wide { wsize } else { 4 };
+            let smem_for = |h4_size| fused_step_smem(cfg, fs.blocks, wsize, b, h4_size, kernel.kernel_rows);
+            let stage = smem_for(h4_value) <= kernel.smem_limit;
             let args = Args::new()
                 .ptr(fs.table.ptr)
                 .int(cfg.n_layer)
@@ -2194,13 +2190,7 @@ impl CudaState {
                 .int(usize::from(stage) | if mma { STEP_MMA } else { 0 })
                 .int(fs.head_keep_rows)
                 .ptr(self.trace.as_ref().map_or(0, |t| t.ptr));
-            let wsize = self.shared.dtype.size();
-            let h4_size = match (stage, half_h4) {
-                (false, _) => 0,
-                (true, true) => wsize,
-                (true, false) => 4,
-            };
-            let mut smem = fused_step_smem(cfg, fs.blocks, wsize, b, h4_size, kernel.kernel_rows);
+            let mut smem = smem_for(if stage { h4_value } else { 0 });
             let staged = if fs.stage_splits { step_stage_bytes(cfg, fs.blocks, b, self.profile.max_seq) } else { 0 };
             if staged > 0 && smem.next_multiple_of(16) + staged <= kernel.smem_limit {
                 smem = smem.next_multiple_of(16) + staged;
