@@ -3126,7 +3126,9 @@ __device__ void decode_step(const unsigned long long* table, int L, int C, int H
     float* h4s = xs;
     // (Written as a choice of two offsets: as one offset times a choice, the f16/bf16 entry
     // functions spilled 16 bytes of stores and 52 of loads instead of 8 and 8, and bf16 batch 1 was
-    // 8% slower: H200, prompt 128 + 128 tokens, E2E 23.06 / 23.21 -> 24.94 / 25.00 ms.)
+    // 8% slower: H200, prompt 128 + 128 tokens, E2E 23.06 / 23.21 -> 24.94 / 25.00 ms. The narrow
+    // kernels keep that form: the wide kernel's third offset, for rows in W, cost them 12-60 bytes
+    // of spills in each of the four ways it was written; see the performance notes.)
     float* scratch = ROWS > GEMV_ROWS ? xs + (stage_h4 ? (size_t)M * (half_h4 ? 2 : 4) * C : (size_t)M * C)
                                       : xs + (stage_h4 ? (size_t)M * 4 * C : (size_t)M * C);
     size_t table_at = ((size_t)(reinterpret_cast<unsigned char*>(scratch + step_scratch_floats(C, H, gridDim.x, ROWS)) -
