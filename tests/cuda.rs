@@ -273,6 +273,46 @@ fn cuda_long_prompts_attention_matches_the_cpu_reference() {
     }
 }
 
+#[test]
+fn cuda_short_prompts_attention_matches_the_cpu_reference() {
+    if !gpu_available() {
+        return;
+    }
+    // Prefills past 64 rows whose every prompt is at most 64 tokens take a warp a (row, head)
+    // (attention_short: keys in runs of 32, an online softmax over the runs). Ragged prompts of
+    // 1-64 tokens (one run, two runs, a run of one key); 283 rows. Prefill logits and two steps'
+    // against the CPU reference, with it and with the block a (row, head) it replaces
+    // (GPT2RT_CUDA_SHORT_ATTENTION=0), in f32, then in f16 and bf16 as the long-prompt test asks.
+    let lengths = [64, 33, 1, 40, 12, 50, 31, 32, 20];
+    let cpu = distilgpt2(BackendKind::Cpu, None);
+    let vocab = cpu.config().vocab_size;
+    let tokens = prompts(vocab, 1, lengths.iter().sum());
+    let run = |engine: &Engine, feed: Option<&[Vec<u32>]>| steps_after_prompts(engine, &tokens, &lengths, 80, 2, feed);
+    let (want, fed) = run(&cpu, None);
+    for dtype in [DType::F32, DType::F16, DType::BF16] {
+        let engines = [
+            (distilgpt2(BackendKind::Cuda, Some(dtype)), "a warp a (row, head)"),
+            (distilgpt2_with("GPT2RT_CUDA_SHORT_ATTENTION", "0", dtype), "a block a (row, head)"),
+        ];
+        for (engine, what) in &engines {
+            let got = run(engine, Some(&fed)).0;
+            if dtype == DType::F32 {
+                for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                    assert_logits_close(g, w, &format!("{what}, after {i} steps"));
+                }
+                continue;
+            }
+            let (worst, same) = half_agreement(&got, &want, vocab);
+            let rows = want.len() * lengths.len();
+            println!(
+                "cuda {dtype}, short prompts, {what}: max relative logit difference from the CPU reference {worst:.2e}; same argmax {same}/{rows}"
+            );
+            assert!(worst < 5e-2, "{dtype}, {what}: logits too far from the CPU reference ({worst})");
+            assert!(same * 10 >= rows * 9, "{dtype}, {what}: argmax agrees on only {same}/{rows}");
+        }
+    }
+}
+
 /// Logits after the prefill of `tokens` (prompts of `lengths`, back to back) and after each of
 /// `steps` steps, and the ids the steps took: `feed`'s, or with None each row's argmax. Every engine
 /// compared with the CPU steps with the CPU's ids, so no comparison follows a diverged sequence.

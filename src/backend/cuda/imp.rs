@@ -194,6 +194,12 @@ const ATTENTION_TILE_ROWS: usize = 32;
 /// the prompts are short (batch 16 prompt 12: 1.12 vs 0.82, 72 blocks each going over 2-3
 /// sequences' rows in turn) or the blocks few (batch 1 prompt 128: 0.94 vs 0.83, 48 blocks).
 const TILED_ATTENTION_LEN: usize = 64;
+/// Longest sequence up to which a prefill's attention past GEMV_MAX_M rows that does not stage its
+/// keys (TILED_ATTENTION_LEN) takes a warp a (row, head) (`attention_short`, heads of 64), instead
+/// of a block a (row, head): every row's keys are then at most two runs of 32. H200, E2E ms of a
+/// prefill and one token, same call, `GPT2RT_CUDA_SHORT_ATTENTION=0` vs on: f16 batch 16 prompt 12
+/// 0.61 vs 0.55, batch 64 prompt 12 1.34 vs 1.16, f32 batch 64 prompt 40 10.62 vs 9.67.
+const SHORT_ATTENTION_LEN: usize = 64;
 /// Threads per block of attention_combine: a thread a column, over (row, column block) blocks
 /// (measured together with its half rows: see "Half rows into every tensor-core product" in
 /// docs/performance-notes.md).
@@ -334,6 +340,9 @@ struct Kernels {
     matmul_finish_rows: sys::CUfunction,
     /// The prefill attention with staged keys (heads of 64), unless `GPT2RT_CUDA_TILED_ATTENTION=0`.
     attention_tiled: Option<sys::CUfunction>,
+    /// The prefill attention of short prompts (heads of 64): a warp a (row, head), unless
+    /// `GPT2RT_CUDA_SHORT_ATTENTION=0`.
+    attention_short: Option<sys::CUfunction>,
     lm_head: sys::CUfunction,
     attention: sys::CUfunction,
     gather_rows: sys::CUfunction,
@@ -459,6 +468,11 @@ impl Device {
             attention: get(&format!("attention_{suffix}"))?,
             attention_tiled: if knob_on("GPT2RT_CUDA_TILED_ATTENTION") {
                 Some(get(&format!("attention_tiled_{suffix}"))?)
+            } else {
+                None
+            },
+            attention_short: if knob_on("GPT2RT_CUDA_SHORT_ATTENTION") {
+                Some(get(&format!("attention_short_{suffix}"))?)
             } else {
                 None
             },
@@ -1819,8 +1833,19 @@ impl CudaState {
     /// after LayerNorm kernels; their attention is split across blocks as well up to GEMV_MAX_M
     /// rows (every step of a batch up to 64, short prefills); beyond, one block a (row, head), or,
     /// when `long_rows` (prefills of long prompts: runs of rows of one sequence), a block a tile
-    /// of rows and head with the keys staged once for the tile (attention_tiled).
-    fn forward_rows(&self, tokens: u64, row_seq: u64, row_pos: u64, n: usize, long_rows: bool) -> Result<()> {
+    /// of rows and head with the keys staged once for the tile (attention_tiled), or else, when
+    /// `short_rows` (prefills whose every sequence is at most SHORT_ATTENTION_LEN long), a warp a
+    /// (row, head) (attention_short).
+    #[allow(clippy::too_many_arguments)]
+    fn forward_rows(
+        &self,
+        tokens: u64,
+        row_seq: u64,
+        row_pos: u64,
+        n: usize,
+        long_rows: bool,
+        short_rows: bool,
+    ) -> Result<()> {
         let cfg = &self.shared.config;
         let k = &self.shared.device.kernels;
         let w = &self.shared.weights;
@@ -1886,6 +1911,16 @@ impl CudaState {
                 let args =
                     self.attention_args(kc, vc, row_seq, row_pos).int(n).ptr(self.att.ptr).int(c).int(s).float(scale);
                 self.launch_overlapped_grid(f, (n.div_ceil(ATTENTION_TILE_ROWS), cfg.n_head, 1), 256, 0, args)?;
+            } else if let Some(f) = k.attention_short.filter(|_| short_rows && cfg.head_dim() == 64) {
+                let args = self
+                    .attention_args(kc, vc, row_seq, row_pos)
+                    .int(n)
+                    .ptr(self.att.ptr)
+                    .int(c)
+                    .int(cfg.n_head)
+                    .int(s)
+                    .float(scale);
+                self.launch_overlapped(f, (n * cfg.n_head).div_ceil(8), 256, 0, args)?;
             } else {
                 self.launch_overlapped(
                     k.attention,
@@ -2116,6 +2151,8 @@ impl CudaState {
         }
         self.mark(false)?;
         let long_rows = total >= TILED_ATTENTION_LEN * self.history.batch();
+        let longest = (0..self.history.batch()).map(|seq| self.history.len(seq)).max().unwrap_or(0);
+        let short_rows = longest <= SHORT_ATTENTION_LEN;
         let c = self.shared.config.n_embd;
         let k = &self.shared.device.kernels;
         let mut start = 0;
@@ -2127,6 +2164,7 @@ impl CudaState {
                 self.ints.at::<i32>(rp_off + start),
                 n,
                 long_rows,
+                short_rows,
             )?;
             self.launch_overlapped(
                 k.gather_rows,
@@ -2205,6 +2243,7 @@ impl CudaState {
             self.ints.at::<i32>(lay.iota),
             self.ints.at::<i32>(lay.seq_len),
             b,
+            false,
             false,
         )?;
         let seq_len = self.ints.at::<i32>(lay.seq_len);
