@@ -598,6 +598,46 @@ fn cuda_fused_step_on_tensor_cores_matches_the_cpu_reference() {
 }
 
 #[test]
+fn cuda_f32_fused_step_of_9_to_16_rows_matches_the_cpu_reference() {
+    if !gpu_available() {
+        return;
+    }
+    // f32 steps of 9-16 sequences take the wide fused step on 8.0+ GPUs (its products and LM head
+    // over the rows in two groups of 8). Each step's logits within 1e-4 of the CPU reference's
+    // (both fed the CPU's greedy ids), and each device-chosen greedy id the first largest logit of
+    // its row (the argmax's first stage in the head, the last block's pick). Batches 9, 13 and 16
+    // (a second group of 1, 5 and 8 rows).
+    let cpu = distilgpt2(BackendKind::Cpu, None);
+    let gpu = distilgpt2(BackendKind::Cuda, Some(DType::F32));
+    let vocab = cpu.config().vocab_size;
+    for batch in [9, 13, 16] {
+        let (prompt_len, steps) = (5, 4);
+        let tokens = prompts(vocab, batch, prompt_len);
+        let lengths = vec![prompt_len; batch];
+        let options = SessionOptions { max_batch: batch, max_seq: prompt_len + steps, kv_cache: true };
+        let (mut c, mut g) = (cpu.new_session(options).unwrap(), gpu.new_session(options).unwrap());
+        c.prefill(&tokens, &lengths).unwrap();
+        g.prefill(&tokens, &lengths).unwrap();
+        let (mut lc, mut lg) = (vec![0.0f32; batch * vocab], vec![0.0f32; batch * vocab]);
+        let mut ids = vec![0u32; batch];
+        for step in 0..=steps {
+            let at = format!("batch {batch}, after {step} steps");
+            c.read_logits(&mut lc).unwrap();
+            g.read_logits(&mut lg).unwrap();
+            assert_logits_close(&lg, &lc, &at);
+            g.select(&SamplingParams::greedy(), &mut ids).unwrap();
+            let first_largest: Vec<u32> = lg.chunks(vocab).map(gpt2rt::sampling::argmax).collect();
+            assert_eq!(ids, first_largest, "{at}: the device's greedy ids");
+            if step < steps {
+                let next: Vec<u32> = lc.chunks(vocab).map(gpt2rt::sampling::argmax).collect();
+                c.step(&next).unwrap();
+                g.step(&next).unwrap();
+            }
+        }
+    }
+}
+
+#[test]
 fn cuda_fused_step_head_on_tensor_cores_picks_each_rows_first_largest_logit() {
     if !gpu_available() {
         return;
