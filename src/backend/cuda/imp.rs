@@ -2127,10 +2127,11 @@ impl CudaState {
         let lay = &self.layout;
         let (t_off, rs_off, rp_off, lr_off, sl_off) =
             (lay.tokens, lay.row_seq, lay.row_pos, lay.last_rows, lay.seq_len);
-        let mut total = 0;
+        let (mut total, mut longest) = (0, 0);
         let host = self.host_ints.as_mut_slice();
         for seq in 0..self.history.batch() {
             let len = self.history.len(seq);
+            longest = longest.max(len);
             for p in 0..len {
                 host[t_off + total] = self.history.token(seq, p) as i32;
                 host[rs_off + total] = seq as i32;
@@ -2151,7 +2152,6 @@ impl CudaState {
         }
         self.mark(false)?;
         let long_rows = total >= TILED_ATTENTION_LEN * self.history.batch();
-        let longest = (0..self.history.batch()).map(|seq| self.history.len(seq)).max().unwrap_or(0);
         let short_rows = longest <= SHORT_ATTENTION_LEN;
         let c = self.shared.config.n_embd;
         let k = &self.shared.device.kernels;
