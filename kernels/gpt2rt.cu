@@ -1634,8 +1634,8 @@ __device__ void attention(const float* qkv, const KV* k_cache, const KV* v_cache
 // loads of its key row; q from shared memory, the same address for every lane), the warp keeps
 // the running max and sum (online softmax over the runs), and lane j accumulates output dimensions
 // 2j and 2j + 1 over each run's keys (one coalesced read of a value row a key). The `attention`
-// kernel's block a (row, head), with its block barriers and reductions, cost 17 µs a layer for a
-// 12-token prompt of 16 sequences (H200, 2304 blocks). Grid ceil(n H / 8), 256 threads (launch
+// kernel's block a (row, head), with its block barriers and reductions, cost 17 µs a layer for 16
+// prompts of 12 tokens (H200, 2304 blocks). Grid ceil(n H / 8), 256 threads (launch
 // bounds of 2 blocks an SM: with none, ptxas kept the f32 instance to 32 registers and spilled).
 template <typename KV>
 __device__ void attention_short(const float* qkv, const KV* k_cache, const KV* v_cache, const int* row_seq,
