@@ -10,7 +10,7 @@ model=$(mktemp -d)/distilgpt2
 "$BIN" synth --config distilgpt2 --seed 0 --dtype f32 --out "$model" >/dev/null
 for dtype in f32 f16 bf16; do
   "$BIN" bench --model "$model" --backend cuda --dtype "$dtype" --reps 10 --json "$out/gpt2rt_grid_$dtype.json" >/dev/null
-  "$BIN" bench --model "$model" --backend cuda --dtype "$dtype" --batches 1,8,16,64 --new-tokens 128 --prompt-len 128 \
+  "$BIN" bench --model "$model" --backend cuda --dtype "$dtype" --batches 1,8,16,64 --new-tokens 1,128 --prompt-len 128 \
     --reps 5 --no-kv-off --json "$out/gpt2rt_batch_$dtype.json" >/dev/null
   for p in 16 64 256 512 896; do
     "$BIN" bench --model "$model" --backend cuda --dtype "$dtype" --batches 1 --new-tokens 128 --prompt-len $p \
