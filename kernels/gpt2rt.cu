@@ -2313,7 +2313,7 @@ extern "C" __global__ void sample_rows(const float* logits, int V, const float* 
 
 // ---- The fused decode step: a whole KV-cache step in one persistent kernel (sm_80+) ----
 //
-// One block of STEP_THREADS per SM, launched cooperatively (every block resident at once), runs
+// One block of STEP_THREADS (STEP_THREADS_F32 or STEP_THREADS_HALF) per SM, launched cooperatively (every block resident at once), runs
 // every phase of a step for M <= ROWS rows with a grid-wide barrier between phases instead of
 // a kernel boundary. Per layer: (A) LayerNorm (of the embeddings in layer 0) + QKV + KV-cache
 // append; (B) attention, (row, head, key split) items over the blocks; (C) the splits' combination
@@ -2332,7 +2332,23 @@ extern "C" __global__ void sample_rows(const float* logits, int V, const float* 
 // order, so results are deterministic. The last block to finish picks each row's token from the
 // blocks' argmax results. Activations written inside the kernel are read through L2 (cp.async.cg,
 // ld.global.cg): another SM wrote them, and L1 is not coherent.
-#define STEP_THREADS 512
+// Threads of a block: 512 in f32, 384 in f16/bf16. The half kernels at 512 threads (128 registers
+// a thread) spilled 68 bytes (wide) and 8 (narrow); at 384 (168 registers) 4 and none. H200, E2E
+// ms, same call, twice, 512 vs 384 threads: f16 batch 1 prompt 128 + 128 tokens 22.88 / 22.92 vs
+// 22.02 / 22.09; prompt 12: batch 8 with 8 tokens 1.81 / 1.81 vs 1.77 / 1.79, with 32 6.43 / 6.41
+// vs 6.26 / 6.37, batch 16 with 8 2.15 / 2.15 vs 2.12 / 2.14, with 32 7.71 / 7.71 vs 7.53 / 7.58;
+// f16 batch 16 prompt 128 + 128 36.15 / 36.18 vs 36.30 / 36.31. The f32 products run on CUDA
+// cores, which the fewer warps starve: f32 batch 8 (prompt 12 + 8) 2.57 / 2.53 vs 2.70 / 2.69,
+// batch 16 3.86 / 3.85 vs 4.10 / 4.10 (batch 1, prompt 128 + 128: 25.22 / 25.22 vs 24.89 /
+// 25.04). 256 threads (no spills anywhere) was slower in both: f16 batch 16 prompt 128 + 128 38.73
+// / 38.62, f32 batch 16 prompt 12 + 8 4.78 / 4.76. The host mirrors both (step_threads in imp.rs).
+#define STEP_THREADS_F32 512
+#define STEP_THREADS_HALF 384
+template <typename W> struct StepThreads {
+    static constexpr int value = IsF32<W>::value ? STEP_THREADS_F32 : STEP_THREADS_HALF;
+};
+// In every function of the fused step, which all take the weights' type as W.
+#define STEP_THREADS (StepThreads<W>::value)
 #define STEP_WARPS (STEP_THREADS / 32)
 // Rows of the wide fused step (decode_step16_*; the others take GEMV_ROWS), which the CUDA-core
 // products take in groups of GEMV_ROWS (the tensor-core ones all at once). FUSED_WIDE_ROWS in
@@ -2404,6 +2420,7 @@ __device__ __forceinline__ void stamp(unsigned long long* trace, int& i) {
 }
 
 // Starts copying `bytes` (a multiple of 16, both ends 16-byte aligned) with the whole block.
+template <typename W>
 __device__ __forceinline__ void copy_block(void* dst, const void* src, size_t bytes) {
     for (size_t i = threadIdx.x * 16; i < bytes; i += STEP_THREADS * 16)
         copy_async16(reinterpret_cast<char*>(dst) + i, reinterpret_cast<const char*>(src) + i);
@@ -2507,6 +2524,7 @@ struct StepDivs {
 
 // This block's plan for product kind j, its items of CB columns (or 1, below) and k in multiples
 // of `unit`. Out of line: inside decode_step it cost the f32 entry function 16 bytes of spills.
+template <typename W>
 __device__ __noinline__ void step_plan(StepPlan& pl, int j, int C, int CB, int unit) {
     step_shape(j, C, pl.K, pl.N, pl.w);
     int cpb = ceil_div(pl.N, gridDim.x);
@@ -2544,6 +2562,7 @@ __device__ __forceinline__ size_t step_buffer_bytes(int C, int blocks, int wsize
     return step_slab_bytes(C, blocks, wsize) + ((size_t)2 * C * wsize + 15) / 16 * 16;
 }
 __device__ __forceinline__ int step_table_entries(int L) { return STEP_GLOBALS + L * STEP_PER_LAYER; }
+template <typename W>
 __device__ __forceinline__ int step_scratch_floats(int C, int H, int blocks, int rows) {
     int shares = max(STEP_WARPS * 8, ceil_div(4 * C, blocks) + 7) * rows;
     int attention = STEP_WARPS * (C / H) + 2 * STEP_WARPS;
@@ -2558,6 +2577,7 @@ __device__ __forceinline__ int step_scratch_floats(int C, int H, int blocks, int
 // f32 37.71 / 38.15 vs 38.46 / 38.38; prompts 512 and 896 within 1%). Every block computes the
 // same value.
 #define STEP_SPLIT_KEYS (4 * STEP_WARPS)
+template <typename W>
 __device__ __forceinline__ int step_splits(const int* pos, int M, int H) {  // pos: shared
     int longest = 1;
     for (int m = 0; m < M; m++) longest = max(longest, pos[m] + 1);
@@ -2595,7 +2615,7 @@ __device__ __noinline__ void step_fetch(const unsigned long long* table, const S
     }
 #else
     for (int i = 0; i < 3; i++)
-        if (bytes[i] > 0) copy_block(dst[i], pieces[i], bytes[i]);
+        if (bytes[i] > 0) copy_block<W>(dst[i], pieces[i], bytes[i]);
 #endif
 }
 
@@ -2941,6 +2961,7 @@ __device__ __noinline__ void step_attention(const float* qkv, const W* k_cache, 
 // copy instead of a round trip to L2 for each of the thread's outputs in turn (24 at 16 rows).
 // With more, the copy puts the splits' outputs in flight with the (max, sum) loads, instead of one
 // L2 round trip after them.
+template <typename W>
 __device__ __noinline__ void step_combine_load(const float* ml, const float* part, int M, int C, int H, int S,
                                                float* scratch, float* xs, float* stage, unsigned long long* mbar) {
     float* dst = S == 1 ? xs : stage;
@@ -2954,7 +2975,7 @@ __device__ __noinline__ void step_combine_load(const float* ml, const float* par
             fetch_piece(dst, part, bytes, mbar);
         }
 #else
-        copy_block(dst, part, bytes);
+        copy_block<W>(dst, part, bytes);
 #endif
     }
     for (int i = threadIdx.x; i < M * S * H * 2; i += STEP_THREADS) scratch[i] = __ldcg(ml + i);
@@ -2962,7 +2983,7 @@ __device__ __noinline__ void step_combine_load(const float* ml, const float* par
 // The splits' weighted sums into xs: their outputs from `src` (shared memory if STAGED, else
 // global through L2). Four outputs a thread at a time (of one head: the head size is a multiple
 // of 4, which the host checks), so the index arithmetic and the weights' loads serve four.
-template <bool STAGED>
+template <typename W, bool STAGED>
 __device__ __forceinline__ void step_combine_splits(const float* src, const float* weight, int M, int C, int H, int S,
                                                     float* xs, const StepDivs& dv) {
     for (int i = threadIdx.x * 4; i < M * C; i += STEP_THREADS * 4) {
@@ -2981,6 +3002,7 @@ __device__ __forceinline__ void step_combine_splits(const float* src, const floa
         *reinterpret_cast<float4*>(xs + i) = v;
     }
 }
+template <typename W>
 __device__ __noinline__ void step_combine(const float* part, int M, int C, int H, int S, float* scratch, float* xs,
                                           const float* stage, unsigned long long* mbar, int use, const StepDivs& dv) {
     const float* sml = scratch;
@@ -3010,9 +3032,9 @@ __device__ __noinline__ void step_combine(const float* part, int M, int C, int H
             *o = make_float4(w * u.x, w * u.y, w * u.z, w * u.w);
         }
     } else if (stage != nullptr) {
-        step_combine_splits<true>(stage, weight, M, C, H, S, xs, dv);
+        step_combine_splits<W, true>(stage, weight, M, C, H, S, xs, dv);
     } else {
-        step_combine_splits<false>(part, weight, M, C, H, S, xs, dv);
+        step_combine_splits<W, false>(part, weight, M, C, H, S, xs, dv);
     }
     __syncthreads();
 }
@@ -3205,7 +3227,7 @@ __device__ void decode_step(const unsigned long long* table, int L, int C, int H
     // of spills in each of the four ways it was written; see the performance notes.)
     float* scratch = ROWS > GEMV_ROWS ? xs + (stage_h4 ? (size_t)M * (half_h4 ? 2 : 4) * C : (size_t)M * C)
                                       : xs + (stage_h4 ? (size_t)M * 4 * C : (size_t)M * C);
-    size_t table_at = ((size_t)(reinterpret_cast<unsigned char*>(scratch + step_scratch_floats(C, H, gridDim.x, ROWS)) -
+    size_t table_at = ((size_t)(reinterpret_cast<unsigned char*>(scratch + step_scratch_floats<W>(C, H, gridDim.x, ROWS)) -
                                 step_smem) +
                        15) / 16 * 16;
     // The weight table, copied into shared memory: every barrier's acquire leaves the L1 cache
@@ -3230,7 +3252,7 @@ __device__ void decode_step(const unsigned long long* table, int L, int C, int H
         s_seq[threadIdx.x] = row_seq[threadIdx.x];
     }
     __syncthreads();
-    int S_att = step_splits(s_pos, M, H);
+    int S_att = step_splits<W>(s_pos, M, H);
     // Where the attention splits' outputs are copied for their combination, past the table, when
     // there are several and the launch's shared memory has room: the host asks for it where it
     // fits (step_stage_bytes in imp.rs; until 2026-11-29 it asked for none, and the combination
@@ -3247,7 +3269,7 @@ __device__ void decode_step(const unsigned long long* table, int L, int C, int H
     __shared__ StepPlan plans[4];
     __shared__ StepDivs dv;
     if (threadIdx.x < 4) {
-        step_plan(plans[threadIdx.x], threadIdx.x, C, CB, mma ? 32 : Vec<W>::N);
+        step_plan<W>(plans[threadIdx.x], threadIdx.x, C, CB, mma ? 32 : Vec<W>::N);
     } else if (threadIdx.x == 32) {
         dv = {fast_div(M), fast_div(H), fast_div(C), fast_div(C / H), fast_div(S_att), fast_div(H * S_att)};
     }
@@ -3327,7 +3349,7 @@ __device__ void decode_step(const unsigned long long* table, int L, int C, int H
         product(
             p, xs, false, false, qkv, 3, kc, vc,
             [&] {
-                if (l > 0) copy_block(xs, x, (size_t)M * C * 4);
+                if (l > 0) copy_block<W>(xs, x, (size_t)M * C * 4);
             },
             [&] {
                 if (l == 0) step_embed<W>(tokens, s_pos, at(T_WTE), at(T_WPE), x, M, C, xs);
@@ -3340,15 +3362,15 @@ __device__ void decode_step(const unsigned long long* table, int L, int C, int H
         grid_barrier(bar, barriers);
         product(
             p + 1, xs, false, false, x, 2, nullptr, nullptr,
-            [&] { step_combine_load(ml, part, M, C, H, S_att, scratch, xs, stage, &fetched[2]); },
-            [&] { step_combine(part, M, C, H, S_att, scratch, xs, stage, &fetched[2], l, dv); });
+            [&] { step_combine_load<W>(ml, part, M, C, H, S_att, scratch, xs, stage, &fetched[2]); },
+            [&] { step_combine<W>(part, M, C, H, S_att, scratch, xs, stage, &fetched[2], l, dv); });
         product(
-            p + 2, xs, false, false, h4, half_h4 ? 4 : 1, nullptr, nullptr, [&] { copy_block(xs, x, (size_t)M * C * 4); },
+            p + 2, xs, false, false, h4, half_h4 ? 4 : 1, nullptr, nullptr, [&] { copy_block<W>(xs, x, (size_t)M * C * 4); },
             [&] { step_norm<W>(xs, ln(p + 2, 0), ln(p + 2, 1), eps, M, C); });
         product(
             p + 3, stage_h4 ? h4s : h4, !stage_h4, half_h4, x, 2, nullptr, nullptr,
             [&] {
-                if (stage_h4) copy_block(h4s, h4, (size_t)M * 4 * C * (half_h4 ? sizeof(W) : 4));
+                if (stage_h4) copy_block<W>(h4s, h4, (size_t)M * 4 * C * (half_h4 ? sizeof(W) : 4));
             },
             [] {});
     }
@@ -3365,7 +3387,7 @@ __device__ void decode_step(const unsigned long long* table, int L, int C, int H
         step_head_prefetch<W>(head, V, C);
     else
         lm_head_prefetch<W>(head, V, C, item0);
-    copy_block(xs, x, (size_t)M * C * 4);
+    copy_block<W>(xs, x, (size_t)M * C * 4);
     copy_commit();
     copy_commit();
     copy_wait_all_but_newest();
@@ -3388,7 +3410,7 @@ __device__ void decode_step(const unsigned long long* table, int L, int C, int H
 }
 
 #define STEP_KERNEL(W, NAME, ROWS)                                                                                \
-    extern "C" __global__ void __launch_bounds__(STEP_THREADS, 1) NAME(                                           \
+    extern "C" __global__ void __launch_bounds__(StepThreads<W>::value, 1) NAME(                                  \
         const unsigned long long* table, int L, int C, int H, int V, float eps, int M, const int* tokens,         \
         const int* row_seq, int* pos, float* x, float* qkv, float* h4, float* part, float* ml, W* kc,             \
         W* vc, int max_seq, long long layer_stride, float* logits, float* bv, int* bi, unsigned int* bar,     \

@@ -110,11 +110,19 @@ const MMA_SLICE64_ROWS: usize = 16;
 const SAMPLE_THREADS: usize = 1024;
 /// Vocabulary entries per block in the first stage of the device argmax.
 const ARGMAX_CHUNK: usize = 2048;
-/// Threads per block of the fused decode step (STEP_THREADS in the .cu file), one block an SM.
-const STEP_THREADS: usize = 512;
-/// Fewest keys of one of the fused step's attention splits (STEP_SPLIT_KEYS in the .cu file: four
-/// keys a warp).
-const STEP_SPLIT_KEYS: usize = 4 * STEP_THREADS / 32;
+/// Threads per block of the fused decode step, one block an SM, in f32 and in f16/bf16
+/// (STEP_THREADS_F32 and STEP_THREADS_HALF in the .cu file, where the measurements are).
+const STEP_THREADS_F32: usize = 512;
+const STEP_THREADS_HALF: usize = 384;
+/// The fused step's threads a block in `dtype`.
+fn step_threads(dtype: DType) -> usize {
+    if dtype == DType::F32 { STEP_THREADS_F32 } else { STEP_THREADS_HALF }
+}
+/// Fewest keys of one of the fused step's attention splits in `dtype` (STEP_SPLIT_KEYS in the .cu
+/// file: four keys a warp).
+fn step_split_keys(dtype: DType) -> usize {
+    4 * step_threads(dtype) / 32
+}
 /// Batches that take the fused step by default (bit b: batch b), per dtype. H200, prompt 12, 32 new
 /// tokens, E2E ms, fused vs a kernel per phase (the tensor-core products from 4 rows in the half
 /// modes), same call: f16 batch 2 8.18 vs 8.50, 4 10.45 vs 10.85, 8 12.68 vs 11.11, 16 23.15 vs
@@ -182,8 +190,6 @@ const STEP_TABLE_GLOBALS: usize = 5;
 const STEP_TABLE_PER_LAYER: usize = 12;
 /// Rows of the wide fused-step kernel (STEP_ROWS in the .cu file).
 const FUSED_WIDE_ROWS: usize = 16;
-/// Warps of a fused-step block (STEP_WARPS in the .cu file).
-const STEP_WARPS: usize = STEP_THREADS / 32;
 /// Rows a block of attention_tiled takes (ATT_ROWS in the .cu file).
 const ATTENTION_TILE_ROWS: usize = 32;
 /// Mean prompt length from which a prefill's attention past GEMV_MAX_M rows stages the keys
@@ -772,17 +778,17 @@ impl FusedStep {
 fn fused_step_smem(
     cfg: &ModelConfig,
     blocks: usize,
-    wsize: usize,
+    dtype: DType,
     m: usize,
     h4_size: usize,
     kernel_rows: usize,
 ) -> usize {
-    let c = cfg.n_embd;
+    let (c, wsize, warps) = (cfg.n_embd, dtype.size(), step_threads(dtype) / 32);
     let cpb = |n: usize| n.div_ceil(blocks);
     let elems = (cpb(3 * c) * c).max(cpb(4 * c) * c).max(cpb(c) * 4 * c);
     let buffer = (elems * wsize).next_multiple_of(16) + (2 * c * wsize).next_multiple_of(16);
-    let shares = (STEP_WARPS * 8).max(cpb(4 * c) + 7) * kernel_rows;
-    let attention = STEP_WARPS * cfg.head_dim() + 2 * STEP_WARPS;
+    let shares = (warps * 8).max(cpb(4 * c) + 7) * kernel_rows;
+    let attention = warps * cfg.head_dim() + 2 * warps;
     let combine = 3 * blocks.max(kernel_rows * cfg.n_head);
     // The staged MLP-down rows take the place of the input rows (decode_step).
     let rows = m * c * if h4_size > 0 { h4_size } else { 1 };
@@ -869,10 +875,10 @@ fn head_keep_bytes(device: &Device, dtype: DType) -> usize {
 /// Bytes the fused step's attention splits' outputs take where they are staged for their
 /// combination (step_combine_load in the .cu file: past the weight table's copy, where the launch's
 /// shared memory has room): `m` rows of as many splits as step_splits can choose in a session of
-/// `max_seq` (no more than the blocks' share of each (row, head), no fewer than STEP_SPLIT_KEYS
+/// `max_seq` (no more than the blocks' share of each (row, head), no fewer than `step_split_keys`
 /// keys each), n_embd floats each; 0 where there is one split.
-fn step_stage_bytes(cfg: &ModelConfig, blocks: usize, m: usize, max_seq: usize) -> usize {
-    let splits = (blocks / (m * cfg.n_head).max(1)).min(max_seq.div_ceil(STEP_SPLIT_KEYS)).max(1);
+fn step_stage_bytes(cfg: &ModelConfig, dtype: DType, blocks: usize, m: usize, max_seq: usize) -> usize {
+    let splits = (blocks / (m * cfg.n_head).max(1)).min(max_seq.div_ceil(step_split_keys(dtype))).max(1);
     if splits > 1 { m * splits * cfg.n_embd * 4 } else { 0 }
 }
 
@@ -888,7 +894,7 @@ fn step_kernel(
     kernel_rows: usize,
 ) -> Result<Option<StepKernel>> {
     let limit = device.smem_optin.saturating_sub(static_smem(function, "the fused step")?);
-    let smem_for = |m: usize, h4_size: usize| fused_step_smem(cfg, blocks, dtype.size(), m, h4_size, kernel_rows);
+    let smem_for = |m: usize, h4_size: usize| fused_step_smem(cfg, blocks, dtype, m, h4_size, kernel_rows);
     let rows = (1..=kernel_rows).take_while(|&m| smem_for(m, 0) <= limit).count();
     if rows == 0 {
         return Ok(None);
@@ -896,7 +902,7 @@ fn step_kernel(
     let wide = kernel_rows > GEMV_MAX_ROWS;
     // Any launch up to the limit: past what its rows need, a launch may ask for room to stage the
     // attention splits' outputs.
-    let fits = allow_dynamic_smem(function, STEP_THREADS, limit, "the fused step")?;
+    let fits = allow_dynamic_smem(function, step_threads(dtype), limit, "the fused step")?;
     Ok(fits.then_some(StepKernel { wide, kernel_rows, rows, smem_limit: limit }))
 }
 
@@ -2194,11 +2200,11 @@ impl CudaState {
             let cfg = &self.shared.config;
             let kernel = fs.kernel(b);
             let mma = b >= fs.mma_rows;
-            let wsize = self.shared.dtype.size();
+            let (dtype, wsize) = (self.shared.dtype, self.shared.dtype.size());
             // The MLP-down rows, staged in shared memory where they fit: in fp32, or in the
             // weights' type in the wide kernel on tensor cores (decode_step's half_h4).
             let h4_value = if mma && kernel.wide { wsize } else { 4 };
-            let smem_for = |h4_size| fused_step_smem(cfg, fs.blocks, wsize, b, h4_size, kernel.kernel_rows);
+            let smem_for = |h4_size| fused_step_smem(cfg, fs.blocks, dtype, b, h4_size, kernel.kernel_rows);
             let stage = smem_for(h4_value) <= kernel.smem_limit;
             let args = Args::new()
                 .ptr(fs.table.ptr)
@@ -2229,14 +2235,15 @@ impl CudaState {
                 .int(fs.head_keep_rows)
                 .ptr(self.trace.as_ref().map_or(0, |t| t.ptr));
             let mut smem = smem_for(if stage { h4_value } else { 0 });
-            let staged = if fs.stage_splits { step_stage_bytes(cfg, fs.blocks, b, self.profile.max_seq) } else { 0 };
+            let staged =
+                if fs.stage_splits { step_stage_bytes(cfg, dtype, fs.blocks, b, self.profile.max_seq) } else { 0 };
             if staged > 0 && smem.next_multiple_of(16) + staged <= kernel.smem_limit {
                 smem = smem.next_multiple_of(16) + staged;
             }
             let k = &self.shared.device.kernels;
             let f = if kernel.wide { k.decode_step_wide } else { k.decode_step };
             let f = f.expect("a fused step has its kernels");
-            return self.launch_cooperative(f, fs.blocks, STEP_THREADS, smem, args);
+            return self.launch_cooperative(f, fs.blocks, step_threads(dtype), smem, args);
         }
         self.forward_rows(
             self.ints.at::<i32>(lay.next),
@@ -2643,7 +2650,8 @@ mod tests {
             ("ATTENTION_SPLIT", ATTENTION_SPLIT),
             ("CLUSTER_MAX", CLUSTER_MAX),
             ("SAMPLE_THREADS", SAMPLE_THREADS),
-            ("STEP_THREADS", STEP_THREADS),
+            ("STEP_THREADS_F32", STEP_THREADS_F32),
+            ("STEP_THREADS_HALF", STEP_THREADS_HALF),
             ("STEP_ROWS", FUSED_WIDE_ROWS),
             ("STEP_MMA", STEP_MMA),
             ("ATT_ROWS", ATTENTION_TILE_ROWS),
@@ -2680,16 +2688,18 @@ mod tests {
         // What step_splits in the .cu file picks (positions of up to `longest` keys): the room a
         // launch asks for must hold every row's splits' outputs, or the combination silently reads
         // them through L2.
-        let device_splits = |blocks: usize, m: usize, h: usize, longest: usize| {
-            (blocks / (m * h)).min(longest.div_ceil(STEP_SPLIT_KEYS)).max(1)
+        let device_splits = |dtype: DType, blocks: usize, m: usize, h: usize, longest: usize| {
+            (blocks / (m * h)).min(longest.div_ceil(step_split_keys(dtype))).max(1)
         };
         let cfg = crate::model::Preset::DistilGpt2.config();
-        for blocks in [46, 108, 132, 144] {
+        for (dtype, blocks) in
+            [DType::F32, DType::F16, DType::BF16].into_iter().flat_map(|d| [46, 108, 132, 144].map(|b| (d, b)))
+        {
             for m in 1..=FUSED_WIDE_ROWS {
                 for max_seq in [1, 12, 44, 64, 65, 256, 640, 1024] {
-                    let room = step_stage_bytes(&cfg, blocks, m, max_seq);
-                    let most = (1..=max_seq).map(|t| device_splits(blocks, m, cfg.n_head, t)).max().unwrap();
-                    let at = format!("blocks {blocks}, rows {m}, max_seq {max_seq}");
+                    let room = step_stage_bytes(&cfg, dtype, blocks, m, max_seq);
+                    let most = (1..=max_seq).map(|t| device_splits(dtype, blocks, m, cfg.n_head, t)).max().unwrap();
+                    let at = format!("{dtype}, blocks {blocks}, rows {m}, max_seq {max_seq}");
                     if most == 1 {
                         assert_eq!(room, 0, "{at}");
                     } else {
@@ -2698,8 +2708,10 @@ mod tests {
                 }
             }
         }
-        // DistilGPT2 at batch 1 on 132 SMs, 256 positions: four splits of 64 keys, 12 KB.
-        assert_eq!(step_stage_bytes(&cfg, 132, 1, 256), 4 * 768 * 4);
+        // DistilGPT2 at batch 1 on 132 SMs, 256 positions: in f32 four splits of 64 keys (16
+        // warps), 12 KB; in f16 six of 48 (12 warps), 18 KB.
+        assert_eq!(step_stage_bytes(&cfg, DType::F32, 132, 1, 256), 4 * 768 * 4);
+        assert_eq!(step_stage_bytes(&cfg, DType::F16, 132, 1, 256), 6 * 768 * 4);
     }
 
     #[test]
