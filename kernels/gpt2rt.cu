@@ -2313,12 +2313,13 @@ extern "C" __global__ void sample_rows(const float* logits, int V, const float* 
 
 // ---- The fused decode step: a whole KV-cache step in one persistent kernel (sm_80+) ----
 //
-// One block of STEP_THREADS (STEP_THREADS_F32 or STEP_THREADS_HALF) per SM, launched cooperatively (every block resident at once), runs
-// every phase of a step for M <= ROWS rows with a grid-wide barrier between phases instead of
-// a kernel boundary. Per layer: (A) LayerNorm (of the embeddings in layer 0) + QKV + KV-cache
-// append; (B) attention, (row, head, key split) items over the blocks; (C) the splits' combination
-// + output projection + residual; (D) LayerNorm + MLP up + GELU; (E) MLP down + residual. Then the
-// final LayerNorm + LM head + the argmax's first stage (lm_head_rows), and the positions advance.
+// One block of STEP_THREADS (STEP_THREADS_F32 or STEP_THREADS_HALF, below) per SM, launched
+// cooperatively (every block resident at once), runs every phase of a step for M <= ROWS rows with
+// a grid-wide barrier between phases instead of a kernel boundary. Per layer: (A) LayerNorm (of
+// the embeddings in layer 0) + QKV + KV-cache append; (B) attention, (row, head, key split) items
+// over the blocks; (C) the splits' combination + output projection + residual; (D) LayerNorm + MLP
+// up + GELU; (E) MLP down + residual. Then the final LayerNorm + LM head + the argmax's first stage
+// (lm_head_rows), and the positions advance.
 //
 // Block b owns output columns [b * cpb, (b + 1) * cpb) of every product (cpb = ceil(N / blocks)):
 // that slab of a [N, K] weight is contiguous, and it is copied into shared memory one product
@@ -2347,7 +2348,8 @@ extern "C" __global__ void sample_rows(const float* logits, int V, const float* 
 template <typename W> struct StepThreads {
     static constexpr int value = IsF32<W>::value ? STEP_THREADS_F32 : STEP_THREADS_HALF;
 };
-// In every function of the fused step, which all take the weights' type as W.
+// Used inside the fused step's functions, which all take the weights' type as W (some only for
+// this).
 #define STEP_THREADS (StepThreads<W>::value)
 #define STEP_WARPS (STEP_THREADS / 32)
 // Rows of the wide fused step (decode_step16_*; the others take GEMV_ROWS), which the CUDA-core
