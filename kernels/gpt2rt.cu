@@ -3427,3 +3427,397 @@ STEP_KERNEL(__nv_bfloat16, decode_step_bf16, GEMV_ROWS)
 STEP_KERNEL(float, decode_step16_f32, STEP_ROWS)
 STEP_KERNEL(__half, decode_step16_f16, STEP_ROWS)
 STEP_KERNEL(__nv_bfloat16, decode_step16_bf16, STEP_ROWS)
+
+// ---- The cluster step: a batch-1 decode step in two grid-wide phases a layer (sm_90+) ----
+//
+// decode_step takes five phases a layer, each behind a grid barrier (about 1 us) and an L2 round
+// trip for its input rows, and at batch 1 those latencies, not the weights, are the step. Here the
+// blocks form clusters of CL_SIZE (thread-block clusters: a cluster barrier and distributed shared
+// memory between its blocks), and a layer takes two phases:
+//  1. Cluster c < H takes head c. Each of its blocks normalises the row (every block keeps its own
+//     copy of x, summed from the partials of the last phase in a fixed order), takes D / CL_SIZE
+//     of the head's q, k and v columns (appending its k and v to the KV cache), and gets the rest
+//     from the other blocks after a cluster barrier; attends over its share of the earlier keys;
+//     after a second cluster barrier every block combines the cluster's shares with the new key's
+//     own term, and multiplies the head's output by the head's D columns of the output projection
+//     for its C / CL_SIZE outputs: partial p1[c][n], summed over the heads in the next phase.
+//  2. Every block adds the heads' partials and the bias to its x, normalises it, takes `hidden`
+//     units of the MLP (their MLP-up rows and GELU, then their share of every MLP-down output, from
+//     a copy of the MLP-down weights in the checkpoint's [4C, C] layout, so that a block's units are
+//     contiguous rows), and the cluster sums those shares (block r: outputs [r C / CL_SIZE, ...))
+//     into p2[c][n], summed over the clusters at the start of the next layer.
+// So the attention's splits combine inside the cluster, and neither the projection's nor the MLP
+// down's input is gathered across the grid: each phase ends in partial sums that every block adds
+// up for itself. Weights: the phase-1 slab (q, k, v columns and LN1) and the phase-2 slab (MLP-up
+// and MLP-down rows, LN2) come by bulk copy into two buffers a phase ahead; the projection's columns
+// are strided and are loaded into registers before the barrier in front of their phase. Rows of 1
+// only; f16/bf16 (in f32 the two slabs would not fit in shared memory together: f32 keeps
+// decode_step); D == 64 (attend's), C % (8 CL_SIZE) == 0; the host checks what it needs
+// (cluster_step in imp.rs). `flags` bit 0 (late_fetch): each phase asks for the next layer's slab
+// after its attention or its sums, instead of before its first cluster barrier.
+#define CL_SIZE 8
+// Most clusters (the partial sums' loads are unrolled over them), most hidden units a block, and
+// most projection lane tasks a thread (C <= CL_PROJ_MAX * threads).
+#define CL_MAX_CLUSTERS 16
+#define CL_HID_MAX 32
+#define CL_PROJ_MAX 2
+
+template <typename W>
+__device__ __forceinline__ size_t cl_buf_a(int C, int D) {
+    return ((size_t)(3 * (D / CL_SIZE) + 2) * C * sizeof(W) + 15) / 16 * 16;
+}
+template <typename W>
+__device__ __forceinline__ size_t cl_buf_b(int C, int u) {
+    return ((size_t)(2 * u + 2) * C * sizeof(W) + 15) / 16 * 16;
+}
+
+// x[k] += bias[k] + the n partials' values at k (rows of C, in order), for the thread's k: every
+// partial's load of a k in flight at once (n <= CL_MAX_CLUSTERS).
+template <typename W>
+__device__ __forceinline__ void cl_add_partials(float* x, const float* part, int n, const W* bias, int C) {
+    for (int k = threadIdx.x; k < C; k += STEP_THREADS) {
+        float p[CL_MAX_CLUSTERS];
+#pragma unroll
+        for (int q = 0; q < CL_MAX_CLUSTERS; q++) p[q] = q < n ? __ldcg(part + (size_t)q * C + k) : 0.0f;
+        float b = to_f(bias[k]), v = 0.0f;
+#pragma unroll
+        for (int q = 0; q < CL_MAX_CLUSTERS; q++)
+            if (q < n) v += p[q];
+        x[k] += v + b;
+    }
+}
+
+// LayerNorm of x (C floats, shared) into xn: every warp works out the mean and variance of the
+// whole row (the same sums in the same order as step_norm, so the same values, and no block
+// barrier between the statistics and their use), then the block normalises four values a thread.
+template <typename W>
+__device__ __forceinline__ void cl_norm(const float* x, float* xn, const W* g, const W* b, float eps, int C) {
+    int lane = threadIdx.x & 31;
+    __syncthreads();
+    float s = 0.0f;
+    for (int k = lane * 4; k < C; k += 128) {
+        float4 v = *reinterpret_cast<const float4*>(x + k);
+        s += v.x + v.y + v.z + v.w;
+    }
+    float mean = warp_sum(s) / C;
+    float var = 0.0f;
+    for (int k = lane * 4; k < C; k += 128) {
+        float4 v = *reinterpret_cast<const float4*>(x + k);
+        var += (v.x - mean) * (v.x - mean) + (v.y - mean) * (v.y - mean) + (v.z - mean) * (v.z - mean) +
+               (v.w - mean) * (v.w - mean);
+    }
+    float inv = rsqrtf(warp_sum(var) / C + eps);
+    for (int k = threadIdx.x * 4; k < C; k += STEP_THREADS * 4) {
+        float4 v = *reinterpret_cast<const float4*>(x + k);
+        float4 gv = load4(g + k), bv = load4(b + k);
+        v.x = (v.x - mean) * inv * gv.x + bv.x;
+        v.y = (v.y - mean) * inv * gv.y + bv.y;
+        v.z = (v.z - mean) * inv * gv.z + bv.z;
+        v.w = (v.w - mean) * inv * gv.w + bv.w;
+        *reinterpret_cast<float4*>(xn + k) = v;
+    }
+    __syncthreads();
+}
+
+// The dot of slab row j (C weights, shared) with xn (shared) by one warp; every lane gets it.
+template <typename W>
+__device__ __forceinline__ float cl_dot(const W* row, const float* xn, int C) {
+    constexpr int VW = Vec<W>::N;
+    int lane = threadIdx.x & 31;
+    float s = 0.0f;
+#pragma unroll 3
+    for (int k = lane * VW; k < C; k += 32 * VW) {
+        float w[VW];
+        Vec<W>::convert(*reinterpret_cast<const uint4*>(row + k), w);
+#pragma unroll
+        for (int i = 0; i < VW; i += 4) {
+            float4 xv = *reinterpret_cast<const float4*>(xn + k + i);
+            s += xv.x * w[i] + xv.y * w[i + 1] + xv.z * w[i + 2] + xv.w * w[i + 3];
+        }
+    }
+    return warp_sum(s);
+}
+
+template <typename W>
+__device__ void decode_step_cl(const unsigned long long* table, int L, int C, int H, int V, float eps,
+                               const int* tokens, const int* row_seq, int* pos, float* p1, float* p2, W* k_cache,
+                               W* v_cache, int max_seq, long long layer_stride, float* logits, float* best_value,
+                               int* best_index, unsigned int* bar, int* next, int hidden, int flags,
+                               int head_keep, unsigned long long* trace) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    const bool late_fetch = flags & 1;
+    constexpr int VW = Vec<W>::N;
+    constexpr int PV = IsF32<W>::value ? 2 : 1;  // 16-byte pieces of 8 projection weights
+    extern __shared__ __align__(128) unsigned char step_smem[];
+    const int D = C / H, dq = D / CL_SIZE, T = STEP_THREADS;
+    const int t = threadIdx.x, lane = t & 31, warp = t >> 5;
+    const int r = (int)cluster_rank(), c = (int)blockIdx.x / CL_SIZE, clusters = (int)gridDim.x / CL_SIZE;
+    const int u = hidden, j0 = (int)blockIdx.x * u, nu = max(0, min(4 * C, j0 + u) - j0);
+    const int ua = 3 * dq, ub = 2 * u;  // the slabs' rows before their LayerNorm parameters
+    const size_t a_bytes = cl_buf_a<W>(C, D), b_bytes = cl_buf_b<W>(C, u);
+    W* buf_a = reinterpret_cast<W*>(step_smem);
+    W* buf_b = reinterpret_cast<W*>(step_smem + a_bytes);
+    float* x = reinterpret_cast<float*>(step_smem + a_bytes + b_bytes);
+    float* xn = x + C;
+    float* y = xn + C;                     // MLP-down shares (read by the cluster)
+    float* qkv_own = y + C;                // this block's q, k, v columns (read by the cluster)
+    float* part = qkv_own + (3 * dq + 3) / 4 * 4;  // attention share: D outputs, then (max, sum)
+    float* qkv = part + D + 4;            // the head's q, k, v
+    float* att = qkv + 3 * D;
+    float* hid = att + D;
+    float* warp_ml = hid + (u + 3) / 4 * 4;
+    float* warp_acc = warp_ml + 2 * STEP_WARPS;
+    float* misc = warp_acc + STEP_WARPS * D;  // [0]: the new key's score
+    size_t table_at = ((size_t)(reinterpret_cast<unsigned char*>(misc + 4) - step_smem) + 15) / 16 * 16;
+    unsigned long long* s_table = reinterpret_cast<unsigned long long*>(step_smem + table_at);
+    unsigned int smem_size;
+    asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(smem_size));
+    if (table_at + (size_t)step_table_entries(L) * 8 > smem_size || u > CL_HID_MAX || D != 64 ||
+        C > CL_PROJ_MAX * T || clusters > CL_MAX_CLUSTERS || H > clusters)
+        __trap();
+    for (int i = t; i < step_table_entries(L); i += T) s_table[i] = table[i];
+    __shared__ unsigned long long fetched[2];
+    fetch_init(fetched, 2);
+    const int seq = row_seq[0], p0 = pos[0], token = tokens[0];
+    auto lt = [&](int l, int slot) {
+        return reinterpret_cast<const W*>(s_table[STEP_GLOBALS + l * STEP_PER_LAYER + slot]);
+    };
+    // Phase 1's slab of layer l (l == L: the final LayerNorm's parameters only) and phase 2's.
+    auto fetch_a = [&](int l) {
+        if (t != 0) return;
+        const W* g = l < L ? lt(l, T_LN1_G) : reinterpret_cast<const W*>(s_table[T_LNF_G]);
+        const W* b = l < L ? lt(l, T_LN1_B) : reinterpret_cast<const W*>(s_table[T_LNF_B]);
+        bool cols = l < L && c < H;
+        unsigned int piece = (unsigned int)(dq * C * sizeof(W)), ln = (unsigned int)(C * sizeof(W));
+        fetch_expect(&fetched[0], (cols ? 3 * piece : 0) + 2 * ln);
+        if (cols)
+            for (int i = 0; i < 3; i++)
+                fetch_piece(buf_a + (size_t)i * dq * C, lt(l, T_ATTN_W) + ((size_t)i * C + c * D + r * dq) * C, piece,
+                            &fetched[0], true);
+        fetch_piece(buf_a + (size_t)ua * C, g, ln, &fetched[0]);
+        fetch_piece(buf_a + (size_t)(ua + 1) * C, b, ln, &fetched[0]);
+    };
+
+    auto fetch_b = [&](int l) {
+        if (t != 0) return;
+        unsigned int ln = (unsigned int)(C * sizeof(W)), rows = (unsigned int)((size_t)nu * C * sizeof(W));
+        fetch_expect(&fetched[1], 2 * rows + 2 * ln);
+        if (nu > 0) {
+            fetch_piece(buf_b, lt(l, T_FC_W) + (size_t)j0 * C, rows, &fetched[1], true);
+            fetch_piece(buf_b + (size_t)u * C, lt(l, T_MPROJ_W) + (size_t)j0 * C, rows, &fetched[1], true);
+        }
+        fetch_piece(buf_b + (size_t)ub * C, lt(l, T_LN2_G), ln, &fetched[1]);
+        fetch_piece(buf_b + (size_t)(ub + 1) * C, lt(l, T_LN2_B), ln, &fetched[1]);
+    };
+    __syncthreads();
+    fetch_a(0);
+    fetch_b(0);
+    unsigned int barriers = 0;
+    int stamps = 0;
+    stamp(trace, stamps);
+    const float scale = rsqrtf((float)D);
+    // What a phase reads of the weights outside its slab, loaded before the barrier in front of
+    // it (an L2 or memory round trip each, which a load after the barrier would wait for): for
+    // phase 1 the projection's weights for this block's outputs (task i = t + k T: output
+    // r C / CL_SIZE + i / 8, the head's dimensions [8 (i % 8), + 8)) and the biases of the warp's
+    // q, k, v columns (j = warp + k STEP_WARPS); for phase 2 those of its MLP-up rows.
+    constexpr int QB = (3 * 64 / CL_SIZE + STEP_WARPS - 1) / STEP_WARPS;
+    constexpr int FB = (CL_HID_MAX + STEP_WARPS - 1) / STEP_WARPS;
+    uint4 wp[CL_PROJ_MAX][PV];
+    float qb[QB], fb[FB];
+    auto ahead1 = [&](int l) {
+        if (c >= H) return;
+        const W* proj = lt(l, T_PROJ_W);
+#pragma unroll
+        for (int k = 0; k < CL_PROJ_MAX; k++) {
+            int i = t + k * T;
+            const W* src = proj + (size_t)(r * (C / CL_SIZE) + i / 8) * C + c * D + (i % 8) * 8;
+#pragma unroll
+            for (int q = 0; q < PV; q++)
+                wp[k][q] = i < C ? __ldcs(reinterpret_cast<const uint4*>(src) + q) : make_uint4(0, 0, 0, 0);
+        }
+        const W* bias = lt(l, T_ATTN_B);
+#pragma unroll
+        for (int k = 0; k < QB; k++) {
+            int j = warp + k * STEP_WARPS, which = j / dq;
+            qb[k] = j < 3 * dq ? to_f(bias[which * C + c * D + r * dq + (j - which * dq)]) : 0.0f;
+        }
+    };
+    auto ahead2 = [&](int l) {
+        const W* bias = lt(l, T_FC_B);
+#pragma unroll
+        for (int k = 0; k < FB; k++) {
+            int j = warp + k * STEP_WARPS;
+            fb[k] = j < nu ? to_f(bias[j0 + j]) : 0.0f;
+        }
+    };
+    ahead1(0);
+    for (int l = 0; l < L; l++) {
+        W* kc = k_cache + l * layer_stride;
+        W* vc = v_cache + l * layer_stride;
+        const int h = c;
+        const bool head = h < H;
+        // x: the embeddings, or the last layer's MLP-down partials added (clusters in order) with
+        // the bias to the residual.
+        if (l == 0) {
+            const W* wte = reinterpret_cast<const W*>(s_table[T_WTE]);
+            const W* wpe = reinterpret_cast<const W*>(s_table[T_WPE]);
+            for (int k = t * 4; k < C; k += T * 4) {
+                float4 te = load4(wte + (size_t)token * C + k), pe = load4(wpe + (size_t)p0 * C + k);
+                *reinterpret_cast<float4*>(x + k) = make_float4(te.x + pe.x, te.y + pe.y, te.z + pe.z, te.w + pe.w);
+            }
+        } else {
+            cl_add_partials<W>(x, p2, clusters, lt(l - 1, T_MPROJ_B), C);
+        }
+        stamp(trace, stamps);
+        fetch_wait(&fetched[0], l);
+        cl_norm<W>(x, xn, buf_a + (size_t)ua * C, buf_a + (size_t)(ua + 1) * C, eps, C);
+        stamp(trace, stamps);
+        if (head) {
+            // This block's q, k and v columns; k and v appended to the KV cache.
+#pragma unroll
+            for (int k = 0; k < QB; k++) {
+                int j = warp + k * STEP_WARPS, which = j / dq, col = which * C + h * D + r * dq + (j - which * dq);
+                if (j >= 3 * dq) break;
+                float v = cl_dot<W>(buf_a + (size_t)j * C, xn, C) + qb[k];
+                if (lane == 0) {
+                    if (which > 0) {
+                        W rounded;  // as the cache holds it
+                        store_as(&rounded, v);
+                        v = to_f(rounded);
+                        (which == 1 ? kc : vc)[((size_t)seq * max_seq + p0) * C + (col - which * C)] = rounded;
+                    }
+                    qkv_own[j] = v;
+                }
+            }
+        }
+        __syncthreads();
+        // The slab and LayerNorm parameters are read (late_fetch: a head cluster's block asks for
+        // the next ones after its attention).
+        if (!late_fetch || !head) fetch_a(l + 1);
+        if (head) {
+            cluster_sync();
+            stamp(trace, stamps);
+            for (int i = t; i < 3 * D; i += T) {
+                int which = i / D, d = i - which * D;
+                qkv[i] = cluster_load(qkv_own + which * dq + d % dq, d / dq);
+            }
+            __syncthreads();
+            if (warp == 0) {
+                float s = 0.0f;
+                for (int d = lane; d < D; d += 32) s += qkv[d] * qkv[D + d];
+                s = warp_sum(s);
+                if (lane == 0) misc[0] = s * scale;
+            }
+            stamp(trace, stamps);
+            // This block's share of the earlier keys [0, p0).
+            int len = (p0 + CL_SIZE - 1) / CL_SIZE, t0 = min(p0, r * len), t1 = min(p0, t0 + len);
+            const W* keys = kc + (size_t)seq * max_seq * C + h * D;
+            const W* values = vc + (size_t)seq * max_seq * C + h * D;
+            attend<false, W>(qkv, scale, keys, values, t0, t1, C, D, warp_ml, warp_acc, part, part + D);
+            cluster_sync();
+            // The head's output: the cluster's shares and the new key, in rank order.
+            for (int d = t; d < D; d += T) {
+                float sn = misc[0], mx = sn, m[CL_SIZE];
+#pragma unroll
+                for (int q = 0; q < CL_SIZE; q++) {
+                    m[q] = cluster_load(part + D, q);
+                    mx = fmaxf(mx, m[q]);
+                }
+                float num = 0.0f, den = 0.0f;
+#pragma unroll
+                for (int q = 0; q < CL_SIZE; q++) {
+                    float w = m[q] == -INFINITY ? 0.0f : __expf(m[q] - mx);
+                    num += w * cluster_load(part + d, q);
+                    den += w * cluster_load(part + D + 1, q);
+                }
+                float w = __expf(sn - mx);
+                att[d] = (num + w * qkv[2 * D + d]) / (den + w);
+            }
+            __syncthreads();
+            if (late_fetch) fetch_a(l + 1);
+            stamp(trace, stamps);
+            // Its share of the output projection: p1[h][n] for the block's C / CL_SIZE outputs.
+#pragma unroll
+            for (int k = 0; k < CL_PROJ_MAX; k++) {
+                int i = t + k * T, e = (i % 8) * 8;
+                float w[8 * PV];
+#pragma unroll
+                for (int q = 0; q < PV; q++) Vec<W>::convert(wp[k][q], w + q * VW);
+                float s = 0.0f;
+#pragma unroll
+                for (int z = 0; z < 8; z++) s += att[e + z] * w[z];
+                s += __shfl_xor_sync(0xffffffffu, s, 1);
+                s += __shfl_xor_sync(0xffffffffu, s, 2);
+                s += __shfl_xor_sync(0xffffffffu, s, 4);
+                if (i < C && i % 8 == 0) p1[(size_t)h * C + r * (C / CL_SIZE) + i / 8] = s;
+            }
+        }
+        ahead2(l);
+        stamp(trace, stamps);
+        grid_barrier(bar, barriers);
+        stamp(trace, stamps);
+
+        // Phase 2.
+        cl_add_partials<W>(x, p1, H, lt(l, T_PROJ_B), C);
+        stamp(trace, stamps);
+        fetch_wait(&fetched[1], l);
+        cl_norm<W>(x, xn, buf_b + (size_t)ub * C, buf_b + (size_t)(ub + 1) * C, eps, C);
+        stamp(trace, stamps);
+#pragma unroll
+        for (int k = 0; k < FB; k++) {
+            int j = warp + k * STEP_WARPS;
+            if (j >= nu) break;
+            float v = cl_dot<W>(buf_b + (size_t)j * C, xn, C) + fb[k];
+            if (lane == 0) hid[j] = gelu_new(v);
+        }
+        __syncthreads();
+        stamp(trace, stamps);
+        // This block's share of every MLP-down output.
+        const W* down = buf_b + (size_t)u * C;
+        for (int n = t; n < C; n += T) {
+            float s = 0.0f;
+            for (int j = 0; j < nu; j++) s += hid[j] * to_f(down[(size_t)j * C + n]);
+            y[n] = s;
+        }
+        cluster_sync();  // (also: every thread is done with the buffer)
+        if (l + 1 < L && !late_fetch) fetch_b(l + 1);
+        for (int n = r * (C / CL_SIZE) + t; n < (r + 1) * (C / CL_SIZE); n += T) {
+            float s = 0.0f;
+#pragma unroll
+            for (int q = 0; q < CL_SIZE; q++) s += cluster_load(y + n, q);
+            p2[(size_t)c * C + n] = s;
+        }
+        if (l + 1 < L && late_fetch) fetch_b(l + 1);
+        if (l + 1 < L) ahead1(l + 1);
+        stamp(trace, stamps);
+        grid_barrier(bar, barriers);
+        stamp(trace, stamps);
+    }
+    // The final LayerNorm and the LM head.
+    int item0 = blockIdx.x * STEP_WARPS + warp;
+    const W* head_w = reinterpret_cast<const W*>(s_table[T_HEAD]);
+    lm_head_prefetch<W>(head_w, V, C, item0);
+    cl_add_partials<W>(x, p2, clusters, lt(L - 1, T_MPROJ_B), C);
+    fetch_wait(&fetched[0], L);
+    cl_norm<W>(x, xn, buf_a + (size_t)ua * C, buf_a + (size_t)(ua + 1) * C, eps, C);
+    stamp(trace, stamps);
+    step_head<W, GEMV_ROWS>(xn, 1, head_w, V, C, item0, logits, best_value, best_index, pos, head_keep);
+    stamp(trace, stamps);
+    grid_barrier_done(bar, best_value, best_index, 1, next);
+#else
+    __trap();
+#endif
+}
+
+#define CL_STEP_KERNEL(W, NAME)                                                                                   \
+    extern "C" __global__ void __launch_bounds__(StepThreads<W>::value, 1) NAME(                                  \
+        const unsigned long long* table, int L, int C, int H, int V, float eps, const int* tokens,                \
+        const int* row_seq, int* pos, float* p1, float* p2, W* kc, W* vc, int max_seq, long long layer_stride,    \
+        float* logits, float* bv, int* bi, unsigned int* bar, int* next, int hidden, int flags, int head_keep,    \
+        unsigned long long* trace) {                                                                              \
+        decode_step_cl<W>(table, L, C, H, V, eps, tokens, row_seq, pos, p1, p2, kc, vc, max_seq, layer_stride,    \
+                          logits, bv, bi, bar, next, hidden, flags, head_keep, trace);                            \
+    }
+CL_STEP_KERNEL(__half, decode_step_cl_f16)
+CL_STEP_KERNEL(__nv_bfloat16, decode_step_cl_bf16)

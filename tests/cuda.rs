@@ -618,6 +618,61 @@ fn cuda_f32_fused_step_of_9_to_16_rows_matches_the_cpu_reference() {
 }
 
 #[test]
+fn cuda_cluster_step_matches_the_cpu_reference() {
+    if !gpu_available() {
+        return;
+    }
+    // On 9.0+ GPUs a step of one sequence takes the cluster step in the half modes (decode_step_cl:
+    // two grid-wide phases a layer, a cluster of blocks a head, each block attending over an
+    // eighth of the earlier keys). Contexts of 5-8 keys leave some blocks' shares empty; 300-303
+    // fill them all. After the prompt and after each of 3 steps (both fed the CPU's greedy ids):
+    // the logits within the half modes' bounds of the CPU reference's (assert_half_agreement),
+    // beside the fused step without it (GPT2RT_CUDA_CLUSTER_STEP=0, printed), and each
+    // device-chosen greedy id the first largest logit read back.
+    let cpu = distilgpt2(BackendKind::Cpu, None);
+    let vocab = cpu.config().vocab_size;
+    for dtype in [DType::F16, DType::BF16] {
+        let gpu = distilgpt2(BackendKind::Cuda, Some(dtype));
+        let without = distilgpt2_with("GPT2RT_CUDA_CLUSTER_STEP", "0", dtype);
+        let info = gpu.info();
+        println!("{info}");
+        if !info.contains("compute capability 7.") && !info.contains("compute capability 8.") {
+            assert!(info.contains("batch-1 steps on"), "a 9.0+ GPU takes the cluster step in {dtype}:\n{info}");
+        }
+        for prompt_len in [5, 300] {
+            let steps = 3;
+            let tokens = prompts(vocab, 1, prompt_len);
+            let (want, fed) = steps_after_prompts(&cpu, &tokens, &[prompt_len], prompt_len + steps, steps, None);
+            let (wb, sb) = half_agreement(
+                &steps_after_prompts(&without, &tokens, &[prompt_len], prompt_len + steps, steps, Some(&fed)).0,
+                &want,
+                vocab,
+            );
+            println!(
+                "cuda {dtype}, prompt {prompt_len}, without the cluster step: max relative logit difference from the CPU reference {wb:.2e}; same argmax {sb}/{}",
+                steps + 1
+            );
+            let options = SessionOptions { max_batch: 1, max_seq: prompt_len + steps, kv_cache: true };
+            let mut g = gpu.new_session(options).unwrap();
+            g.prefill(&tokens, &[prompt_len]).unwrap();
+            let (mut lg, mut ids, mut got) = (vec![0.0f32; vocab], vec![0u32; 1], Vec::new());
+            for step in 0..=steps {
+                g.read_logits(&mut lg).unwrap();
+                got.push(lg.clone());
+                g.select(&SamplingParams::greedy(), &mut ids).unwrap();
+                let at = format!("{dtype}, prompt {prompt_len}, after {step} steps");
+                assert_eq!(ids[0], gpt2rt::sampling::argmax(&lg), "{at}: the device's greedy id");
+                if let Some(next) = fed.get(step) {
+                    g.step(next).unwrap();
+                }
+            }
+            let what = format!("{dtype}, prompt {prompt_len}, the cluster step");
+            assert_half_agreement(&got, &want, vocab, &what, (3, 4));
+        }
+    }
+}
+
+#[test]
 fn cuda_fused_step_head_on_tensor_cores_picks_each_rows_first_largest_logit() {
     if !gpu_available() {
         return;

@@ -180,7 +180,8 @@ const TILED_HEAD_ROWS: usize = 17;
 const HEAD_KEEP_MB_HALF: usize = 16;
 const HEAD_KEEP_MB_F32: usize = 8;
 /// The fused step's trace stamps (`stamp` in the .cu file): 13 a layer (three a product, one after
-/// the attention) and 3 more; the buffer is sized by the model, which the kernel does not check.
+/// the attention) and 3 more (the cluster step's 12 a layer and 3 fit too); the buffer is sized by
+/// the model, which the kernel does not check.
 fn trace_stamps(layers: usize) -> usize {
     3 + 13 * layers
 }
@@ -188,6 +189,8 @@ fn trace_stamps(layers: usize) -> usize {
 /// STEP_PER_LAYER in the .cu file).
 const STEP_TABLE_GLOBALS: usize = 5;
 const STEP_TABLE_PER_LAYER: usize = 12;
+/// The MLP-down weights' slot in a layer's entries (T_MPROJ_W).
+const STEP_TABLE_MPROJ_W: usize = 10;
 /// Rows of the wide fused-step kernel (STEP_ROWS in the .cu file).
 const FUSED_WIDE_ROWS: usize = 16;
 /// Rows a block of attention_tiled takes (ATT_ROWS in the .cu file).
@@ -360,6 +363,10 @@ struct Kernels {
     /// `GPT2RT_CUDA_FUSED_STEP=0` (for comparisons); and, in f32, its 16-row variant.
     decode_step: Option<sys::CUfunction>,
     decode_step_wide: Option<sys::CUfunction>,
+    /// The cluster step (batch 1 in two phases a layer: decode_step_cl in the .cu file), in the
+    /// half modes where the fused step runs on a 9.0+ GPU, unless `GPT2RT_CUDA_CLUSTER_STEP=0` (for
+    /// comparisons).
+    decode_step_cl: Option<sys::CUfunction>,
 }
 
 /// A device context with the module loaded. Shared by the backend and its sessions.
@@ -489,6 +496,15 @@ impl Device {
             advance: get("advance")?,
             decode_step: if fused { Some(get(&format!("decode_step_{suffix}"))?) } else { None },
             decode_step_wide: if fused { Some(get(&format!("decode_step16_{suffix}"))?) } else { None },
+            decode_step_cl: if fused
+                && dtype != DType::F32
+                && probe.capability >= (9, 0)
+                && knob_on("GPT2RT_CUDA_CLUSTER_STEP")
+            {
+                Some(get(&format!("decode_step_cl_{suffix}"))?)
+            } else {
+                None
+            },
         };
         let cluster_max = match &kernels.matmul_mma_cluster {
             Some((fp32_rows, half)) => cluster_size(std::iter::once(*fp32_rows).chain(*half), cluster_wanted),
@@ -746,6 +762,34 @@ struct FusedStep {
     /// Whether a launch asks for room to stage its attention splits' outputs (step_stage_bytes):
     /// on unless `GPT2RT_CUDA_STEP_STAGE_SPLITS=0` (a tuning knob read when the engine loads).
     stage_splits: bool,
+    /// The cluster step, which takes the steps of one sequence where it runs (cluster_step).
+    cluster: Option<ClusterStep>,
+}
+
+/// The cluster step of an engine (decode_step_cl in the .cu file): a step of one sequence in two
+/// grid-wide phases a layer, on `blocks` blocks (one an SM) in clusters of CL_SIZE.
+struct ClusterStep {
+    blocks: usize,
+    /// MLP hidden units a block (the kernel's `hidden`).
+    hidden: usize,
+    /// Dynamic shared memory of a launch (cluster_step_smem).
+    smem: usize,
+    /// The fused step's weight table, but for the MLP-down weights: `down`'s, in the checkpoint's
+    /// `[4C, C]` layout (a block's hidden units are then contiguous rows).
+    table: DeviceBuffer,
+    down: Vec<DeviceBuffer>,
+    /// Whether each phase asks for the next layer's slab late in the phase (the kernel's
+    /// `late_fetch`): on unless `GPT2RT_CUDA_CLUSTER_LATE_FETCH=0` (a tuning knob read when the
+    /// engine loads). H200, f16, batch 1, E2E ms, same call, twice, early vs late: prompt 128 +
+    /// 128 tokens 21.98 / 22.25 vs 21.60 / 21.39, prompt 12 + 32 tokens 5.39 vs 5.23.
+    late_fetch: bool,
+}
+
+impl ClusterStep {
+    /// Clusters of a launch: cluster c < n_head takes head c in the first phase of a layer.
+    fn clusters(&self) -> usize {
+        self.blocks / CL_SIZE
+    }
 }
 
 /// One kernel of the fused step.
@@ -798,12 +842,8 @@ fn fused_step_smem(
 
 /// The fused step for this device, model and dtype, where the kernel exists and its shared memory
 /// and one block an SM fit; None falls back to the kernel-per-phase step.
-fn fused_step(
-    device: &Arc<Device>,
-    cfg: &ModelConfig,
-    weights: &DeviceWeights,
-    dtype: DType,
-) -> Result<Option<FusedStep>> {
+fn fused_step(device: &Arc<Device>, model: &Model, weights: &DeviceWeights, dtype: DType) -> Result<Option<FusedStep>> {
+    let cfg = &model.config;
     let Some(narrow) = device.kernels.decode_step else { return Ok(None) };
     let (c, h) = (cfg.n_embd, cfg.n_head);
     // (Its attention combination takes four outputs of a head at a time: heads of a multiple of 4.)
@@ -843,6 +883,7 @@ fn fused_step(
         ]);
     }
     debug_assert_eq!(table.len(), STEP_TABLE_GLOBALS + w.layers.len() * STEP_TABLE_PER_LAYER);
+    let cluster = cluster_step(device, model, dtype, &table)?;
     let table = DeviceBuffer::upload(device, &table, "weight table")?;
     let upto = |rows: usize| ((1u32 << (rows.min(max_rows) + 1)) - 1) & !1;
     let batches = match knob("GPT2RT_CUDA_FUSED_ROWS") {
@@ -857,7 +898,98 @@ fn fused_step(
     };
     let head_keep_rows = (head_keep_bytes(device, dtype) / (c * dtype.size())).min(cfg.vocab_size);
     let stage_splits = knob_on("GPT2RT_CUDA_STEP_STAGE_SPLITS");
-    Ok(Some(FusedStep { blocks, table, kernels, batches, mma_rows, head_keep_rows, stage_splits }))
+    Ok(Some(FusedStep { blocks, table, kernels, batches, mma_rows, head_keep_rows, stage_splits, cluster }))
+}
+
+/// Blocks of a cluster of the cluster step, and its limits (CL_SIZE, CL_MAX_CLUSTERS, CL_HID_MAX
+/// and CL_PROJ_MAX in the .cu file): clusters, MLP hidden units a block, and projection tasks a
+/// thread (n_embd <= that times the threads).
+const CL_SIZE: usize = 8;
+const CL_MAX_CLUSTERS: usize = 16;
+const CL_HID_MAX: usize = 32;
+const CL_PROJ_MAX: usize = 2;
+
+/// Dynamic shared memory of the cluster step with `hidden` MLP units a block (mirrors the layout
+/// at the start of decode_step_cl in the .cu file): the two weight buffers, the rows and scratch
+/// (fp32), then the copy of the weight table.
+fn cluster_step_smem(cfg: &ModelConfig, dtype: DType, hidden: usize) -> usize {
+    let (c, d, wsize, warps) = (cfg.n_embd, cfg.head_dim(), dtype.size(), step_threads(dtype) / 32);
+    let dq = d / CL_SIZE;
+    let a = ((3 * dq + 2) * c * wsize).next_multiple_of(16);
+    let b = ((2 * hidden + 2) * c * wsize).next_multiple_of(16);
+    let floats =
+        3 * c + (3 * dq).next_multiple_of(4) + (d + 4) + 4 * d + hidden.next_multiple_of(4) + 2 * warps + warps * d + 4;
+    let table = STEP_TABLE_GLOBALS + cfg.n_layer * STEP_TABLE_PER_LAYER;
+    (a + b + floats * 4).next_multiple_of(16) + table * 8
+}
+
+/// The cluster step for this device and model, where its kernel runs (9.0+), the model has what
+/// it needs (heads of 64, n_embd a multiple of 8 CL_SIZE and within its per-thread limit), and at
+/// least one cluster a head fits on the GPU at once with one block an SM and its shared memory: as
+/// many clusters as fit, up to one for every CL_SIZE SMs. `table`: the fused step's weight table.
+fn cluster_step(device: &Arc<Device>, model: &Model, dtype: DType, table: &[u64]) -> Result<Option<ClusterStep>> {
+    let Some(f) = device.kernels.decode_step_cl else { return Ok(None) };
+    let cfg = &model.config;
+    let (c, h, threads) = (cfg.n_embd, cfg.n_head, step_threads(dtype));
+    if cfg.head_dim() != 64 || c % (8 * CL_SIZE) != 0 || c > CL_PROJ_MAX * threads {
+        return Ok(None);
+    }
+    let static_bytes = static_smem(f, "the cluster step")?;
+    let most = knob("GPT2RT_CUDA_CLUSTER_STEP_CLUSTERS")
+        .unwrap_or(CL_MAX_CLUSTERS)
+        .min(CL_MAX_CLUSTERS)
+        .min(device.sm_count / CL_SIZE);
+    for clusters in (h.max(1)..=most).rev() {
+        let blocks = clusters * CL_SIZE;
+        let hidden = (4 * c).div_ceil(blocks);
+        if hidden > CL_HID_MAX {
+            break;
+        }
+        let smem = cluster_step_smem(cfg, dtype, hidden);
+        if smem + static_bytes > device.smem_optin
+            || !allow_dynamic_smem(f, threads, smem, "the cluster step")?
+            || resident_clusters(f, CL_SIZE, threads, smem) < clusters
+        {
+            continue;
+        }
+        let mut bytes = 0;
+        let down = model
+            .weights
+            .layers
+            .iter()
+            .map(|l| upload_values(device, &l.mlp_proj_weight, dtype, &mut bytes))
+            .collect::<Result<Vec<_>>>()?;
+        let mut table = table.to_vec();
+        for (l, d) in down.iter().enumerate() {
+            table[STEP_TABLE_GLOBALS + l * STEP_TABLE_PER_LAYER + STEP_TABLE_MPROJ_W] = d.ptr;
+        }
+        let table = DeviceBuffer::upload(device, &table, "weight table")?;
+        let late_fetch = knob_on("GPT2RT_CUDA_CLUSTER_LATE_FETCH");
+        return Ok(Some(ClusterStep { blocks, hidden, smem, table, down, late_fetch }));
+    }
+    Ok(None)
+}
+
+/// Clusters of `size` blocks of `threads` threads and `smem` bytes of dynamic shared memory that
+/// the GPU holds at once (the driver's occupancy query; 0 where it fails).
+fn resident_clusters(f: sys::CUfunction, size: usize, threads: usize, smem: usize) -> usize {
+    let mut attr = cluster_attribute_x(size);
+    let config = sys::CUlaunchConfig {
+        gridDimX: size as u32,
+        gridDimY: 1,
+        gridDimZ: 1,
+        blockDimX: threads as u32,
+        blockDimY: 1,
+        blockDimZ: 1,
+        sharedMemBytes: smem as u32,
+        hStream: std::ptr::null_mut(),
+        attrs: &mut attr,
+        numAttrs: 1,
+    };
+    let mut clusters = 0;
+    // SAFETY: the function belongs to the loaded module; config and attr live across the call.
+    let status = unsafe { sys::cuOccupancyMaxActiveClusters(&mut clusters, f, &config) };
+    if status == sys::cudaError_enum::CUDA_SUCCESS { clusters.max(0) as usize } else { 0 }
 }
 
 /// Bytes of LM-head weights the fused step keeps in L2 across steps: HEAD_KEEP_MB_HALF or
@@ -1016,6 +1148,13 @@ fn cluster_attribute(blocks: usize) -> sys::CUlaunchAttribute {
     attr
 }
 
+/// The launch attribute for clusters of `blocks` blocks along x.
+fn cluster_attribute_x(blocks: usize) -> sys::CUlaunchAttribute {
+    let mut attr = cluster_attribute(1);
+    attr.value.clusterDim.x = blocks as u32;
+    attr
+}
+
 /// The launch attribute for programmatic dependent launch (the kernel may start before the
 /// previous one ends; it must `pdl_wait` before touching that kernel's results).
 fn pdl_attribute() -> sys::CUlaunchAttribute {
@@ -1135,7 +1274,7 @@ impl CudaBackend {
             knob("GPT2RT_CUDA_LM_HEAD_BLOCKS").unwrap_or(LM_HEAD_RESIDENT * device.sm_count).clamp(1, LM_HEAD_BLOCKS);
         let tiled_head_rows = knob("GPT2RT_CUDA_TILED_HEAD_ROWS").unwrap_or(TILED_HEAD_ROWS);
         let config = model.config.clone();
-        let fused = fused_step(&device, &config, &weights, dtype)?;
+        let fused = fused_step(&device, model, &weights, dtype)?;
         let prefill_rows = knob("GPT2RT_CUDA_PREFILL_ROWS").unwrap_or(PREFILL_CHUNK).max(1);
         let head_mma = head_mma_smem_allowed(&device, config.n_embd)?;
         let head_mma_blocks = device.sm_count.min(LM_HEAD_BLOCKS);
@@ -1188,8 +1327,16 @@ impl Backend for CudaBackend {
             ),
             None => String::new(),
         };
+        let step = match self.shared.fused.as_ref().and_then(|fs| fs.cluster.as_ref()) {
+            Some(cl) => format!(
+                ", batch-1 steps on {} clusters of {CL_SIZE} blocks ({} MiB more for their MLP-down weights)",
+                cl.clusters(),
+                cl.down.iter().map(|d| d.bytes).sum::<usize>() >> 20
+            ),
+            None => String::new(),
+        };
         format!(
-            "cuda ({}, compute capability {}.{}, {} weights, {} MiB on the device{clusters}{head})",
+            "cuda ({}, compute capability {}.{}, {} weights, {} MiB on the device{clusters}{head}{step})",
             d.name,
             d.capability.0,
             d.capability.1,
@@ -1335,6 +1482,9 @@ struct CudaState {
     /// heads * splits at most max(blocks, rows * heads)) and its grid barrier (arrivals, blocks done).
     step_part: DeviceBuffer,
     step_ml: DeviceBuffer,
+    /// The cluster step's partial sums: `[n_head][C]` (output projections), then `[clusters][C]`
+    /// (MLP downs).
+    cl_part: DeviceBuffer,
     barrier: DeviceBuffer,
     /// Block 0's globaltimer stamps of the last fused step (`GPT2RT_CUDA_STEP_TRACE=1`, a tuning aid
     /// read when a session is made; logged at debug level when the session is dropped).
@@ -1412,6 +1562,15 @@ impl CudaState {
             )?,
             step_part: DeviceBuffer::new(d, step_items * cfg.head_dim() * f, "attention")?,
             step_ml: DeviceBuffer::new(d, step_items * 2 * f, "attention")?,
+            // The cluster step's partial sums: the heads' output projections, then the clusters'
+            // MLP downs.
+            cl_part: DeviceBuffer::new(
+                d,
+                shared.fused.as_ref().and_then(|fs| fs.cluster.as_ref()).map_or(1, |cl| cfg.n_head + cl.clusters())
+                    * c
+                    * f,
+                "activations",
+            )?,
             barrier: DeviceBuffer::upload(d, &[0u32; 2], "grid barrier")?,
             trace: if knob("GPT2RT_CUDA_STEP_TRACE") == Some(1) {
                 Some(DeviceBuffer::upload(d, &vec![0u64; trace_stamps(cfg.n_layer)], "trace")?)
@@ -1501,6 +1660,28 @@ impl CudaState {
         // device's cluster_max says clusters of this size fit, and the kernel waits
         // (griddepcontrol.wait) before touching anything an earlier kernel writes.
         unsafe { self.launch_with(f, grid, block, 0, args, &mut attrs[..n]) }
+    }
+
+    /// Launches a kernel cooperatively in clusters of `cluster` blocks along x (9.0+): every block
+    /// resident at once, as its grid-wide barriers need, and each cluster's blocks on one GPC.
+    fn launch_cooperative_clusters(
+        &self,
+        f: sys::CUfunction,
+        grid: usize,
+        cluster: usize,
+        block: usize,
+        smem: usize,
+        args: Args,
+    ) -> Result<()> {
+        // SAFETY: a plain-old-data union; the id says which member the driver reads.
+        let mut cooperative: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+        cooperative.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_COOPERATIVE;
+        cooperative.value.cooperative = 1;
+        // SAFETY: grid is a multiple of the cluster, and cluster_step found that many clusters
+        // resident at once with this block and shared memory.
+        unsafe {
+            self.launch_with(f, (grid, 1, 1), block, smem, args, &mut [cluster_attribute_x(cluster), cooperative])
+        }
     }
 
     /// Launches a kernel cooperatively: the driver starts it only with every block resident at
@@ -1721,8 +1902,17 @@ impl CudaState {
         self.shared.fused.as_ref().filter(|fs| fs.takes(b))
     }
 
+    /// The cluster step, where it serves a step of `b` sequences (one, where the fused step takes
+    /// it).
+    fn cluster_step(&self, b: usize) -> Option<&ClusterStep> {
+        if b == 1 { self.fused_step(b)?.cluster.as_ref() } else { None }
+    }
+
     /// First-stage argmax results a step of `b` sequences leaves in `best` (0: none).
     fn step_best_chunks(&self, b: usize) -> usize {
+        if let Some(cl) = self.cluster_step(b) {
+            return cl.blocks;
+        }
         match self.fused_step(b) {
             Some(fs) => fs.blocks,
             None if self.decode_rows(b) => self.shared.lm_head_blocks,
@@ -2196,6 +2386,38 @@ impl CudaState {
     fn enqueue_step(&self) -> Result<()> {
         let b = self.history.batch();
         let lay = &self.layout;
+        if let (Some(cl), Some(f)) = (self.cluster_step(b), self.shared.device.kernels.decode_step_cl) {
+            let cfg = &self.shared.config;
+            let fs = self.fused_step(b).expect("the cluster step is part of the fused step");
+            let c = cfg.n_embd;
+            let args = Args::new()
+                .ptr(cl.table.ptr)
+                .int(cfg.n_layer)
+                .int(c)
+                .int(cfg.n_head)
+                .int(cfg.vocab_size)
+                .float(cfg.layer_norm_epsilon)
+                .ptr(self.ints.at::<i32>(lay.next))
+                .ptr(self.ints.at::<i32>(lay.iota))
+                .ptr(self.ints.at::<i32>(lay.seq_len))
+                .ptr(self.cl_part.ptr)
+                .ptr(self.cl_part.at::<f32>(cfg.n_head * c))
+                .ptr(self.k_cache.ptr)
+                .ptr(self.v_cache.ptr)
+                .int(self.profile.max_seq)
+                .ptr((self.profile.max_batch * self.profile.max_seq * c) as u64)
+                .ptr(self.logits.ptr)
+                .ptr(self.best.ptr)
+                .ptr(self.best.at::<f32>(cl.blocks))
+                .ptr(self.barrier.ptr)
+                .ptr(self.ints.at::<i32>(lay.next))
+                .int(cl.hidden)
+                .int(usize::from(cl.late_fetch))
+                .int(fs.head_keep_rows)
+                .ptr(self.trace.as_ref().map_or(0, |t| t.ptr));
+            let threads = step_threads(self.shared.dtype);
+            return self.launch_cooperative_clusters(f, cl.blocks, CL_SIZE, threads, cl.smem, args);
+        }
         if let Some(fs) = self.fused_step(b) {
             let cfg = &self.shared.config;
             let kernel = fs.kernel(b);
@@ -2654,6 +2876,10 @@ mod tests {
             ("STEP_THREADS_HALF", STEP_THREADS_HALF),
             ("STEP_ROWS", FUSED_WIDE_ROWS),
             ("STEP_MMA", STEP_MMA),
+            ("CL_SIZE", CL_SIZE),
+            ("CL_MAX_CLUSTERS", CL_MAX_CLUSTERS),
+            ("CL_HID_MAX", CL_HID_MAX),
+            ("CL_PROJ_MAX", CL_PROJ_MAX),
             ("ATT_ROWS", ATTENTION_TILE_ROWS),
             ("HEAD_THREADS", HEAD_THREADS),
             ("HEAD_TILE", HEAD_TILE),
@@ -2663,6 +2889,26 @@ mod tests {
             ("HEAD_STAGES_64", HEAD_STAGES[2]),
         ] {
             assert_eq!(define(name), value, "{name}");
+        }
+    }
+
+    #[test]
+    fn the_cluster_step_fits_one_block_an_sm_on_hopper_in_the_half_modes() {
+        // DistilGPT2 in f16/bf16 at every cluster count cluster_step may try (one a head up to
+        // CL_MAX_CLUSTERS): the launch's shared memory and the kernel's static arrays (the two
+        // mbarriers and the LM head's per-warp bests) within the H100's and H200's opt-in a block,
+        // and a block's hidden units within CL_HID_MAX; otherwise the step falls back to the fused
+        // step without saying so.
+        const HOPPER_OPTIN: usize = 232_448;
+        let cfg = crate::model::Preset::DistilGpt2.config();
+        for clusters in cfg.n_head..=CL_MAX_CLUSTERS {
+            let hidden = (4 * cfg.n_embd).div_ceil(clusters * CL_SIZE);
+            assert!(hidden <= CL_HID_MAX, "{clusters} clusters: {hidden} hidden units a block");
+            for dtype in [DType::F16, DType::BF16] {
+                let statics = 16 + (step_threads(dtype) / 32) * GEMV_MAX_M * 8;
+                let smem = cluster_step_smem(&cfg, dtype, hidden) + statics;
+                assert!(smem <= HOPPER_OPTIN, "{dtype}, {clusters} clusters: {smem} bytes");
+            }
         }
     }
 
