@@ -2645,25 +2645,33 @@ __device__ __noinline__ void step_embed(const int* tokens, const int* pos, const
 // 23.80 / 23.88, f32 batch 1 25.96 / 26.01 -> 27.33 / 27.23, f16 batch 2 25.29 / 25.30 -> 25.78 /
 // 25.63; f32 prompt 12 + 32 batch 8 8.98 / 9.00 -> 9.47 / 9.53, batch 16 13.93 / 13.89 -> 14.16 /
 // 14.05.)
+// A row's mean and 1 / sqrt(variance + eps) by one warp (C floats, shared; two passes, every lane
+// gets both): step_norm's and cl_norm's statistics.
+__device__ __forceinline__ void row_stats(const float* row, int C, float eps, float& mean, float& inv) {
+    int lane = threadIdx.x & 31;
+    float s = 0.0f;
+    for (int k = lane * 4; k < C; k += 128) {
+        float4 v = *reinterpret_cast<const float4*>(row + k);
+        s += v.x + v.y + v.z + v.w;
+    }
+    mean = warp_sum(s) / C;
+    float var = 0.0f;
+    for (int k = lane * 4; k < C; k += 128) {
+        float4 v = *reinterpret_cast<const float4*>(row + k);
+        var += (v.x - mean) * (v.x - mean) + (v.y - mean) * (v.y - mean) + (v.z - mean) * (v.z - mean) +
+               (v.w - mean) * (v.w - mean);
+    }
+    inv = rsqrtf(warp_sum(var) / C + eps);
+}
+
 template <typename W>
 __device__ __noinline__ void step_norm(float* xs, const W* g, const W* b, float eps, int M, int C) {
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     __syncthreads();
     for (int m = warp; m < M; m += STEP_WARPS) {
         float* row = xs + (size_t)m * C;
-        float s = 0.0f;
-        for (int k = lane * 4; k < C; k += 128) {
-            float4 v = *reinterpret_cast<const float4*>(row + k);
-            s += v.x + v.y + v.z + v.w;
-        }
-        float mean = warp_sum(s) / C;
-        float var = 0.0f;
-        for (int k = lane * 4; k < C; k += 128) {
-            float4 v = *reinterpret_cast<const float4*>(row + k);
-            var += (v.x - mean) * (v.x - mean) + (v.y - mean) * (v.y - mean) + (v.z - mean) * (v.z - mean) +
-                   (v.w - mean) * (v.w - mean);
-        }
-        float inv = rsqrtf(warp_sum(var) / C + eps);
+        float mean, inv;
+        row_stats(row, C, eps, mean, inv);
         for (int k = lane * 4; k < C; k += 128) {
             float4 v = *reinterpret_cast<const float4*>(row + k);
             float4 gv = load4(g + k), bv = load4(b + k);
@@ -3488,25 +3496,13 @@ __device__ __forceinline__ void cl_add_partials(float* x, const float* part, int
 }
 
 // LayerNorm of x (C floats, shared) into xn: every warp works out the mean and variance of the
-// whole row (the same sums in the same order as step_norm, so the same values, and no block
-// barrier between the statistics and their use), then the block normalises four values a thread.
+// whole row (row_stats, as step_norm: the same values, and no block barrier between the
+// statistics and their use), then the block normalises four values a thread.
 template <typename W>
 __device__ __forceinline__ void cl_norm(const float* x, float* xn, const W* g, const W* b, float eps, int C) {
-    int lane = threadIdx.x & 31;
     __syncthreads();
-    float s = 0.0f;
-    for (int k = lane * 4; k < C; k += 128) {
-        float4 v = *reinterpret_cast<const float4*>(x + k);
-        s += v.x + v.y + v.z + v.w;
-    }
-    float mean = warp_sum(s) / C;
-    float var = 0.0f;
-    for (int k = lane * 4; k < C; k += 128) {
-        float4 v = *reinterpret_cast<const float4*>(x + k);
-        var += (v.x - mean) * (v.x - mean) + (v.y - mean) * (v.y - mean) + (v.z - mean) * (v.z - mean) +
-               (v.w - mean) * (v.w - mean);
-    }
-    float inv = rsqrtf(warp_sum(var) / C + eps);
+    float mean, inv;
+    row_stats(x, C, eps, mean, inv);
     for (int k = threadIdx.x * 4; k < C; k += STEP_THREADS * 4) {
         float4 v = *reinterpret_cast<const float4*>(x + k);
         float4 gv = load4(g + k), bv = load4(b + k);

@@ -948,7 +948,7 @@ fn cluster_step(device: &Arc<Device>, model: &Model, dtype: DType, table: &[u64]
         let smem = cluster_step_smem(cfg, dtype, hidden);
         if smem + static_bytes > device.smem_optin
             || !allow_dynamic_smem(f, threads, smem, "the cluster step")?
-            || resident_clusters(f, CL_SIZE, threads, smem) < clusters
+            || resident_clusters(f, cluster_attribute_x(CL_SIZE), (CL_SIZE, 1), threads, smem) < clusters
         {
             continue;
         }
@@ -970,14 +970,20 @@ fn cluster_step(device: &Arc<Device>, model: &Model, dtype: DType, table: &[u64]
     Ok(None)
 }
 
-/// Clusters of `size` blocks of `threads` threads and `smem` bytes of dynamic shared memory that
-/// the GPU holds at once (the driver's occupancy query; 0 where it fails).
-fn resident_clusters(f: sys::CUfunction, size: usize, threads: usize, smem: usize) -> usize {
-    let mut attr = cluster_attribute_x(size);
+/// Clusters (`attr`: their dimensions; `grid`: one cluster's blocks along x and z) of blocks of
+/// `threads` threads and `smem` bytes of dynamic shared memory that the GPU holds at once (the
+/// driver's occupancy query; 0 where it fails).
+fn resident_clusters(
+    f: sys::CUfunction,
+    mut attr: sys::CUlaunchAttribute,
+    grid: (usize, usize),
+    threads: usize,
+    smem: usize,
+) -> usize {
     let config = sys::CUlaunchConfig {
-        gridDimX: size as u32,
+        gridDimX: grid.0 as u32,
         gridDimY: 1,
-        gridDimZ: 1,
+        gridDimZ: grid.1 as u32,
         blockDimX: threads as u32,
         blockDimY: 1,
         blockDimZ: 1,
@@ -1090,23 +1096,7 @@ fn cluster_size(functions: impl Iterator<Item = sys::CUfunction> + Clone, wanted
                 return false;
             }
         }
-        let mut attr = cluster_attribute(size);
-        let config = sys::CUlaunchConfig {
-            gridDimX: 1,
-            gridDimY: 1,
-            gridDimZ: size as u32,
-            blockDimX: MMA_THREADS as u32,
-            blockDimY: 1,
-            blockDimZ: 1,
-            sharedMemBytes: 0,
-            hStream: std::ptr::null_mut(),
-            attrs: &mut attr,
-            numAttrs: 1,
-        };
-        let mut clusters = 0;
-        // SAFETY: the function belongs to the loaded module; config and attr live across the call.
-        let status = unsafe { sys::cuOccupancyMaxActiveClusters(&mut clusters, f, &config) };
-        status == sys::cudaError_enum::CUDA_SUCCESS && clusters >= 1
+        resident_clusters(f, cluster_attribute(size), (1, size), MMA_THREADS, 0) >= 1
     };
     (2..=wanted).rev().find(|&size| functions.clone().all(|f| fits(f, size))).unwrap_or(0)
 }
