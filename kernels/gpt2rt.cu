@@ -2420,6 +2420,17 @@ __device__ __forceinline__ void stamp(unsigned long long* trace, int& i) {
     }
     i++;
 }
+// Every block's, for the cluster step: stamp i of block b at trace[i * gridDim.x + b] (grids of
+// at most TRACE_BLOCKS). (The fused step keeps block 0's: the index cost decode_step_f32 a spill.)
+#define TRACE_BLOCKS 1024
+__device__ __forceinline__ void stamp_all(unsigned long long* trace, int& i) {
+    if (trace != nullptr && gridDim.x <= TRACE_BLOCKS && threadIdx.x == 0) {
+        unsigned long long t;
+        asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+        trace[(size_t)i * gridDim.x + blockIdx.x] = t;
+    }
+    i++;
+}
 
 // Starts copying `bytes` (a multiple of 16, both ends 16-byte aligned) with the whole block.
 template <typename W>
@@ -3458,11 +3469,19 @@ STEP_KERNEL(__nv_bfloat16, decode_step16_bf16, STEP_ROWS)
 // down's input is gathered across the grid: each phase ends in partial sums that every block adds
 // up for itself. Weights: the phase-1 slab (q, k, v columns and LN1) and the phase-2 slab (MLP-up
 // and MLP-down rows, LN2) come by bulk copy into two buffers a phase ahead; the projection's columns
-// are strided and are loaded into registers before the barrier in front of their phase. Rows of 1
-// only; f16/bf16 (in f32 the two slabs would not fit in shared memory together: f32 keeps
-// decode_step); D == 64 (attend's), C % (8 CL_SIZE) == 0; the host checks what it needs
-// (cluster_step in imp.rs). `flags` bit 0 (late_fetch): each phase asks for the next layer's slab
-// after its attention or its sums, instead of before its first cluster barrier.
+// are strided and come into registers, as do the biases. Every such request is made right after a
+// phase's partial sums are in, the last global loads the phase waits for until its grid barrier:
+// a load made after a block's bulk copies returns after them (about 2 us while every block copies
+// its slab), and a grid barrier's release waits for the block's copies in flight, so a request
+// anywhere else put that wait in front of a load or a barrier (block 0's trace, H200, f16: 142 us
+// a step with the slabs asked for before the barriers, 130 with them asked for here; 124 with no
+// slab copied after the first layer's, wrong results, the bound). Phase 1 asks for phase 2's slab,
+// the projection's weights and the MLP-up biases; phase 2 for the next layer's phase-1 slab, its
+// q, k, v biases. (The block's share of the earlier keys and values copied into shared memory a
+// phase ahead measured no faster: H200, f16, E2E ms, same call, twice, with vs without: prompt 128
+// + 128 tokens 19.65 / 19.51 vs 19.36 / 19.14, prompt 512 + 128 20.88 vs 20.65.) Rows of 1 only;
+// f16/bf16 (in f32 the two slabs would not fit in shared memory together: f32 keeps decode_step);
+// D == 64 (attend's), C % (8 CL_SIZE) == 0; the host checks what it needs (cluster_step in imp.rs).
 #define CL_SIZE 8
 // Most clusters (the partial sums' loads are unrolled over them), most hidden units a block, and
 // most projection lane tasks a thread (C <= CL_PROJ_MAX * threads).
@@ -3479,19 +3498,43 @@ __device__ __forceinline__ size_t cl_buf_b(int C, int u) {
     return ((size_t)(2 * u + 2) * C * sizeof(W) + 15) / 16 * 16;
 }
 
-// x[k] += bias[k] + the n partials' values at k (rows of C, in order), for the thread's k: every
-// partial's load of a k in flight at once (n <= CL_MAX_CLUSTERS).
+// x[k] += bias[k] + the n partials' values at k (rows of C), four k a pair of threads: each of
+// the pair loads every other row, all its loads in flight at once; the even rows' sum and the odd
+// rows' are added last (n <= CL_MAX_CLUSTERS). One round trip to L2: with one float a thread and
+// two rounds a row (C = 768), adding the partials took 1-3 us more a phase (block 0's trace,
+// H200, f16, with the weights asked for right after it: 149 vs 133 us a step).
 template <typename W>
 __device__ __forceinline__ void cl_add_partials(float* x, const float* part, int n, const W* bias, int C) {
-    for (int k = threadIdx.x; k < C; k += STEP_THREADS) {
-        float p[CL_MAX_CLUSTERS];
+    constexpr int R = CL_MAX_CLUSTERS / 2;
+    const int half = threadIdx.x & 1;
+    for (int k = (threadIdx.x >> 1) * 4; k < C; k += STEP_THREADS / 2 * 4) {
+        float4 p[R];
 #pragma unroll
-        for (int q = 0; q < CL_MAX_CLUSTERS; q++) p[q] = q < n ? __ldcg(part + (size_t)q * C + k) : 0.0f;
-        float b = to_f(bias[k]), v = 0.0f;
+        for (int i = 0; i < R; i++)
+            p[i] = 2 * i + half < n ? __ldcg(reinterpret_cast<const float4*>(part + (size_t)(2 * i + half) * C + k))
+                                    : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        float4 b = load4(bias + k), v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
 #pragma unroll
-        for (int q = 0; q < CL_MAX_CLUSTERS; q++)
-            if (q < n) v += p[q];
-        x[k] += v + b;
+        for (int i = 0; i < R; i++) {
+            if (2 * i + half < n) {
+                v.x += p[i].x;
+                v.y += p[i].y;
+                v.z += p[i].z;
+                v.w += p[i].w;
+            }
+        }
+        // (only the pair: the other lanes may have left the loop)
+        const unsigned int pair = 3u << (threadIdx.x & 30);
+        float4 o = make_float4(__shfl_xor_sync(pair, v.x, 1), __shfl_xor_sync(pair, v.y, 1),
+                               __shfl_xor_sync(pair, v.z, 1), __shfl_xor_sync(pair, v.w, 1));
+        if (half == 0) {
+            float4 xv = *reinterpret_cast<const float4*>(x + k);
+            xv.x += (v.x + o.x) + b.x;
+            xv.y += (v.y + o.y) + b.y;
+            xv.z += (v.z + o.z) + b.z;
+            xv.w += (v.w + o.w) + b.w;
+            *reinterpret_cast<float4*>(x + k) = xv;
+        }
     }
 }
 
@@ -3538,10 +3581,9 @@ template <typename W>
 __device__ void decode_step_cl(const unsigned long long* table, int L, int C, int H, int V, float eps,
                                const int* tokens, const int* row_seq, int* pos, float* p1, float* p2, W* k_cache,
                                W* v_cache, int max_seq, long long layer_stride, float* logits, float* best_value,
-                               int* best_index, unsigned int* bar, int* next, int hidden, int flags,
-                               int head_keep, unsigned long long* trace) {
+                               int* best_index, unsigned int* bar, int* next, int hidden, int head_keep,
+                               unsigned long long* trace) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    const bool late_fetch = flags & 1;
     constexpr int VW = Vec<W>::N;
     constexpr int PV = IsF32<W>::value ? 2 : 1;  // 16-byte pieces of 8 projection weights
     extern __shared__ __align__(128) unsigned char step_smem[];
@@ -3610,18 +3652,18 @@ __device__ void decode_step_cl(const unsigned long long* table, int L, int C, in
     fetch_b(0);
     unsigned int barriers = 0;
     int stamps = 0;
-    stamp(trace, stamps);
+    stamp_all(trace, stamps);
     const float scale = rsqrtf((float)D);
-    // What a phase reads of the weights outside its slab, loaded before the barrier in front of
-    // it (an L2 or memory round trip each, which a load after the barrier would wait for): for
-    // phase 1 the projection's weights for this block's outputs (task i = t + k T: output
-    // r C / CL_SIZE + i / 8, the head's dimensions [8 (i % 8), + 8)) and the biases of the warp's
-    // q, k, v columns (j = warp + k STEP_WARPS); for phase 2 those of its MLP-up rows.
+    // What the phases read of the weights outside their slabs, into registers, as loaded (each is
+    // converted where it is used, so that nothing waits for it before): the projection's weights
+    // for this block's outputs (task i = t + k T: output r C / CL_SIZE + i / 8, the head's
+    // dimensions [8 (i % 8), + 8)), the biases of the warp's q, k, v columns (j = warp + k
+    // STEP_WARPS) and those of its MLP-up rows.
     constexpr int QB = (3 * 64 / CL_SIZE + STEP_WARPS - 1) / STEP_WARPS;
     constexpr int FB = (CL_HID_MAX + STEP_WARPS - 1) / STEP_WARPS;
     uint4 wp[CL_PROJ_MAX][PV];
-    float qb[QB], fb[FB];
-    auto ahead1 = [&](int l) {
+    W qb[QB], fb[FB];
+    auto load_wp = [&](int l) {
         if (c >= H) return;
         const W* proj = lt(l, T_PROJ_W);
 #pragma unroll
@@ -3632,22 +3674,25 @@ __device__ void decode_step_cl(const unsigned long long* table, int L, int C, in
             for (int q = 0; q < PV; q++)
                 wp[k][q] = i < C ? __ldcs(reinterpret_cast<const uint4*>(src) + q) : make_uint4(0, 0, 0, 0);
         }
+    };
+    auto load_qb = [&](int l) {
+        if (c >= H) return;
         const W* bias = lt(l, T_ATTN_B);
 #pragma unroll
         for (int k = 0; k < QB; k++) {
-            int j = warp + k * STEP_WARPS, which = j / dq;
-            qb[k] = j < 3 * dq ? to_f(bias[which * C + c * D + r * dq + (j - which * dq)]) : 0.0f;
+            int j = min(warp + k * STEP_WARPS, 3 * dq - 1), which = j / dq;  // (past the columns: unused)
+            qb[k] = bias[which * C + c * D + r * dq + (j - which * dq)];
         }
     };
-    auto ahead2 = [&](int l) {
+    auto load_fb = [&](int l) {
+        if (nu == 0) return;
         const W* bias = lt(l, T_FC_B);
 #pragma unroll
-        for (int k = 0; k < FB; k++) {
-            int j = warp + k * STEP_WARPS;
-            fb[k] = j < nu ? to_f(bias[j0 + j]) : 0.0f;
-        }
+        for (int k = 0; k < FB; k++) fb[k] = bias[j0 + min(warp + k * STEP_WARPS, nu - 1)];  // (past nu: unused)
     };
-    ahead1(0);
+    load_wp(0);
+    load_qb(0);
+    load_fb(0);
     for (int l = 0; l < L; l++) {
         W* kc = k_cache + l * layer_stride;
         W* vc = v_cache + l * layer_stride;
@@ -3664,18 +3709,21 @@ __device__ void decode_step_cl(const unsigned long long* table, int L, int C, in
             }
         } else {
             cl_add_partials<W>(x, p2, clusters, lt(l - 1, T_MPROJ_B), C);
+            fetch_b(l);
+            load_wp(l);
+            load_fb(l);
         }
-        stamp(trace, stamps);
+        stamp_all(trace, stamps);
         fetch_wait(&fetched[0], l);
         cl_norm<W>(x, xn, buf_a + (size_t)ua * C, buf_a + (size_t)(ua + 1) * C, eps, C);
-        stamp(trace, stamps);
+        stamp_all(trace, stamps);
         if (head) {
             // This block's q, k and v columns; k and v appended to the KV cache.
 #pragma unroll
             for (int k = 0; k < QB; k++) {
                 int j = warp + k * STEP_WARPS, which = j / dq, col = which * C + h * D + r * dq + (j - which * dq);
                 if (j >= 3 * dq) break;
-                float v = cl_dot<W>(buf_a + (size_t)j * C, xn, C) + qb[k];
+                float v = cl_dot<W>(buf_a + (size_t)j * C, xn, C) + to_f(qb[k]);
                 if (lane == 0) {
                     if (which > 0) {
                         W rounded;  // as the cache holds it
@@ -3688,12 +3736,9 @@ __device__ void decode_step_cl(const unsigned long long* table, int L, int C, in
             }
         }
         __syncthreads();
-        // The slab and LayerNorm parameters are read (late_fetch: a head cluster's block asks for
-        // the next ones after its attention).
-        if (!late_fetch || !head) fetch_a(l + 1);
         if (head) {
             cluster_sync();
-            stamp(trace, stamps);
+            stamp_all(trace, stamps);
             for (int i = t; i < 3 * D; i += T) {
                 int which = i / D, d = i - which * D;
                 qkv[i] = cluster_load(qkv_own + which * dq + d % dq, d / dq);
@@ -3705,7 +3750,7 @@ __device__ void decode_step_cl(const unsigned long long* table, int L, int C, in
                 s = warp_sum(s);
                 if (lane == 0) misc[0] = s * scale;
             }
-            stamp(trace, stamps);
+            stamp_all(trace, stamps);
             // This block's share of the earlier keys [0, p0).
             int len = (p0 + CL_SIZE - 1) / CL_SIZE, t0 = min(p0, r * len), t1 = min(p0, t0 + len);
             const W* keys = kc + (size_t)seq * max_seq * C + h * D;
@@ -3731,8 +3776,7 @@ __device__ void decode_step_cl(const unsigned long long* table, int L, int C, in
                 att[d] = (num + w * qkv[2 * D + d]) / (den + w);
             }
             __syncthreads();
-            if (late_fetch) fetch_a(l + 1);
-            stamp(trace, stamps);
+            stamp_all(trace, stamps);
             // Its share of the output projection: p1[h][n] for the block's C / CL_SIZE outputs.
 #pragma unroll
             for (int k = 0; k < CL_PROJ_MAX; k++) {
@@ -3748,27 +3792,30 @@ __device__ void decode_step_cl(const unsigned long long* table, int L, int C, in
                 s += __shfl_xor_sync(0xffffffffu, s, 4);
                 if (i < C && i % 8 == 0) p1[(size_t)h * C + r * (C / CL_SIZE) + i / 8] = s;
             }
+        } else {
+            stamps += 3;  // (the trace's stamps line up across the blocks)
         }
-        ahead2(l);
-        stamp(trace, stamps);
+        stamp_all(trace, stamps);
         grid_barrier(bar, barriers);
-        stamp(trace, stamps);
+        stamp_all(trace, stamps);
 
         // Phase 2.
         cl_add_partials<W>(x, p1, H, lt(l, T_PROJ_B), C);
-        stamp(trace, stamps);
+        fetch_a(l + 1);
+        if (l + 1 < L) load_qb(l + 1);
+        stamp_all(trace, stamps);
         fetch_wait(&fetched[1], l);
         cl_norm<W>(x, xn, buf_b + (size_t)ub * C, buf_b + (size_t)(ub + 1) * C, eps, C);
-        stamp(trace, stamps);
+        stamp_all(trace, stamps);
 #pragma unroll
         for (int k = 0; k < FB; k++) {
             int j = warp + k * STEP_WARPS;
             if (j >= nu) break;
-            float v = cl_dot<W>(buf_b + (size_t)j * C, xn, C) + fb[k];
+            float v = cl_dot<W>(buf_b + (size_t)j * C, xn, C) + to_f(fb[k]);
             if (lane == 0) hid[j] = gelu_new(v);
         }
         __syncthreads();
-        stamp(trace, stamps);
+        stamp_all(trace, stamps);
         // This block's share of every MLP-down output.
         const W* down = buf_b + (size_t)u * C;
         for (int n = t; n < C; n += T) {
@@ -3777,18 +3824,15 @@ __device__ void decode_step_cl(const unsigned long long* table, int L, int C, in
             y[n] = s;
         }
         cluster_sync();  // (also: every thread is done with the buffer)
-        if (l + 1 < L && !late_fetch) fetch_b(l + 1);
         for (int n = r * (C / CL_SIZE) + t; n < (r + 1) * (C / CL_SIZE); n += T) {
             float s = 0.0f;
 #pragma unroll
             for (int q = 0; q < CL_SIZE; q++) s += cluster_load(y + n, q);
             p2[(size_t)c * C + n] = s;
         }
-        if (l + 1 < L && late_fetch) fetch_b(l + 1);
-        if (l + 1 < L) ahead1(l + 1);
-        stamp(trace, stamps);
+        stamp_all(trace, stamps);
         grid_barrier(bar, barriers);
-        stamp(trace, stamps);
+        stamp_all(trace, stamps);
     }
     // The final LayerNorm and the LM head.
     int item0 = blockIdx.x * STEP_WARPS + warp;
@@ -3797,9 +3841,9 @@ __device__ void decode_step_cl(const unsigned long long* table, int L, int C, in
     cl_add_partials<W>(x, p2, clusters, lt(L - 1, T_MPROJ_B), C);
     fetch_wait(&fetched[0], L);
     cl_norm<W>(x, xn, buf_a + (size_t)ua * C, buf_a + (size_t)(ua + 1) * C, eps, C);
-    stamp(trace, stamps);
+    stamp_all(trace, stamps);
     step_head<W, GEMV_ROWS>(xn, 1, head_w, V, C, item0, logits, best_value, best_index, pos, head_keep);
-    stamp(trace, stamps);
+    stamp_all(trace, stamps);
     grid_barrier_done(bar, best_value, best_index, 1, next);
 #else
     __trap();
@@ -3810,10 +3854,10 @@ __device__ void decode_step_cl(const unsigned long long* table, int L, int C, in
     extern "C" __global__ void __launch_bounds__(StepThreads<W>::value, 1) NAME(                                  \
         const unsigned long long* table, int L, int C, int H, int V, float eps, const int* tokens,                \
         const int* row_seq, int* pos, float* p1, float* p2, W* kc, W* vc, int max_seq, long long layer_stride,    \
-        float* logits, float* bv, int* bi, unsigned int* bar, int* next, int hidden, int flags, int head_keep,    \
+        float* logits, float* bv, int* bi, unsigned int* bar, int* next, int hidden, int head_keep,               \
         unsigned long long* trace) {                                                                              \
         decode_step_cl<W>(table, L, C, H, V, eps, tokens, row_seq, pos, p1, p2, kc, vc, max_seq, layer_stride,    \
-                          logits, bv, bi, bar, next, hidden, flags, head_keep, trace);                            \
+                          logits, bv, bi, bar, next, hidden, head_keep, trace);                                   \
     }
 CL_STEP_KERNEL(__half, decode_step_cl_f16)
 CL_STEP_KERNEL(__nv_bfloat16, decode_step_cl_bf16)

@@ -185,6 +185,8 @@ const HEAD_KEEP_MB_F32: usize = 8;
 fn trace_stamps(layers: usize) -> usize {
     3 + 13 * layers
 }
+/// Blocks whose stamps a trace keeps (TRACE_BLOCKS in the .cu file).
+const TRACE_BLOCKS: usize = 1024;
 /// The fused step's weight table: its global entries and its entries a layer (STEP_GLOBALS and
 /// STEP_PER_LAYER in the .cu file).
 const STEP_TABLE_GLOBALS: usize = 5;
@@ -778,11 +780,6 @@ struct ClusterStep {
     /// `[4C, C]` layout (a block's hidden units are then contiguous rows).
     table: DeviceBuffer,
     down: Vec<DeviceBuffer>,
-    /// Whether each phase asks for the next layer's slab late in the phase (the kernel's
-    /// `late_fetch`): on unless `GPT2RT_CUDA_CLUSTER_LATE_FETCH=0` (a tuning knob read when the
-    /// engine loads). H200, f16, batch 1, E2E ms, same call, twice, early vs late: prompt 128 +
-    /// 128 tokens 21.98 / 22.25 vs 21.60 / 21.39, prompt 12 + 32 tokens 5.39 vs 5.23.
-    late_fetch: bool,
 }
 
 impl ClusterStep {
@@ -964,8 +961,7 @@ fn cluster_step(device: &Arc<Device>, model: &Model, dtype: DType, table: &[u64]
             table[STEP_TABLE_GLOBALS + l * STEP_TABLE_PER_LAYER + STEP_TABLE_MPROJ_W] = d.ptr;
         }
         let table = DeviceBuffer::upload(device, &table, "weight table")?;
-        let late_fetch = knob_on("GPT2RT_CUDA_CLUSTER_LATE_FETCH");
-        return Ok(Some(ClusterStep { blocks, hidden, smem, table, down, late_fetch }));
+        return Ok(Some(ClusterStep { blocks, hidden, smem, table, down }));
     }
     Ok(None)
 }
@@ -1476,9 +1472,11 @@ struct CudaState {
     /// (MLP downs).
     cl_part: DeviceBuffer,
     barrier: DeviceBuffer,
-    /// Block 0's globaltimer stamps of the last fused step (`GPT2RT_CUDA_STEP_TRACE=1`, a tuning aid
-    /// read when a session is made; logged at debug level when the session is dropped).
-    trace: Option<DeviceBuffer>,
+    /// Globaltimer stamps of the last fused step, every block's in the cluster step and block 0's
+    /// in the others (`GPT2RT_CUDA_STEP_TRACE=1`, a tuning aid read when a session is made; logged
+    /// at debug level when the session is dropped), and the blocks that stamp the last step
+    /// enqueued.
+    trace: Option<(DeviceBuffer, std::cell::Cell<usize>)>,
     hidden4: DeviceBuffer,
     partial: DeviceBuffer,
     last_hidden: DeviceBuffer,
@@ -1563,7 +1561,8 @@ impl CudaState {
             )?,
             barrier: DeviceBuffer::upload(d, &[0u32; 2], "grid barrier")?,
             trace: if knob("GPT2RT_CUDA_STEP_TRACE") == Some(1) {
-                Some(DeviceBuffer::upload(d, &vec![0u64; trace_stamps(cfg.n_layer)], "trace")?)
+                let n = trace_stamps(cfg.n_layer) * TRACE_BLOCKS;
+                Some((DeviceBuffer::upload(d, &vec![0u64; n], "trace")?, std::cell::Cell::new(0)))
             } else {
                 None
             },
@@ -2402,9 +2401,8 @@ impl CudaState {
                 .ptr(self.barrier.ptr)
                 .ptr(self.ints.at::<i32>(lay.next))
                 .int(cl.hidden)
-                .int(usize::from(cl.late_fetch))
                 .int(fs.head_keep_rows)
-                .ptr(self.trace.as_ref().map_or(0, |t| t.ptr));
+                .ptr(self.traced(cl.blocks));
             let threads = step_threads(self.shared.dtype);
             return self.launch_cooperative_clusters(f, cl.blocks, CL_SIZE, threads, cl.smem, args);
         }
@@ -2445,7 +2443,7 @@ impl CudaState {
                 .ptr(self.ints.at::<i32>(lay.next))
                 .int(usize::from(stage) | if mma { STEP_MMA } else { 0 })
                 .int(fs.head_keep_rows)
-                .ptr(self.trace.as_ref().map_or(0, |t| t.ptr));
+                .ptr(self.traced(1));
             let mut smem = smem_for(if stage { h4_value } else { 0 });
             let staged =
                 if fs.stage_splits { step_stage_bytes(cfg, dtype, fs.blocks, b, self.profile.max_seq) } else { 0 };
@@ -2606,30 +2604,56 @@ impl CudaState {
 impl CudaState {
     /// Logs (debug level) block 0's time between the stamps of the last fused step: per product
     /// (before the wait for its copies, after it, after its epilogue) and after each attention.
-    fn log_trace(&self, trace: &DeviceBuffer) {
+    /// The trace's address for a step whose first `blocks` blocks stamp it (0 without a trace):
+    /// the cluster step's blocks, or the fused step's block 0.
+    fn traced(&self, blocks: usize) -> u64 {
+        self.trace.as_ref().map_or(0, |(t, grid)| {
+            grid.set(if blocks <= TRACE_BLOCKS { blocks } else { 0 });
+            t.ptr
+        })
+    }
+
+    /// Logs the last traced step's stamps (microseconds): block 0's gaps between them, then for
+    /// each stamp the latest block's time and the earliest's, from the earliest first stamp. (A
+    /// block that skips a stamp leaves it 0: not counted.)
+    fn log_trace(&self, trace: &DeviceBuffer, grid: usize) {
         let stamps = trace_stamps(self.shared.config.n_layer);
-        let mut t = vec![0u64; stamps];
+        if grid == 0 {
+            return;
+        }
+        let mut t = vec![0u64; stamps * grid];
         let _ = self.shared.device.bind();
-        // SAFETY: `stamps` stamps in both buffers; the stream is synchronised first.
+        // SAFETY: the buffer holds stamps * TRACE_BLOCKS stamps; the stream is synchronised first.
         let read = unsafe {
             let _ = result::stream::synchronize(self.stream);
             result::memcpy_dtoh_sync(&mut t, trace.ptr)
         };
-        let n = t.iter().position(|&v| v == 0).unwrap_or(stamps);
+        let n = (0..stamps).position(|i| t[i * grid] == 0).unwrap_or(stamps);
         if read.is_err() || n < 2 {
             return;
         }
-        let gaps: Vec<String> =
-            t[1..n].iter().zip(&t[..n - 1]).map(|(b, a)| format!("{:.1}", b.saturating_sub(*a) as f64 / 1e3)).collect();
-        let total = t[n - 1].saturating_sub(t[0]) as f64 / 1e3;
-        emit(LogLevel::Debug, &format!("cuda: fused step trace, {total:.1} us, between stamps: {}", gaps.join(" ")));
+        let us = |v: u64, from: u64| format!("{:.1}", v.saturating_sub(from) as f64 / 1e3);
+        let block0: Vec<u64> = (0..n).map(|i| t[i * grid]).collect();
+        let gaps: Vec<String> = block0.windows(2).map(|w| us(w[1], w[0])).collect();
+        let total = us(block0[n - 1], block0[0]);
+        emit(LogLevel::Debug, &format!("cuda: fused step trace, {total} us, between stamps: {}", gaps.join(" ")));
+        if grid == 1 {
+            return;
+        }
+        let row = |i: usize| t[i * grid..(i + 1) * grid].iter().copied().filter(|&v| v != 0);
+        let start = row(0).min().unwrap_or(0);
+        let at = |v: Option<u64>| v.map_or_else(|| "-".to_string(), |v| us(v, start));
+        let latest: Vec<String> = (0..n).map(|i| at(row(i).max())).collect();
+        let earliest: Vec<String> = (0..n).map(|i| at(row(i).min())).collect();
+        emit(LogLevel::Debug, &format!("cuda: fused step trace, latest block at each stamp: {}", latest.join(" ")));
+        emit(LogLevel::Debug, &format!("cuda: fused step trace, earliest block at each stamp: {}", earliest.join(" ")));
     }
 }
 
 impl Drop for CudaState {
     fn drop(&mut self) {
-        if let Some(trace) = &self.trace {
-            self.log_trace(trace);
+        if let Some((trace, grid)) = &self.trace {
+            self.log_trace(trace, grid.get());
         }
         // SAFETY: the graphs and stream belong to this state; nothing runs on them any more.
         unsafe {
@@ -2870,6 +2894,7 @@ mod tests {
             ("CL_MAX_CLUSTERS", CL_MAX_CLUSTERS),
             ("CL_HID_MAX", CL_HID_MAX),
             ("CL_PROJ_MAX", CL_PROJ_MAX),
+            ("TRACE_BLOCKS", TRACE_BLOCKS),
             ("ATT_ROWS", ATTENTION_TILE_ROWS),
             ("HEAD_THREADS", HEAD_THREADS),
             ("HEAD_TILE", HEAD_TILE),
