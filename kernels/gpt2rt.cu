@@ -3470,12 +3470,13 @@ STEP_KERNEL(__nv_bfloat16, decode_step16_bf16, STEP_ROWS)
 // up for itself. Weights: the phase-1 slab (q, k, v columns and LN1) and the phase-2 slab (MLP-up
 // and MLP-down rows, LN2) come by bulk copy into two buffers a phase ahead; the projection's columns
 // are strided and come into registers, as do the biases. Every such request is made right after a
-// phase's partial sums are in, the last global loads the phase waits for until its grid barrier:
-// a load made after a block's bulk copies returns after them (about 2 us while every block copies
-// its slab), and a grid barrier's release waits for the block's copies in flight, so a request
-// anywhere else put that wait in front of a load or a barrier (block 0's trace, H200, f16: 142 us
-// a step with the slabs asked for before the barriers, 130 with them asked for here; 124 with no
-// slab copied after the first layer's, wrong results, the bound). Phase 1 asks for phase 2's slab,
+// phase's partial sums are in, the last global loads the phase waits for until its grid barrier.
+// As the traces read (the hardware's queues are not documented): a load made after a block's bulk
+// copies returns after them (about 2 us while every block copies its slab), and a grid barrier's
+// release waits for the block's copies in flight, so a request anywhere else put that wait in
+// front of a load or a barrier (every block's trace, H200, f16: 142 us a step with the slabs
+// asked for before the barriers, 130 with them asked for here; 124 with no slab copied after the
+// first layer's, wrong results, the bound). Phase 1 asks for phase 2's slab,
 // the projection's weights and the MLP-up biases; phase 2 for the next layer's phase-1 slab, its
 // q, k, v biases. (The block's share of the earlier keys and values copied into shared memory a
 // phase ahead measured no faster: H200, f16, E2E ms, same call, twice, with vs without: prompt 128
