@@ -2411,23 +2411,17 @@ __device__ void grid_barrier_done(unsigned int* bar, const float* best_value, co
     }
 }
 
-// Block 0's globaltimer stamps in order (GPT2RT_CUDA_STEP_TRACE=1, for tuning; trace NULL: none).
-__device__ __forceinline__ void stamp(unsigned long long* trace, int& i) {
-    if (trace != nullptr && blockIdx.x == 0 && threadIdx.x == 0) {
-        unsigned long long t;
-        asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
-        trace[i] = t;
-    }
-    i++;
-}
-// Every block's, for the cluster step: stamp i of block b at trace[i * gridDim.x + b] (grids of
-// at most TRACE_BLOCKS). (The fused step keeps block 0's: the index cost decode_step_f32 a spill.)
+// Block 0's globaltimer stamps in order (GPT2RT_CUDA_STEP_TRACE=1, for tuning; trace NULL: none),
+// or with ALL (the cluster step) every block's: stamp i of block b at trace[i * gridDim.x + b]
+// (grids of at most TRACE_BLOCKS). (The fused step keeps block 0's: the index cost decode_step_f32
+// a spill.)
 #define TRACE_BLOCKS 1024
-__device__ __forceinline__ void stamp_all(unsigned long long* trace, int& i) {
-    if (trace != nullptr && gridDim.x <= TRACE_BLOCKS && threadIdx.x == 0) {
+template <bool ALL = false>
+__device__ __forceinline__ void stamp(unsigned long long* trace, int& i) {
+    if (trace != nullptr && (ALL ? gridDim.x <= TRACE_BLOCKS : blockIdx.x == 0) && threadIdx.x == 0) {
         unsigned long long t;
         asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
-        trace[(size_t)i * gridDim.x + blockIdx.x] = t;
+        trace[ALL ? (size_t)i * gridDim.x + blockIdx.x : (size_t)i] = t;
     }
     i++;
 }
@@ -3653,7 +3647,7 @@ __device__ void decode_step_cl(const unsigned long long* table, int L, int C, in
     fetch_b(0);
     unsigned int barriers = 0;
     int stamps = 0;
-    stamp_all(trace, stamps);
+    stamp<true>(trace, stamps);
     const float scale = rsqrtf((float)D);
     // What the phases read of the weights outside their slabs, into registers, as loaded (each is
     // converted where it is used, so that nothing waits for it before): the projection's weights
@@ -3714,10 +3708,10 @@ __device__ void decode_step_cl(const unsigned long long* table, int L, int C, in
             load_wp(l);
             load_fb(l);
         }
-        stamp_all(trace, stamps);
+        stamp<true>(trace, stamps);
         fetch_wait(&fetched[0], l);
         cl_norm<W>(x, xn, buf_a + (size_t)ua * C, buf_a + (size_t)(ua + 1) * C, eps, C);
-        stamp_all(trace, stamps);
+        stamp<true>(trace, stamps);
         if (head) {
             // This block's q, k and v columns; k and v appended to the KV cache.
 #pragma unroll
@@ -3739,7 +3733,7 @@ __device__ void decode_step_cl(const unsigned long long* table, int L, int C, in
         __syncthreads();
         if (head) {
             cluster_sync();
-            stamp_all(trace, stamps);
+            stamp<true>(trace, stamps);
             for (int i = t; i < 3 * D; i += T) {
                 int which = i / D, d = i - which * D;
                 qkv[i] = cluster_load(qkv_own + which * dq + d % dq, d / dq);
@@ -3751,7 +3745,7 @@ __device__ void decode_step_cl(const unsigned long long* table, int L, int C, in
                 s = warp_sum(s);
                 if (lane == 0) misc[0] = s * scale;
             }
-            stamp_all(trace, stamps);
+            stamp<true>(trace, stamps);
             // This block's share of the earlier keys [0, p0).
             int len = (p0 + CL_SIZE - 1) / CL_SIZE, t0 = min(p0, r * len), t1 = min(p0, t0 + len);
             const W* keys = kc + (size_t)seq * max_seq * C + h * D;
@@ -3777,7 +3771,7 @@ __device__ void decode_step_cl(const unsigned long long* table, int L, int C, in
                 att[d] = (num + w * qkv[2 * D + d]) / (den + w);
             }
             __syncthreads();
-            stamp_all(trace, stamps);
+            stamp<true>(trace, stamps);
             // Its share of the output projection: p1[h][n] for the block's C / CL_SIZE outputs.
 #pragma unroll
             for (int k = 0; k < CL_PROJ_MAX; k++) {
@@ -3796,18 +3790,18 @@ __device__ void decode_step_cl(const unsigned long long* table, int L, int C, in
         } else {
             stamps += 3;  // (the trace's stamps line up across the blocks)
         }
-        stamp_all(trace, stamps);
+        stamp<true>(trace, stamps);
         grid_barrier(bar, barriers);
-        stamp_all(trace, stamps);
+        stamp<true>(trace, stamps);
 
         // Phase 2.
         cl_add_partials<W>(x, p1, H, lt(l, T_PROJ_B), C);
         fetch_a(l + 1);
         if (l + 1 < L) load_qb(l + 1);
-        stamp_all(trace, stamps);
+        stamp<true>(trace, stamps);
         fetch_wait(&fetched[1], l);
         cl_norm<W>(x, xn, buf_b + (size_t)ub * C, buf_b + (size_t)(ub + 1) * C, eps, C);
-        stamp_all(trace, stamps);
+        stamp<true>(trace, stamps);
 #pragma unroll
         for (int k = 0; k < FB; k++) {
             int j = warp + k * STEP_WARPS;
@@ -3816,7 +3810,7 @@ __device__ void decode_step_cl(const unsigned long long* table, int L, int C, in
             if (lane == 0) hid[j] = gelu_new(v);
         }
         __syncthreads();
-        stamp_all(trace, stamps);
+        stamp<true>(trace, stamps);
         // This block's share of every MLP-down output.
         const W* down = buf_b + (size_t)u * C;
         for (int n = t; n < C; n += T) {
@@ -3831,9 +3825,9 @@ __device__ void decode_step_cl(const unsigned long long* table, int L, int C, in
             for (int q = 0; q < CL_SIZE; q++) s += cluster_load(y + n, q);
             p2[(size_t)c * C + n] = s;
         }
-        stamp_all(trace, stamps);
+        stamp<true>(trace, stamps);
         grid_barrier(bar, barriers);
-        stamp_all(trace, stamps);
+        stamp<true>(trace, stamps);
     }
     // The final LayerNorm and the LM head.
     int item0 = blockIdx.x * STEP_WARPS + warp;
@@ -3842,9 +3836,9 @@ __device__ void decode_step_cl(const unsigned long long* table, int L, int C, in
     cl_add_partials<W>(x, p2, clusters, lt(L - 1, T_MPROJ_B), C);
     fetch_wait(&fetched[0], L);
     cl_norm<W>(x, xn, buf_a + (size_t)ua * C, buf_a + (size_t)(ua + 1) * C, eps, C);
-    stamp_all(trace, stamps);
+    stamp<true>(trace, stamps);
     step_head<W, GEMV_ROWS>(xn, 1, head_w, V, C, item0, logits, best_value, best_index, pos, head_keep);
-    stamp_all(trace, stamps);
+    stamp<true>(trace, stamps);
     grid_barrier_done(bar, best_value, best_index, 1, next);
 #else
     __trap();
