@@ -71,14 +71,16 @@ const MAX_SPLIT_BLOCKS: usize = 4 * TARGET_BLOCKS;
 /// Threads per block of matmul_mma.
 const MMA_THREADS: usize = 128;
 /// The LM head past the decode path on tensor cores (`lm_head_mma`, rows in the weights' type held
-/// in shared memory, one block an SM): threads a block, vocabulary entries a tile and k a staged
-/// slice (HEAD_THREADS, HEAD_TILE, HEAD_SLICE in the .cu file); its instances hold up to
+/// in shared memory, one block an SM): threads a group of warps, vocabulary entries a tile and k a
+/// staged slice (HEAD_THREADS, HEAD_TILE, HEAD_SLICE in the .cu file); its instances hold up to
 /// HEAD_MMA_ROWS rows, with HEAD_STAGES stages in their copy rings (HEAD_STAGES_16/32/64).
 const HEAD_THREADS: usize = 128;
 const HEAD_TILE: usize = 128;
 const HEAD_SLICE: usize = 64;
 const HEAD_MMA_ROWS: [usize; 3] = [16, 32, 64];
 const HEAD_STAGES: [usize; 3] = [6, 6, 4];
+/// Groups of HEAD_THREADS threads a block of each instance (the 64-row one: HEAD_GROUPS_64).
+const HEAD_GROUPS: [usize; 3] = [1, 1, 2];
 /// Most blocks a tensor-core product of CLUSTER_ROWS rows (a step, or a short prefill pass) puts in
 /// a thread-block cluster by default (9.0+): its splits of k sum inside the cluster
 /// (matmul_mma_cluster), with no finishing kernel. H200, f16,
@@ -1112,10 +1114,12 @@ fn head_mma_smem_allowed(device: &Device, c: usize) -> Result<[Option<usize>; 3]
     let Some(functions) = device.kernels.lm_head_mma.filter(|_| c % HEAD_SLICE == 0) else {
         return Ok(out);
     };
-    for (((slot, f), rows), stages) in out.iter_mut().zip(functions).zip(HEAD_MMA_ROWS).zip(HEAD_STAGES) {
+    for ((((slot, f), rows), stages), groups) in
+        out.iter_mut().zip(functions).zip(HEAD_MMA_ROWS).zip(HEAD_STAGES).zip(HEAD_GROUPS)
+    {
         let smem = head_mma_smem(rows, stages, c);
         if smem + static_smem(f, "the LM head")? <= device.smem_optin
-            && allow_dynamic_smem(f, HEAD_THREADS, smem, "the LM head")?
+            && allow_dynamic_smem(f, HEAD_THREADS * groups, smem, "the LM head")?
         {
             *slot = Some(smem);
         }
@@ -1213,11 +1217,11 @@ impl Shared {
         if half_rows { half } else { Some(fp32_rows) }.map(|f| (f, slice))
     }
 
-    /// The smallest instance of `lm_head_mma` (and its dynamic shared memory) holding `m` rows,
-    /// where one runs.
-    fn head_mma(&self, m: usize) -> Option<(sys::CUfunction, usize)> {
+    /// The smallest instance of `lm_head_mma` holding `m` rows (with its dynamic shared memory and
+    /// threads a block), where one runs.
+    fn head_mma(&self, m: usize) -> Option<(sys::CUfunction, usize, usize)> {
         let i = HEAD_MMA_ROWS.iter().position(|&rows| m <= rows)?;
-        Some((self.device.kernels.lm_head_mma?[i], self.head_mma[i]?))
+        Some((self.device.kernels.lm_head_mma?[i], self.head_mma[i]?, HEAD_THREADS * HEAD_GROUPS[i]))
     }
 
     /// The LayerNorm kernel writing fp32 rows, or with `half_rows` rows in the weights' type
@@ -1551,12 +1555,14 @@ impl CudaState {
             step_part: DeviceBuffer::new(d, step_items * cfg.head_dim() * f, "attention")?,
             step_ml: DeviceBuffer::new(d, step_items * 2 * f, "attention")?,
             // The cluster step's partial sums: the heads' output projections, then the clusters'
-            // MLP downs.
-            cl_part: DeviceBuffer::new(
+            // MLP downs, CL_MAX_CLUSTERS rows each, zeros where no head or cluster writes (the
+            // kernel adds every row).
+            cl_part: DeviceBuffer::upload(
                 d,
-                shared.fused.as_ref().and_then(|fs| fs.cluster.as_ref()).map_or(1, |cl| cfg.n_head + cl.clusters())
-                    * c
-                    * f,
+                &vec![
+                    0.0f32;
+                    shared.fused.as_ref().and_then(|fs| fs.cluster.as_ref()).map_or(1, |_| 2 * CL_MAX_CLUSTERS * c)
+                ],
                 "activations",
             )?,
             barrier: DeviceBuffer::upload(d, &[0u32; 2], "grid barrier")?,
@@ -1925,7 +1931,7 @@ impl CudaState {
 
     /// `lm_head_mma` for an LM head of `m` rows, where it serves them: rows past the decode path,
     /// normalised into the weights' type.
-    fn head_mma(&self, m: usize) -> Option<(sys::CUfunction, usize)> {
+    fn head_mma(&self, m: usize) -> Option<(sys::CUfunction, usize, usize)> {
         self.half_rows(m).then(|| self.shared.head_mma(m)).flatten()
     }
 
@@ -2267,7 +2273,7 @@ impl CudaState {
             self.launch_overlapped(f, blocks, 256, smem, args)?;
             return Ok(advance.is_some());
         }
-        if let Some((f, smem)) = self.head_mma(m) {
+        if let Some((f, smem, threads)) = self.head_mma(m) {
             // The rows stay in shared memory; the argmax's first stage is done with the logits.
             let blocks = self.shared.head_mma_blocks;
             self.best_chunks.set(blocks);
@@ -2280,7 +2286,7 @@ impl CudaState {
                 .ptr(self.logits.ptr)
                 .ptr(self.best.ptr)
                 .ptr(self.best.at::<f32>(m * blocks));
-            self.launch_overlapped(f, blocks, HEAD_THREADS, smem, args)?;
+            self.launch_overlapped(f, blocks, threads, smem, args)?;
             return Ok(false);
         }
         self.best_chunks.set(0);
@@ -2390,7 +2396,7 @@ impl CudaState {
                 .ptr(self.ints.at::<i32>(lay.iota))
                 .ptr(self.ints.at::<i32>(lay.seq_len))
                 .ptr(self.cl_part.ptr)
-                .ptr(self.cl_part.at::<f32>(cfg.n_head * c))
+                .ptr(self.cl_part.at::<f32>(CL_MAX_CLUSTERS * c))
                 .ptr(self.k_cache.ptr)
                 .ptr(self.v_cache.ptr)
                 .int(self.profile.max_seq)
@@ -2902,6 +2908,7 @@ mod tests {
             ("HEAD_STAGES_16", HEAD_STAGES[0]),
             ("HEAD_STAGES_32", HEAD_STAGES[1]),
             ("HEAD_STAGES_64", HEAD_STAGES[2]),
+            ("HEAD_GROUPS_64", HEAD_GROUPS[2]),
         ] {
             assert_eq!(define(name), value, "{name}");
         }
