@@ -3594,9 +3594,9 @@ __device__ __forceinline__ void cl_norm(const float* x, float* xn, const W* g, c
 
 // A lane's share of the normalised row for cl_dot_regs: values (lane + 32 i) VW .. + VW - 1 of
 // LayerNorm(x), i < CL_XN (zeros past C; C <= CL_PROJ_MAX * STEP_THREADS_HALF, which the kernel
-// checks). Each warp works out the row's statistics (row_stats) and normalises its lanes' shares
-// into registers, so the dots that follow start with no block barrier and no pass through shared
-// memory (cl_norm's). With the MLP-down pairs of decode_step_cl, H200, E2E ms, same call, three
+// checks). After a block barrier (x complete), as cl_norm, each warp works out the row's
+// statistics (row_stats) and normalises its lanes' shares into registers, so the dots that follow
+// start with no second barrier and no pass through shared memory (cl_norm's). With the MLP-down pairs of decode_step_cl, H200, E2E ms, same call, three
 // times, before / this / both: f16 batch 1 prompt 128 + 128 tokens 20.05 / 19.83 / 20.24, 20.04 /
 // 19.83 / 19.73, 19.78 / 19.85 / 19.74; bf16 19.99 / 19.98 / 19.94, 19.82 / 19.99 / 19.92, 18.65 /
 // 18.66 / 18.14; f16 prompt 12 + 32 4.94 / 4.92 / 5.04, 4.92 / 4.90 / 4.93, 4.88 / 4.86 / 4.88;
@@ -3607,6 +3607,7 @@ __device__ __forceinline__ void cl_norm_regs(const float* x, const W* g, const W
                                              float (&xn)[CL_XN][Vec<W>::N]) {
     constexpr int VW = Vec<W>::N;
     int lane = threadIdx.x & 31;
+    __syncthreads();
     float mean, inv;
     row_stats(x, C, eps, mean, inv);
 #pragma unroll
@@ -3782,7 +3783,6 @@ __device__ void decode_step_cl(const unsigned long long* table, int L, int C, in
         }
         stamp<true>(trace, stamps);
         fetch_wait(&fetched[0], l);
-        __syncthreads();
         float xr[CL_XN][VW];
         cl_norm_regs<W>(x, buf_a + (size_t)ua * C, buf_a + (size_t)(ua + 1) * C, eps, C, xr);
         stamp<true>(trace, stamps);
@@ -3874,7 +3874,6 @@ __device__ void decode_step_cl(const unsigned long long* table, int L, int C, in
         if (l + 1 < L) load_qb(l + 1);
         stamp<true>(trace, stamps);
         fetch_wait(&fetched[1], l);
-        __syncthreads();
         cl_norm_regs<W>(x, buf_b + (size_t)ub * C, buf_b + (size_t)(ub + 1) * C, eps, C, xr);
         stamp<true>(trace, stamps);
 #pragma unroll

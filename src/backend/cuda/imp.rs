@@ -2608,8 +2608,6 @@ impl CudaState {
 }
 
 impl CudaState {
-    /// Logs (debug level) block 0's time between the stamps of the last fused step: per product
-    /// (before the wait for its copies, after it, after its epilogue) and after each attention.
     /// The trace's address for a step whose first `blocks` blocks stamp it (0 without a trace):
     /// the cluster step's blocks, or the fused step's block 0.
     fn traced(&self, blocks: usize) -> u64 {
@@ -2619,9 +2617,11 @@ impl CudaState {
         })
     }
 
-    /// Logs the last traced step's stamps (microseconds): block 0's gaps between them, then for
-    /// each stamp the latest block's time and the earliest's, from the earliest first stamp. (A
-    /// block that skips a stamp leaves it 0: not counted.)
+    /// Logs (debug level) the last traced step's stamps (microseconds): block 0's gaps between
+    /// them (per product of the fused step: before the wait for its copies, after it, after its
+    /// epilogue; and after each attention), then for each stamp the latest block's time and the
+    /// earliest's, from the earliest first stamp. (A block that skips a stamp leaves it 0: not
+    /// counted.)
     fn log_trace(&self, trace: &DeviceBuffer, grid: usize) {
         let stamps = trace_stamps(self.shared.config.n_layer);
         if grid == 0 {
