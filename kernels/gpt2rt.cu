@@ -1115,11 +1115,11 @@ __device__ __forceinline__ void mma_tile_store(const float (&acc)[4][2][4], floa
 // ---- Split-K inside a thread-block cluster (9.0+): no partial sums in global memory. ----
 //
 // The `_cluster` instances of matmul_mma and matmul_mma_ring (32-k slices: steps of 17-64 rows)
-// launch with a cluster of `splits` blocks along z (one tile, every split of its k): each block
-// leaves its 64 x 64 partial tile in its own shared memory, and after a cluster barrier block r
-// sums the r-th share of the tile's outputs over the cluster's blocks (distributed shared memory,
-// in split order), adds the bias and stores them by `mode` (gemv_store), in place of
-// matmul_finish, its launch and the partial sums' trip through L2.
+// launch with a cluster of `splits` blocks along z (one tile, every split of its k): block r sums
+// the r-th share of the tile's outputs over the cluster's blocks (their partial tiles sent to it
+// through distributed shared memory, see mma_cluster_finish), in split order, adds the bias and
+// stores them by `mode` (gemv_store), in place of matmul_finish, its launch and the partial sums'
+// trip through L2.
 
 // Where a cluster product's outputs go: matmul_finish's arguments (out in the weights' type where
 // half_out, else fp32).
@@ -1132,11 +1132,6 @@ template <typename W> struct ClusterOut {
     int max_seq;
 };
 
-// Floats between the rows of a block's partial tile in shared memory: rows 72 floats (8 banks)
-// apart, so each half-warp's float2 stores of its accumulators (4 rows x 8 columns) hit 32
-// distinct banks.
-#define RED_STRIDE 72
-
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
 __device__ __forceinline__ unsigned int cluster_rank() {
     unsigned int r;
@@ -1148,46 +1143,166 @@ __device__ __forceinline__ unsigned int cluster_blocks() {
     asm volatile("mov.u32 %0, %%cluster_nctarank;" : "=r"(r));
     return r;
 }
-// Every block of the cluster has arrived: its shared-memory writes are visible to the others.
-__device__ __forceinline__ void cluster_sync() {
-    asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
-}
-// The float at the same shared-memory offset as p in the cluster's block `rank`.
-__device__ __forceinline__ float cluster_load(const float* p, unsigned int rank) {
-    unsigned int local = (unsigned int)__cvta_generic_to_shared(p), remote;
-    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(local), "r"(rank));
-    float v;
-    asm volatile("ld.shared::cluster.f32 %0, [%1];" : "=f"(v) : "r"(remote) : "memory");
-    return v;
-}
 #endif
+
+// Exchanges between the blocks of a cluster (sm_90+): a block sends its values into the receivers'
+// shared memory (st.async, or a bulk copy from its own shared memory), each send completing its
+// bytes on the receiver's mbarrier, and a receiver waits for its mbarrier alone. They replace a
+// cluster barrier and loads from the other blocks' shared memory (ld.shared::cluster): the
+// barrier's release (barrier.cluster.arrive.release) compiles to a GPU-wide memory barrier
+// (MEMBAR.ALL.GPU), which waits for every global store the block has in flight. H200, E2E ms,
+// same call, twice, before / after: f16 batch 1 (the cluster step, three exchanges a layer) prompt
+// 128 + 128 tokens 18.19 / 18.17 -> 15.99 / 15.95, prompt 12 + 32 4.56 / 4.58 -> 3.95 / 4.02;
+// bf16 18.20 / 18.18 -> 16.10 / 16.07; the products of 17-64 rows (mma_cluster_finish) f16 batch
+// 64 prompt 128 + 128 65.41 / 65.61 -> 63.45 / 63.32, batch 32 prompt 12 + 32 9.61 / 9.58 -> 8.98
+// / 9.03, batch 24 8.88 / 8.77 -> 8.31 / 8.31. Every block's trace of the cluster step, f16: 124.1
+// -> 107.3 us a step.
+// Sends float pair {a, b} to `dst` (8-byte aligned, shared memory of this block) in the cluster's
+// block `rank`, completing 8 bytes on that block's `bar` (mbarrier at the same offset).
+__device__ __forceinline__ void send_pair(const float* dst, const unsigned long long* bar, unsigned int rank, float a,
+                                          float b) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    unsigned int d = (unsigned int)__cvta_generic_to_shared(dst), m = (unsigned int)__cvta_generic_to_shared(bar);
+    asm volatile("mapa.shared::cluster.u32 %0, %0, %1;" : "+r"(d) : "r"(rank));
+    asm volatile("mapa.shared::cluster.u32 %0, %0, %1;" : "+r"(m) : "r"(rank));
+    asm volatile("st.async.shared::cluster.mbarrier::complete_tx::bytes.v2.f32 [%0], {%1, %2}, [%3];" ::"r"(d), "f"(a),
+                 "f"(b), "r"(m)
+                 : "memory");
+#endif
+}
+// One float, as send_pair.
+__device__ __forceinline__ void send_one(const float* dst, const unsigned long long* bar, unsigned int rank, float a) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    unsigned int d = (unsigned int)__cvta_generic_to_shared(dst), m = (unsigned int)__cvta_generic_to_shared(bar);
+    asm volatile("mapa.shared::cluster.u32 %0, %0, %1;" : "+r"(d) : "r"(rank));
+    asm volatile("mapa.shared::cluster.u32 %0, %0, %1;" : "+r"(m) : "r"(rank));
+    asm volatile("st.async.shared::cluster.mbarrier::complete_tx::bytes.f32 [%0], %1, [%2];" ::"r"(d), "f"(a), "r"(m)
+                 : "memory");
+#endif
+}
+// Copies `bytes` (a multiple of 16; both ends 16-byte aligned) from this block's shared memory at
+// `src` to `dst` (the same offset) in the cluster's block `rank`, completing on that block's `bar`.
+// The source's writes must be ordered before it (fence.proxy.async.shared::cta, then a block
+// barrier), and no thread may write it until the copy is done (the receiver has it).
+__device__ __forceinline__ void copy_to_block(const float* dst, const float* src, unsigned int bytes,
+                                              const unsigned long long* bar, unsigned int rank) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    unsigned int d = (unsigned int)__cvta_generic_to_shared(dst), m = (unsigned int)__cvta_generic_to_shared(bar);
+    unsigned int from = (unsigned int)__cvta_generic_to_shared(src);
+    asm volatile("mapa.shared::cluster.u32 %0, %0, %1;" : "+r"(d) : "r"(rank));
+    asm volatile("mapa.shared::cluster.u32 %0, %0, %1;" : "+r"(m) : "r"(rank));
+    asm volatile("cp.async.bulk.shared::cluster.shared::cta.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(d),
+                 "r"(from), "r"(bytes), "r"(m)
+                 : "memory");
+#endif
+}
+// Thread 0: this block's use u of an exchange's mbarrier expects `bytes` (its one arrival).
+__device__ __forceinline__ void receive_expect(unsigned long long* bar, unsigned int bytes) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    unsigned int a = (unsigned int)__cvta_generic_to_shared(bar);
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(a), "r"(bytes) : "memory");
+#endif
+}
+// Every thread: waits until use u (parity u & 1) of the mbarrier has every byte sent to it.
+__device__ __forceinline__ void receive_wait(unsigned long long* bar, int u) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    unsigned int a = (unsigned int)__cvta_generic_to_shared(bar), done = 0;
+    while (!done)
+        asm volatile(
+            "{\n\t.reg .pred p;\n\tmbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 p, [%1], %2;\n\t"
+            "selp.u32 %0, 1, 0, p;\n\t}"
+            : "=r"(done)
+            : "r"(a), "r"(u & 1)
+            : "memory");
+#endif
+}
 
 // Most blocks a cluster product may have (the sums below unroll over them).
 #define CLUSTER_MAX 16
 
-// The cluster's sum of this block's tile `acc` (at m0, n0 of M x N) into `o`; `red`: 64 x
-// RED_STRIDE floats of shared memory no thread still reads.
-template <typename W>
-__device__ void mma_cluster_finish(const float (&acc)[4][2][4], float* red, int M, int N, int m0, int n0,
-                                   const ClusterOut<W>& o) {
+// The sums below: block r owns the r-th share of the tile's outputs (rows * 64 of them, in shares
+// of a multiple of 4, so that each share is whole 16-byte pieces). Every block stages its partial
+// tile in its own shared memory and sends each owner its share with one bulk copy (copy_to_block,
+// into the owner's `recv` at the sender's rank times the share); the owner waits for its mbarrier
+// alone, then adds the senders' partials in rank (split) order. Before, each block read the other
+// blocks' tiles after a cluster barrier, twice a product (see the exchanges above). (One st.async
+// a pair of outputs instead of the bulk copies: 2048 sends and mbarrier updates a block at 64
+// rows, and slower: H200, f16 batch 64, prompt 128 + 128 tokens 65.2 -> 73.7 ms.)
+struct ClusterShare {
+    int total, share;
+    unsigned int rank, blocks;
+};
+__device__ __forceinline__ ClusterShare cluster_share(int M, int m0) {
+    ClusterShare s{};
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    s.rank = cluster_rank();
+    s.blocks = cluster_blocks();
+    s.total = min(64, M - m0) * 64;
+    s.share = (((s.total + (int)s.blocks - 1) / (int)s.blocks) + 3) & ~3;
+#endif
+    return s;
+}
+// Floats of the share of block q (from 0; none past the tile).
+__device__ __forceinline__ int share_len(const ClusterShare& s, int q) {
+    return max(0, min(s.total, (q + 1) * s.share) - q * s.share);
+}
+// Floats a block's `recv` holds: every sender's share (blocks x a share below 4096 / blocks + 4).
+#define CLUSTER_RECV (64 * 64 + 4 * CLUSTER_MAX)
+
+// At the start of a cluster product (before its loads): thread 0 sets up the block's mbarrier
+// and expects its share's bytes from every block; every thread arrives (relaxed) at the cluster
+// barrier mma_cluster_finish waits on before its first copy, so that no block sends to an
+// mbarrier not yet set up.
+__device__ __forceinline__ void mma_cluster_start(unsigned long long* bar, int M, int m0) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    if (threadIdx.x == 0) {
+        ClusterShare s = cluster_share(M, m0);
+        // (A single block sums its own tile: nothing sent.)
+        unsigned int a = (unsigned int)__cvta_generic_to_shared(bar);
+        unsigned int bytes = s.blocks > 1 ? s.blocks * share_len(s, s.rank) * 4 : 0;
+        asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(a) : "memory");
+        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+        receive_expect(bar, bytes);
+    }
+    asm volatile("barrier.cluster.arrive.relaxed.aligned;" ::: "memory");
+#endif
+}
+
+// The cluster's sum of this block's tile `acc` (at m0, n0 of M x N) into `o`, through `stage`
+// (64 x 64 floats no thread still reads or writes), `recv` (CLUSTER_RECV floats no thread reads or
+// writes but these sums) and `bar` (mma_cluster_start's).
+template <typename W>
+__device__ void mma_cluster_finish(const float (&acc)[4][2][4], float* stage, float* recv, unsigned long long* bar,
+                                   int M, int N, int m0, int n0, const ClusterOut<W>& o) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    ClusterShare s = cluster_share(M, m0);
+    int rows = s.total >> 6;
     mma_tile_pairs(acc, [&](int r, int c, float x, float y) {
-        *reinterpret_cast<float2*>(red + r * RED_STRIDE + c) = make_float2(x, y);
+        if (r < rows) *reinterpret_cast<float2*>(stage + r * 64 + c) = make_float2(x, y);
     });
-    cluster_sync();
-    unsigned int rank = cluster_rank(), blocks = cluster_blocks();
-    int rows = min(64, M - m0), total = rows * 64;
-    int share = (total + blocks - 1) / blocks, e1 = min(total, (int)rank * share + share);
-    for (int e = rank * share + threadIdx.x; e < e1; e += blockDim.x) {
+    // The staged tile (generic writes) before the copies' reads (async proxy).
+    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+    __syncthreads();
+    // Every block has set up its mbarrier.
+    asm volatile("barrier.cluster.wait.aligned;" ::: "memory");
+    if (s.blocks > 1 && threadIdx.x < s.blocks) {
+        int q = threadIdx.x, len = share_len(s, q);
+        if (len > 0) copy_to_block(recv + s.rank * s.share, stage + q * s.share, len * 4, bar, q);
+    }
+    receive_wait(bar, 0);
+    // This block has every share sent to it; once every block has, every copy has read its
+    // source, and a block may leave (the wait below).
+    asm volatile("barrier.cluster.arrive.relaxed.aligned;" ::: "memory");
+    const float* from = s.blocks > 1 ? recv : stage;
+    int e0 = s.rank * s.share, e1 = min(s.total, e0 + s.share);
+    for (int e = e0 + threadIdx.x; e < e1; e += blockDim.x) {
         int r = e >> 6, c = e & 63, m = m0 + r, n = n0 + c;
         if (n >= N) continue;
-        float part[CLUSTER_MAX];
+        const float* mine = from + (e - e0);
+        float v = mine[0];
 #pragma unroll
-        for (int s = 0; s < CLUSTER_MAX; s++) part[s] = s < (int)blocks ? cluster_load(red + r * RED_STRIDE + c, s) : 0.0f;
-        float v = part[0];
-#pragma unroll
-        for (int s = 1; s < CLUSTER_MAX; s++)
-            if (s < (int)blocks) v += part[s];
+        for (int b = 1; b < CLUSTER_MAX; b++)
+            if (b < (int)s.blocks) v += mine[b * s.share];
         v += to_f(o.bias[n]);
         if (o.half_out) {
             W* out = static_cast<W*>(o.out);
@@ -1199,15 +1314,24 @@ __device__ void mma_cluster_finish(const float (&acc)[4][2][4], float* red, int 
             gemv_store(v, m, n, N, o.mode, residual, out, o.k_cache, o.v_cache, o.row_seq, o.row_pos, o.max_seq);
         }
     }
-    // No block leaves (freeing its shared memory) while another may still read it.
-    cluster_sync();
+    asm volatile("barrier.cluster.wait.aligned;" ::: "memory");
 #endif
 }
 
-// Shared memory for the partial tile where the kernel's own staging cannot hold it.
-__device__ __forceinline__ float* cluster_tile() {
-    __shared__ __align__(16) float red[64 * RED_STRIDE];
-    return red;
+// A cluster product's receiving buffer and mbarrier, and (for matmul_mma, whose staging is
+// small) its tile's staging.
+struct ClusterRecv {
+    float* recv;
+    unsigned long long* bar;
+};
+__device__ __forceinline__ ClusterRecv cluster_recv() {
+    __shared__ __align__(16) float recv[CLUSTER_RECV];
+    __shared__ unsigned long long bar;
+    return {recv, &bar};
+}
+__device__ __forceinline__ float* cluster_stage() {
+    __shared__ __align__(16) float stage[64 * 64];
+    return stage;
 }
 
 // Requires K % 16 == 0 (16-byte weight loads, whole 8-k chunks) and k_per_split % SLICE == 0.
@@ -1271,6 +1395,7 @@ __device__ void matmul_mma(const A* __restrict__ in, int M, int K, const W* __re
         for (int i = 0; i < HALF / 8; i++) w_dst[i] = w_reg[i];
     };
     float acc[4][2][4] = {};
+    if constexpr (CLUSTER) mma_cluster_start(cluster_recv().bar, M, m0);
     // The first slice's weights stream while the previous kernel finishes (programmatic
     // dependent launch); the activations only after it is done.
     pdl_trigger();
@@ -1288,7 +1413,7 @@ __device__ void matmul_mma(const A* __restrict__ in, int M, int K, const W* __re
         mma_tile_slice<W, MMA_SLICE, MMA_STRIDE>(a_s, w_s, acc);
     }
     if constexpr (CLUSTER)
-        mma_cluster_finish(acc, cluster_tile(), M, N, m0, n0, co);
+        mma_cluster_finish(acc, cluster_stage(), cluster_recv().recv, cluster_recv().bar, M, N, m0, n0, co);
     else
         mma_tile_store(acc, partial + (size_t)blockIdx.z * M * N, M, N, m0, n0);
 }
@@ -1303,13 +1428,18 @@ __device__ void matmul_mma(const A* __restrict__ in, int M, int K, const W* __re
 // instance (few-row steps, one or two slices a block, and their LM head) stays register-staged:
 // the ring measured slower there (batch 16 with 32 tokens 9.53 / 9.49 -> 10.38 / 10.40, batch 4
 // 8.74 / 8.73 -> 9.13 / 9.14). k_per_split % 32 == 0.
+// The cluster instance (17-64 rows, 2-6 slices a block) keeps CLUSTER_RING stages, so that its
+// receiving buffer fits beside them in the 48 KB of static shared memory.
 #define MMA_RING 4
-template <typename W, bool CLUSTER = false>
+#define CLUSTER_RING 3
+template <typename W, bool CLUSTER = false, int RING = MMA_RING>
 __device__ void matmul_mma_ring(const W* __restrict__ in, int M, int K, const W* __restrict__ w, int N,
                                 float* partial, int k_per_split, const ClusterOut<W>& co = {}) {
     constexpr int RS = 32, RSTRIDE = RS + 8;
-    __shared__ __align__(16) unsigned short a_s[MMA_RING][64 * RSTRIDE];
-    __shared__ __align__(16) unsigned short w_s[MMA_RING][64 * RSTRIDE];
+    // The rows' and weights' stages, in one piece: a cluster product stages its partial tile there.
+    __shared__ __align__(16) unsigned short ring[2][RING][64 * RSTRIDE];
+    auto& a_s = ring[0];
+    auto& w_s = ring[1];
     int t = threadIdx.x;
     int m0 = blockIdx.y * 64, n0 = blockIdx.x * 64;
     int k0 = blockIdx.z * k_per_split, k1 = min(K, k0 + k_per_split);
@@ -1324,37 +1454,39 @@ __device__ void matmul_mma_ring(const W* __restrict__ in, int M, int K, const W*
             int i = t + h * 128, r = i >> 2, kk = (i & 3) * 8;
             bool ok = r0 + r < rows && kb + kk < k1;
             const auto* from = ok ? src + (size_t)(r0 + r) * K + kb + kk : src;
-            copy_async16_or_zero(dst[slice % MMA_RING] + r * RSTRIDE + kk, from, ok);
+            copy_async16_or_zero(dst[slice % RING] + r * RSTRIDE + kk, from, ok);
         }
     };
     float acc[4][2][4] = {};
+    if constexpr (CLUSTER) mma_cluster_start(cluster_recv().bar, M, m0);
     // The weights of the first slices stream while the previous kernel finishes (programmatic
     // dependent launch); the rows only after it is done.
     pdl_trigger();
-    for (int sl = 0; sl < MMA_RING - 1 && sl < slices; sl++) issue(w, N, n0, w_s, sl);
+    for (int sl = 0; sl < RING - 1 && sl < slices; sl++) issue(w, N, n0, w_s, sl);
     pdl_wait();
-    for (int sl = 0; sl < MMA_RING - 1; sl++) {
+    for (int sl = 0; sl < RING - 1; sl++) {
         if (sl < slices) issue(in, M, m0, a_s, sl);
         copy_commit();
     }
     for (int sl = 0; sl < slices; sl++) {
-        copy_wait<MMA_RING - 2>();
+        copy_wait<RING - 2>();
         __syncthreads();  // slice sl is in for every thread, and slice sl - 1's stage is free
-        if (sl + MMA_RING - 1 < slices) {
-            issue(w, N, n0, w_s, sl + MMA_RING - 1);
-            issue(in, M, m0, a_s, sl + MMA_RING - 1);
+        if (sl + RING - 1 < slices) {
+            issue(w, N, n0, w_s, sl + RING - 1);
+            issue(in, M, m0, a_s, sl + RING - 1);
         }
         copy_commit();
-        const unsigned short* as = a_s[sl % MMA_RING];
-        const unsigned short* ws = w_s[sl % MMA_RING];
+        const unsigned short* as = a_s[sl % RING];
+        const unsigned short* ws = w_s[sl % RING];
         mma_tile_slice<W, RS, RSTRIDE>(as, ws, acc);
     }
     if constexpr (CLUSTER) {
-        // The staged rows' ring holds the partial tile once every copy has landed and been read.
-        static_assert(sizeof(a_s) >= 64 * RED_STRIDE * sizeof(float), "the ring holds a partial tile");
+        static_assert(sizeof(ring) >= 64 * 64 * sizeof(float), "the ring holds a partial tile");
+        // Every copy has landed and been read.
         copy_wait<0>();
         __syncthreads();
-        mma_cluster_finish(acc, reinterpret_cast<float*>(&a_s[0][0]), M, N, m0, n0, co);
+        ClusterRecv cr = cluster_recv();
+        mma_cluster_finish(acc, reinterpret_cast<float*>(&ring[0][0][0]), cr.recv, cr.bar, M, N, m0, n0, co);
     } else {
         mma_tile_store(acc, partial + (size_t)blockIdx.z * M * N, M, N, m0, n0);
     }
@@ -1388,7 +1520,7 @@ __device__ void matmul_mma_ring(const W* __restrict__ in, int M, int K, const W*
     }                                                                                                             \
     extern "C" __global__ void matmul_mma_half_cluster_##S(const W* in, int M, int K, const W* w, int N, int kps,  \
                                                            CLUSTER_PARAMS(W)) {                                   \
-        matmul_mma_ring<W, true>(in, M, K, w, N, nullptr, kps, CLUSTER_OUT(W));                                   \
+        matmul_mma_ring<W, true, CLUSTER_RING>(in, M, K, w, N, nullptr, kps, CLUSTER_OUT(W));                                   \
     }                                                                                                             \
     extern "C" __global__ void layer_norm_half_##S(const float* x, const W* g, const W* b, W* o, int C, float eps) { \
         layer_norm<W, W>(x, g, b, o, C, eps);                                                                     \
@@ -3475,20 +3607,20 @@ STEP_KERNEL(__nv_bfloat16, decode_step16_bf16, STEP_ROWS)
 //
 // decode_step takes five phases a layer, each behind a grid barrier (about 1 us) and an L2 round
 // trip for its input rows, and at batch 1 those latencies, not the weights, are the step. Here the
-// blocks form clusters of CL_SIZE (thread-block clusters: a cluster barrier and distributed shared
-// memory between its blocks), and a layer takes two phases:
+// blocks form clusters of CL_SIZE (thread-block clusters: distributed shared memory between its
+// blocks, which send each other values, see send_one), and a layer takes two phases:
 //  1. Cluster c < H takes head c. Each of its blocks normalises the row (every block keeps its own
 //     copy of x, summed from the partials of the last phase in a fixed order), takes D / CL_SIZE
-//     of the head's q, k and v columns (appending its k and v to the KV cache), and gets the rest
-//     from the other blocks after a cluster barrier; attends over its share of the earlier keys;
-//     after a second cluster barrier every block combines the cluster's shares with the new key's
+//     of the head's q, k and v columns (appending its k and v to the KV cache), and sends them to
+//     every block of the cluster; attends over its share of the earlier keys and sends that share
+//     to every block; every block combines the cluster's shares with the new key's
 //     own term, and multiplies the head's output by the head's D columns of the output projection
 //     for its C / CL_SIZE outputs: partial p1[c][n], summed over the heads in the next phase.
 //  2. Every block adds the heads' partials and the bias to its x, normalises it, takes `hidden`
 //     units of the MLP (their MLP-up rows and GELU, then their share of every MLP-down output, from
 //     a copy of the MLP-down weights in the checkpoint's [4C, C] layout, so that a block's units are
-//     contiguous rows), and the cluster sums those shares (block r: outputs [r C / CL_SIZE, ...))
-//     into p2[c][n], summed over the clusters at the start of the next layer.
+//     contiguous rows), and the cluster sums those shares (each sent to block r for outputs [r C /
+//     CL_SIZE, ...)) into p2[c][n], summed over the clusters at the start of the next layer.
 // p1 and p2 have CL_MAX_CLUSTERS rows each; the rows no head or cluster writes hold zeros (the
 // host clears them once), as cl_add_partials reads every row.
 // So the attention's splits combine inside the cluster, and neither the projection's nor the MLP
@@ -3665,10 +3797,10 @@ __device__ void decode_step_cl(const unsigned long long* table, int L, int C, in
     W* buf_b = reinterpret_cast<W*>(step_smem + a_bytes);
     float* x = reinterpret_cast<float*>(step_smem + a_bytes + b_bytes);
     float* xn = x + C;
-    float* y = xn + C;                     // MLP-down shares (read by the cluster)
-    float* qkv_own = y + C;                // this block's q, k, v columns (read by the cluster)
-    float* part = qkv_own + (3 * dq + 3) / 4 * 4;  // attention share: D outputs, then (max, sum)
-    float* qkv = part + D + 4;            // the head's q, k, v
+    float* y = xn + C;                     // the MLP-down shares of this block's outputs, sent by the cluster
+    float* part = y + C;                   // attention share: D outputs, then (max, sum)
+    float* parts = part + D + 4;           // the cluster's shares, as part, D + 2 apart, sent
+    float* qkv = parts + (CL_SIZE * (D + 2) + 3) / 4 * 4;  // the head's q, k, v, sent by the cluster
     float* att = qkv + 3 * D;
     float* hid = att + D;
     float* warp_ml = hid + (u + 3) / 4 * 4;
@@ -3683,7 +3815,18 @@ __device__ void decode_step_cl(const unsigned long long* table, int L, int C, in
         __trap();
     for (int i = t; i < step_table_entries(L); i += T) s_table[i] = table[i];
     __shared__ unsigned long long fetched[2];
-    fetch_init(fetched, 2);
+    // The exchanges' mbarriers: the q, k, v columns, the attention shares, the MLP-down shares.
+    __shared__ unsigned long long xq, xp, xy;
+    if (t == 0) {
+        unsigned int a[3] = {(unsigned int)__cvta_generic_to_shared(&xq), (unsigned int)__cvta_generic_to_shared(&xp),
+                             (unsigned int)__cvta_generic_to_shared(&xy)};
+#pragma unroll
+        for (int i = 0; i < 3; i++) asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(a[i]) : "memory");
+    }
+    fetch_init(fetched, 2);  // (its fence orders the inits above before the cluster barrier)
+    // No block sends before every block of its cluster has set up its mbarriers (the wait is at
+    // the first send).
+    asm volatile("barrier.cluster.arrive.relaxed.aligned;" ::: "memory");
     const int seq = row_seq[0], p0 = pos[0], token = tokens[0];
     auto lt = [&](int l, int slot) {
         return reinterpret_cast<const W*>(s_table[STEP_GLOBALS + l * STEP_PER_LAYER + slot]);
@@ -3781,6 +3924,14 @@ __device__ void decode_step_cl(const unsigned long long* table, int L, int C, in
             load_wp(l);
             load_fb(l);
         }
+        if (t == 0) {
+            if (head) {
+                receive_expect(&xq, 3 * D * 4);
+                receive_expect(&xp, CL_SIZE * (D + 2) * 4);
+            }
+            receive_expect(&xy, C * 4);
+        }
+        if (l == 0) asm volatile("barrier.cluster.wait.aligned;" ::: "memory");
         stamp<true>(trace, stamps);
         fetch_wait(&fetched[0], l);
         float xr[CL_XN][VW];
@@ -3793,26 +3944,19 @@ __device__ void decode_step_cl(const unsigned long long* table, int L, int C, in
                 int j = warp + k * STEP_WARPS, which = j / dq, col = which * C + h * D + r * dq + (j - which * dq);
                 if (j >= 3 * dq) break;
                 float v = cl_dot_regs<W>(buf_a + (size_t)j * C, xr, C) + to_f(qb[k]);
-                if (lane == 0) {
-                    if (which > 0) {
-                        W rounded;  // as the cache holds it
-                        store_as(&rounded, v);
-                        v = to_f(rounded);
-                        (which == 1 ? kc : vc)[((size_t)seq * max_seq + p0) * C + (col - which * C)] = rounded;
-                    }
-                    qkv_own[j] = v;
+                if (which > 0) {
+                    W rounded;  // as the cache holds it
+                    store_as(&rounded, v);
+                    v = to_f(rounded);
+                    if (lane == 0) (which == 1 ? kc : vc)[((size_t)seq * max_seq + p0) * C + (col - which * C)] = rounded;
                 }
+                // To every block of the cluster (lane q to block q), at its place in the head's q, k, v.
+                if (lane < CL_SIZE) send_one(qkv + which * D + r * dq + (j - which * dq), &xq, lane, v);
             }
         }
-        __syncthreads();
         if (head) {
-            cluster_sync();
+            receive_wait(&xq, l);
             stamp<true>(trace, stamps);
-            for (int i = t; i < 3 * D; i += T) {
-                int which = i / D, d = i - which * D;
-                qkv[i] = cluster_load(qkv_own + which * dq + d % dq, d / dq);
-            }
-            __syncthreads();
             if (warp == 0) {
                 float s = 0.0f;
                 for (int d = lane; d < D; d += 32) s += qkv[d] * qkv[D + d];
@@ -3825,21 +3969,27 @@ __device__ void decode_step_cl(const unsigned long long* table, int L, int C, in
             const W* keys = kc + (size_t)seq * max_seq * C + h * D;
             const W* values = vc + (size_t)seq * max_seq * C + h * D;
             attend<false, W>(qkv, scale, keys, values, t0, t1, C, D, warp_ml, warp_acc, part, part + D);
-            cluster_sync();
+            __syncthreads();
+            // The share (D + 2 floats, in pairs) to every block of the cluster, at this block's rank.
+            for (int i = t; i < CL_SIZE * (D + 2) / 2; i += T) {
+                int q = i / ((D + 2) / 2), e = 2 * (i - q * ((D + 2) / 2));
+                send_pair(parts + r * (D + 2) + e, &xp, q, part[e], part[e + 1]);
+            }
+            receive_wait(&xp, l);
             // The head's output: the cluster's shares and the new key, in rank order.
             for (int d = t; d < D; d += T) {
                 float sn = misc[0], mx = sn, m[CL_SIZE];
 #pragma unroll
                 for (int q = 0; q < CL_SIZE; q++) {
-                    m[q] = cluster_load(part + D, q);
+                    m[q] = parts[q * (D + 2) + D];
                     mx = fmaxf(mx, m[q]);
                 }
                 float num = 0.0f, den = 0.0f;
 #pragma unroll
                 for (int q = 0; q < CL_SIZE; q++) {
                     float w = m[q] == -INFINITY ? 0.0f : __expf(m[q] - mx);
-                    num += w * cluster_load(part + d, q);
-                    den += w * cluster_load(part + D + 1, q);
+                    num += w * parts[q * (D + 2) + d];
+                    den += w * parts[q * (D + 2) + D + 1];
                 }
                 float w = __expf(sn - mx);
                 att[d] = (num + w * qkv[2 * D + d]) / (den + w);
@@ -3897,13 +4047,16 @@ __device__ void decode_step_cl(const unsigned long long* table, int L, int C, in
                 s0 += h * d.x;
                 s1 += h * d.y;
             }
-            *reinterpret_cast<float2*>(y + n) = make_float2(s0, s1);
+            // To the block of the cluster that sums output n, at this block's rank (the blocks' C /
+            // CL_SIZE outputs are even in number: a pair has one owner).
+            int q = n / (C / CL_SIZE);
+            send_pair(y + r * (C / CL_SIZE) + (n - q * (C / CL_SIZE)), &xy, q, s0, s1);
         }
-        cluster_sync();  // (also: every thread is done with the buffer)
+        receive_wait(&xy, l);
         for (int n = r * (C / CL_SIZE) + t; n < (r + 1) * (C / CL_SIZE); n += T) {
             float s = 0.0f;
 #pragma unroll
-            for (int q = 0; q < CL_SIZE; q++) s += cluster_load(y + n, q);
+            for (int q = 0; q < CL_SIZE; q++) s += y[q * (C / CL_SIZE) + (n - r * (C / CL_SIZE))];
             p2[(size_t)c * C + n] = s;
         }
         stamp<true>(trace, stamps);

@@ -916,8 +916,14 @@ fn cluster_step_smem(cfg: &ModelConfig, dtype: DType, hidden: usize) -> usize {
     let dq = d / CL_SIZE;
     let a = ((3 * dq + 2) * c * wsize).next_multiple_of(16);
     let b = ((2 * hidden + 2) * c * wsize).next_multiple_of(16);
-    let floats =
-        3 * c + (3 * dq).next_multiple_of(4) + (d + 4) + 4 * d + hidden.next_multiple_of(4) + 2 * warps + warps * d + 4;
+    let floats = 3 * c
+        + (d + 4)
+        + (CL_SIZE * (d + 2)).next_multiple_of(4)
+        + 4 * d
+        + hidden.next_multiple_of(4)
+        + 2 * warps
+        + warps * d
+        + 4;
     let table = STEP_TABLE_GLOBALS + cfg.n_layer * STEP_TABLE_PER_LAYER;
     (a + b + floats * 4).next_multiple_of(16) + table * 8
 }
