@@ -723,13 +723,21 @@ fn cuda_cluster_products_match_the_cpu_reference() {
     // On 9.0+ GPUs the half modes' products in steps of 17-64 rows sum their splits of k inside a
     // thread-block cluster (matmul_mma_cluster) instead of a finishing kernel. Their logits
     // against the CPU reference (f32), beside the split-K path's (GPT2RT_CUDA_CLUSTER=0): batches
-    // 24 and 64.
+    // 24 and 64. Then with 36 blocks a product (GPT2RT_CUDA_SPLIT_BLOCKS): QKV (36 column tiles)
+    // and MLP up (48) in clusters of one block, which sum their own tiles and send nothing, the
+    // output projection and MLP down in clusters of three, whose shares are not all of one size.
     for batch in [24, 64] {
         half_logits_against_the_cpu(
             batch,
             "cluster products",
             |dtype| distilgpt2(BackendKind::Cuda, Some(dtype)),
             |dtype| distilgpt2_with("GPT2RT_CUDA_CLUSTER", "0", dtype),
+        );
+        half_logits_against_the_cpu(
+            batch,
+            "cluster products of 1 and 3 blocks",
+            |dtype| distilgpt2_with("GPT2RT_CUDA_SPLIT_BLOCKS", "36", dtype),
+            |dtype| distilgpt2(BackendKind::Cuda, Some(dtype)),
         );
     }
 }
