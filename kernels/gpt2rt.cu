@@ -3924,6 +3924,8 @@ __device__ void decode_step_cl(const unsigned long long* table, int L, int C, in
             load_wp(l);
             load_fb(l);
         }
+        // This layer's use of each exchange's mbarrier: its bytes expected (the one arrival). A
+        // sender's next use comes after the grid barriers that follow every thread's wait.
         if (t == 0) {
             if (head) {
                 receive_expect(&xq, 3 * D * 4);
