@@ -1191,9 +1191,10 @@ __device__ __forceinline__ void copy_to_block(const float* dst, const float* src
     unsigned int from = (unsigned int)__cvta_generic_to_shared(src);
     asm volatile("mapa.shared::cluster.u32 %0, %0, %1;" : "+r"(d) : "r"(rank));
     asm volatile("mapa.shared::cluster.u32 %0, %0, %1;" : "+r"(m) : "r"(rank));
-    asm volatile("cp.async.bulk.shared::cluster.shared::cta.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(d),
-                 "r"(from), "r"(bytes), "r"(m)
-                 : "memory");
+    asm volatile(
+        "cp.async.bulk.shared::cluster.shared::cta.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(d),
+        "r"(from), "r"(bytes), "r"(m)
+        : "memory");
 #endif
 }
 // Thread 0: this block's use u of an exchange's mbarrier expects `bytes` (its one arrival).
@@ -1520,7 +1521,7 @@ __device__ void matmul_mma_ring(const W* __restrict__ in, int M, int K, const W*
     }                                                                                                             \
     extern "C" __global__ void matmul_mma_half_cluster_##S(const W* in, int M, int K, const W* w, int N, int kps,  \
                                                            CLUSTER_PARAMS(W)) {                                   \
-        matmul_mma_ring<W, true, CLUSTER_RING>(in, M, K, w, N, nullptr, kps, CLUSTER_OUT(W));                                   \
+        matmul_mma_ring<W, true, CLUSTER_RING>(in, M, K, w, N, nullptr, kps, CLUSTER_OUT(W));                     \
     }                                                                                                             \
     extern "C" __global__ void layer_norm_half_##S(const float* x, const W* g, const W* b, W* o, int C, float eps) { \
         layer_norm<W, W>(x, g, b, o, C, eps);                                                                     \
