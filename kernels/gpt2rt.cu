@@ -1204,19 +1204,32 @@ __device__ __forceinline__ void receive_expect(unsigned long long* bar, unsigned
     asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(a), "r"(bytes) : "memory");
 #endif
 }
-// Every thread: waits until use u (parity u & 1) of the mbarrier has every byte sent to it.
-__device__ __forceinline__ void receive_wait(unsigned long long* bar, int u) {
+// Every thread: waits until use u (parity u & 1) of the mbarrier completes; with CLUSTER, acquiring
+// at cluster scope (what other blocks sent), else at the block's (its own bulk copies).
+template <bool CLUSTER>
+__device__ __forceinline__ void mbar_wait(unsigned long long* bar, int u) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     unsigned int a = (unsigned int)__cvta_generic_to_shared(bar), done = 0;
-    while (!done)
-        asm volatile(
-            "{\n\t.reg .pred p;\n\tmbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 p, [%1], %2;\n\t"
-            "selp.u32 %0, 1, 0, p;\n\t}"
-            : "=r"(done)
-            : "r"(a), "r"(u & 1)
-            : "memory");
+    while (!done) {
+        if constexpr (CLUSTER)
+            asm volatile(
+                "{\n\t.reg .pred p;\n\tmbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 p, [%1], %2;\n\t"
+                "selp.u32 %0, 1, 0, p;\n\t}"
+                : "=r"(done)
+                : "r"(a), "r"(u & 1)
+                : "memory");
+        else
+            asm volatile(
+                "{\n\t.reg .pred p;\n\tmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n\t"
+                "selp.u32 %0, 1, 0, p;\n\t}"
+                : "=r"(done)
+                : "r"(a), "r"(u & 1)
+                : "memory");
+    }
 #endif
 }
+// Every thread: waits until use u of the mbarrier has every byte sent to it.
+__device__ __forceinline__ void receive_wait(unsigned long long* bar, int u) { mbar_wait<true>(bar, u); }
 
 // Most blocks a cluster product may have (the sums below unroll over them).
 #define CLUSTER_MAX 16
@@ -2637,17 +2650,7 @@ __device__ __forceinline__ void fetch_piece(void* dst, const void* src, unsigned
 #endif
 }
 // Every thread: waits for the buffer's use u (parity u & 1).
-__device__ __forceinline__ void fetch_wait(unsigned long long* mbar, int u) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    unsigned int a = (unsigned int)__cvta_generic_to_shared(mbar), done = 0;
-    while (!done)
-        asm volatile(
-            "{\n\t.reg .pred p;\n\tmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n\tselp.u32 %0, 1, 0, p;\n\t}"
-            : "=r"(done)
-            : "r"(a), "r"(u & 1)
-            : "memory");
-#endif
-}
+__device__ __forceinline__ void fetch_wait(unsigned long long* mbar, int u) { mbar_wait<false>(mbar, u); }
 
 __device__ __forceinline__ int ceil_div(int a, int b) { return (a + b - 1) / b; }
 
