@@ -2547,7 +2547,7 @@ __device__ __forceinline__ unsigned int load_acquire(const unsigned int* p) {
 // barrier number n (from 1) waits for it to reach n * blocks. Each block's thread 0 releases the
 // block's writes with its arrival and acquires everyone's with the count. bar[1] counts the blocks
 // done with the launch; the last one resets both for the next launch (no block touches them any
-// more by then).
+// more by then), and counts the launch in bar[2] (the tags of the cluster step, decode_step_cl).
 __device__ __forceinline__ void grid_barrier(unsigned int* bar, unsigned int& n) {
     __syncthreads();
     n++;
@@ -2578,6 +2578,7 @@ __device__ void grid_barrier_done(unsigned int* bar, const float* best_value, co
     if (threadIdx.x == 0) {
         bar[0] = 0;
         bar[1] = 0;
+        bar[2]++;
     }
 }
 
@@ -3629,21 +3630,22 @@ STEP_KERNEL(__nv_bfloat16, decode_step16_bf16, STEP_ROWS)
 //     a copy of the MLP-down weights in the checkpoint's [4C, C] layout, so that a block's units are
 //     contiguous rows), and the cluster sums those shares (each sent to block r for outputs [r C /
 //     CL_SIZE, ...)) into p2[c][n], summed over the clusters at the start of the next layer.
-// p1 and p2 have CL_MAX_CLUSTERS rows each; the rows no head or cluster writes hold zeros (the
-// host clears them once), as cl_add_partials reads every row.
+// p1 and p2 have CL_MAX_CLUSTERS rows each, tagged (put_tagged); the rows no head or cluster writes
+// hold zeros (the host clears them once), as cl_gather adds every row. No grid barrier separates
+// the phases: each phase starts by waiting for the tags of the partial sums it adds (cl_gather).
 // So the attention's splits combine inside the cluster, and neither the projection's nor the MLP
-// down's input is gathered across the grid: each phase ends in partial sums that every block adds
+// down's input is gathered across the grid: each phase ends in partial sums that every cluster adds
 // up for itself. Weights: the phase-1 slab (q, k, v columns and LN1) and the phase-2 slab (MLP-up
 // and MLP-down rows, LN2) come by bulk copy into two buffers a phase ahead; the projection's columns
 // are strided and come into registers, as do the biases. Every such request is made right after a
-// phase's partial sums are in, the last global loads the phase waits for until its grid barrier.
+// phase's partial sums are in (cl_gather's `requests`), the last global loads the phase waits for.
 // As the traces read (the hardware's queues are not documented): a load made after a block's bulk
 // copies returns after them (about 2 us while every block copies its slab), and a grid barrier's
-// release waits for the block's copies in flight, so a request anywhere else put that wait in
+// release waited for the block's copies in flight, so a request anywhere else put that wait in
 // front of a load or a barrier (every block's trace, H200, f16: 142 us a step with the slabs
-// asked for before the barriers, 130 with them asked for here; 124 with no slab copied after the
-// first layer's, wrong results; the partial sums' loads then went out one at a time, see
-// cl_add_partials). Phase 1 asks for phase 2's slab,
+// asked for before the barriers, 130 with them asked for after the partial sums' loads; 124 with
+// no slab copied after the first layer's, wrong results; the partial sums' loads then went out
+// one at a time, see cl_gather). Phase 1 asks for phase 2's slab,
 // the projection's weights and the MLP-up biases; phase 2 for the next layer's phase-1 slab, its
 // q, k, v biases. (The block's share of the earlier keys and values copied into shared memory a
 // phase ahead measured no faster: H200, f16, E2E ms, same call, twice, with vs without: prompt 128
@@ -3666,54 +3668,85 @@ __device__ __forceinline__ size_t cl_buf_b(int C, int u) {
     return ((size_t)(2 * u + 2) * C * sizeof(W) + 15) / 16 * 16;
 }
 
-// x[k] += bias[k] + the partials' values at k (CL_MAX_CLUSTERS rows of C, those past the phase's
-// heads or clusters zeros), four k a pair of threads: each of the pair loads every other row, and
-// the even rows' sum and the odd rows' are added last. Every load is unconditional, so all of
-// them are in flight at once: with loads only of the rows written (`row < n ? load : 0`), ptxas
-// issued them one after another, each waiting for the last's sum (an L2 round trip a row).
-// Adding the zero rows leaves the sums as they were. H200, E2E ms, same call, three times, before /
-// after: f16 batch 1 prompt 128 + 128 tokens 19.44 / 19.66 / 19.59 -> 17.86 / 17.96 / 18.20, prompt
-// 512 + 128 21.07 / 20.80 / 20.86 -> 19.54 / 19.15 / 19.21, prompt 12 + 32 4.79 / 4.80 / 4.84 ->
-// 4.61 / 4.59 / 4.52; bf16 (whose loads had been issued closer together) 18.32 / 18.34 / 18.09 ->
-// 18.15 / 18.24 / 18.29; every block's trace, f16, 136.1 -> 121.7 us a step. The bias goes out with
-// them (see below). With one float a thread and two rounds a row (C = 768), adding the partials
-// took 1-3 us more a phase (block 0's trace, H200, f16, with the weights asked for right after it:
-// 149 vs 133 us a step).
-template <typename W>
-__device__ __forceinline__ void cl_add_partials(float* x, const float* part, const W* bias, int C) {
-    static_assert(sizeof(W) == 2, "the half modes' bias");
-    constexpr int R = CL_MAX_CLUSTERS / 2;
-    const int half = threadIdx.x & 1;
-    for (int k = (threadIdx.x >> 1) * 4; k < C; k += STEP_THREADS / 2 * 4) {
-        uint2 braw = *reinterpret_cast<const uint2*>(bias + k);
-        float4 p[R];
+// The partial sums travel tagged: each value's bits in the low half of an 8-byte word and the tag
+// of the phase that wrote it in the high half, stored and loaded whole (relaxed, at GPU scope: one
+// 8-byte access is single-copy atomic), so that a reader that sees the tag sees the value, with
+// neither a grid barrier nor a fence on the writer's side. Tags count phases over the session's
+// launches (decode_step_cl's tag0), so a word left from an earlier phase never carries the tag
+// awaited.
+__device__ __forceinline__ void put_tagged(unsigned long long* p, float v, unsigned int tag) {
+    unsigned long long w = ((unsigned long long)tag << 32) | __float_as_uint(v);
+    asm volatile("st.relaxed.gpu.global.u64 [%0], %1;" ::"l"(p), "l"(w) : "memory");
+}
+__device__ __forceinline__ unsigned long long get_tagged(const unsigned long long* p) {
+    unsigned long long v;
+    asm volatile("ld.relaxed.gpu.global.u64 %0, [%1];" : "=l"(v) : "l"(p));
+    return v;
+}
+// Polls of one phase's partial sums before the kernel gives up (__trap: a failed launch, not a
+// hang; seconds of polls, where a phase takes microseconds).
+#define CL_POLL_LIMIT (1u << 22)
+
+// A phase's start: x += bias + the sum of the rows of `part` (CL_MAX_CLUSTERS tagged rows of C;
+// rows past n hold zeros), once the first n rows' values carry `tag`. Block r of the cluster
+// reads columns [r C / CL_SIZE, ...) of every row (a column a thread: every row's load in flight
+// at once, and all of them again while a value awaited is missing), adds them up, and sends the
+// sums to every block of the cluster (into `inc`, completing on `got`, use u); each block adds
+// the cluster's sums to its x. After its block's loads are in (a block barrier), every thread
+// makes the phase's `requests` (the weights it asks for a phase ahead), then waits for the sums.
+// The rows are summed in the order the grid-barrier version used (the even rows', the odd rows',
+// then their sum and the bias), so every value is as it was. Every load is unconditional (rows
+// past n too): loads of only the rows written (`row < n ? load : 0`) were issued one after
+// another, each waiting for the last's sum (an L2 round trip a row).
+// Before, every block read all C columns of every row after a grid barrier (a release, which is
+// a GPU-wide memory barrier, an atomic, and a poll, then the loads). H200, f16, E2E ms, same
+// call, twice, before / after: batch 1 prompt 128 + 128 tokens 15.94 / 16.02 -> 14.90 / 14.80,
+// prompt 12 + 32 3.95 / 3.96 -> 3.72 / 3.77; every block's trace 107.4 -> 97.8 us a step. With
+// the requests made after the wait for the sums instead, the phase-1 start took 2.8 us more
+// (the MLP slab's bulk copies and the projection's loads were slow to issue after it, as the
+// trace read with a stamp between), and the whole was slower than the grid barriers (16.21 /
+// 16.36); so was a grid barrier before the phase-2 sums' gather (17.16 / 17.17), and a fence
+// after each block's p2 stores (16.43 / 16.62).
+template <typename W, typename R>
+__device__ __forceinline__ void cl_gather(float* x, const unsigned long long* part, int n, unsigned int tag,
+                                          const W* bias, int C, float* inc, unsigned long long* got, int u,
+                                          R requests) {
+    const int t = threadIdx.x, w = C / CL_SIZE;
+    if (t < (w + 31) / 32 * 32) {
+        const int k = (int)cluster_rank() * w + min(t, w - 1);  // (past w: loads, sends nothing)
+        const float b = to_f(bias[k]);
+        unsigned long long v[CL_MAX_CLUSTERS];
+        for (unsigned int polls = 0;; polls++) {
 #pragma unroll
-        for (int i = 0; i < R; i++)
-            p[i] = __ldcg(reinterpret_cast<const float4*>(part + (size_t)(2 * i + half) * C + k));
-        float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+            for (int i = 0; i < CL_MAX_CLUSTERS; i++) v[i] = get_tagged(part + (size_t)i * C + k);
+            bool ready = true;
 #pragma unroll
-        for (int i = 0; i < R; i++) {
-            v.x += p[i].x;
-            v.y += p[i].y;
-            v.z += p[i].z;
-            v.w += p[i].w;
+            for (int i = 0; i < CL_MAX_CLUSTERS; i++) ready &= i >= n || (unsigned int)(v[i] >> 32) == tag;
+            if (ready) break;
+            if (polls == CL_POLL_LIMIT) __trap();
         }
-        // (only the pair: the other lanes may have left the loop)
-        const unsigned int pair = 3u << (threadIdx.x & 30);
-        float4 o = make_float4(__shfl_xor_sync(pair, v.x, 1), __shfl_xor_sync(pair, v.y, 1),
-                               __shfl_xor_sync(pair, v.z, 1), __shfl_xor_sync(pair, v.w, 1));
-        // The bias as the odd thread loaded it: used by both threads of the pair, its load goes out
-        // with the partials' (a load used by the even thread alone was put after the shuffles,
-        // one more round trip).
-        uint2 bpair = make_uint2(__shfl_xor_sync(pair, braw.x, 1), __shfl_xor_sync(pair, braw.y, 1));
-        if (half == 0) {
-            float4 b = four_to_f(bpair, bias), xv = *reinterpret_cast<const float4*>(x + k);
-            xv.x += (v.x + o.x) + b.x;
-            xv.y += (v.y + o.y) + b.y;
-            xv.z += (v.z + o.z) + b.z;
-            xv.w += (v.w + o.w) + b.w;
-            *reinterpret_cast<float4*>(x + k) = xv;
+        float e = 0.0f, o = 0.0f;
+#pragma unroll
+        for (int i = 0; i < CL_MAX_CLUSTERS; i += 2) {
+            e += __uint_as_float((unsigned int)v[i]);
+            o += __uint_as_float((unsigned int)v[i + 1]);
         }
+        const float s = (e + o) + b, next = __shfl_down_sync(0xffffffffu, s, 1);
+        if (t < w && t % 2 == 0) {
+#pragma unroll
+            for (int q = 0; q < CL_SIZE; q++) send_pair(inc + k, got, q, s, next);
+        }
+    }
+    __syncthreads();
+    requests();
+    receive_wait(got, u);
+    for (int k = t * 4; k < C; k += STEP_THREADS * 4) {
+        float4 a = *reinterpret_cast<const float4*>(inc + k), xv = *reinterpret_cast<const float4*>(x + k);
+        xv.x += a.x;
+        xv.y += a.y;
+        xv.z += a.z;
+        xv.w += a.w;
+        *reinterpret_cast<float4*>(x + k) = xv;
     }
 }
 
@@ -3736,8 +3769,8 @@ __device__ __forceinline__ void cl_norm(const float* x, float* xn, const W* g, c
 // LayerNorm(x), i < CL_XN (zeros past C; C <= CL_PROJ_MAX * STEP_THREADS_HALF, which the kernel
 // checks). After a block barrier (x complete), as cl_norm, each warp works out the row's
 // statistics (row_stats) and normalises its lanes' shares into registers, so the dots that follow
-// start with no second barrier and no pass through shared memory (cl_norm's). With the MLP-down pairs of decode_step_cl, H200, E2E ms, same call, three
-// times, before / this / both: f16 batch 1 prompt 128 + 128 tokens 20.05 / 19.83 / 20.24, 20.04 /
+// start with no second barrier and no pass through shared memory (cl_norm's). With the MLP-down
+// pairs of decode_step_cl, H200, E2E ms, same call, three times, before / this / both: f16 batch 1 prompt 128 + 128 tokens 20.05 / 19.83 / 20.24, 20.04 /
 // 19.83 / 19.73, 19.78 / 19.85 / 19.74; bf16 19.99 / 19.98 / 19.94, 19.82 / 19.99 / 19.92, 18.65 /
 // 18.66 / 18.14; f16 prompt 12 + 32 4.94 / 4.92 / 5.04, 4.92 / 4.90 / 4.93, 4.88 / 4.86 / 4.88;
 // f16 prompt 512 + 128 21.11 / 21.58 / 21.41, 20.98 / 21.10 / 21.30, 20.82 / 21.05 / 20.91.
@@ -3787,10 +3820,10 @@ __device__ __forceinline__ float cl_dot_regs(const W* row, const float (&xn)[CL_
 
 template <typename W>
 __device__ void decode_step_cl(const unsigned long long* table, int L, int C, int H, int V, float eps,
-                               const int* tokens, const int* row_seq, int* pos, float* p1, float* p2, W* k_cache,
-                               W* v_cache, int max_seq, long long layer_stride, float* logits, float* best_value,
-                               int* best_index, unsigned int* bar, int* next, int hidden, int head_keep,
-                               unsigned long long* trace) {
+                               const int* tokens, const int* row_seq, int* pos, unsigned long long* p1,
+                               unsigned long long* p2, W* k_cache, W* v_cache, int max_seq, long long layer_stride,
+                               float* logits, float* best_value, int* best_index, unsigned int* bar, int* next,
+                               int hidden, int head_keep, unsigned long long* trace) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     constexpr int VW = Vec<W>::N;
     constexpr int PV = IsF32<W>::value ? 2 : 1;  // 16-byte pieces of 8 projection weights
@@ -3814,7 +3847,8 @@ __device__ void decode_step_cl(const unsigned long long* table, int L, int C, in
     float* warp_ml = hid + (u + 3) / 4 * 4;
     float* warp_acc = warp_ml + 2 * STEP_WARPS;
     float* misc = warp_acc + STEP_WARPS * D;  // [0]: the new key's score
-    size_t table_at = ((size_t)(reinterpret_cast<unsigned char*>(misc + 4) - step_smem) + 15) / 16 * 16;
+    float* inc = misc + 4;                    // [2][C]: the partial sums of phases 1 and 2, sent by the cluster
+    size_t table_at = ((size_t)(reinterpret_cast<unsigned char*>(inc + 2 * C) - step_smem) + 15) / 16 * 16;
     unsigned long long* s_table = reinterpret_cast<unsigned long long*>(step_smem + table_at);
     unsigned int smem_size;
     asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(smem_size));
@@ -3823,19 +3857,34 @@ __device__ void decode_step_cl(const unsigned long long* table, int L, int C, in
         __trap();
     for (int i = t; i < step_table_entries(L); i += T) s_table[i] = table[i];
     __shared__ unsigned long long fetched[2];
-    // The exchanges' mbarriers: the q, k, v columns, the attention shares, the MLP-down shares.
-    __shared__ unsigned long long xq, xp, xy;
+    // The exchanges' mbarriers: the q, k, v columns, the attention shares, the MLP-down shares, and
+    // the partial sums of phase 1 (gathered at phase 2's start) and of phase 2.
+    __shared__ unsigned long long xq, xp, xy, xg[2];
     if (t == 0) {
-        unsigned int a[3] = {(unsigned int)__cvta_generic_to_shared(&xq), (unsigned int)__cvta_generic_to_shared(&xp),
-                             (unsigned int)__cvta_generic_to_shared(&xy)};
+        unsigned long long* m[5] = {&xq, &xp, &xy, &xg[0], &xg[1]};
+        unsigned int a[5];
 #pragma unroll
-        for (int i = 0; i < 3; i++) asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(a[i]) : "memory");
+        for (int i = 0; i < 5; i++) a[i] = (unsigned int)__cvta_generic_to_shared(m[i]);
+#pragma unroll
+        for (int i = 0; i < 5; i++) asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(a[i]) : "memory");
+        // The gathers' first uses; each later one is expected right after the last completes (its
+        // bytes come two phases later, after this block's MLP-down shares have gone out).
+        receive_expect(&xg[0], C * 4);
+        receive_expect(&xg[1], C * 4);
     }
     fetch_init(fetched, 2);  // (its fence orders the inits above before the cluster barrier)
     // No block sends before every block of its cluster has set up its mbarriers (the wait is at
     // the first send).
     asm volatile("barrier.cluster.arrive.relaxed.aligned;" ::: "memory");
     const int seq = row_seq[0], p0 = pos[0], token = tokens[0];
+    // The tags of this launch's phases: the launches so far (bar[2], counted at the end of each)
+    // times the phases of a launch, plus the phase's number from 1.
+    const unsigned int tag0 = bar[2] * (unsigned int)(2 * L) + 1;
+    auto gather = [&](int phase, int l, const W* bias, auto requests) {
+        cl_gather<W>(x, phase == 0 ? p1 : p2, phase == 0 ? H : clusters, tag0 + 2 * l + phase, bias, C, inc + phase * C,
+                     &xg[phase], l, requests);
+        if (t == 0) receive_expect(&xg[phase], C * 4);
+    };
     auto lt = [&](int l, int slot) {
         return reinterpret_cast<const W*>(s_table[STEP_GLOBALS + l * STEP_PER_LAYER + slot]);
     };
@@ -3869,7 +3918,6 @@ __device__ void decode_step_cl(const unsigned long long* table, int L, int C, in
     __syncthreads();
     fetch_a(0);
     fetch_b(0);
-    unsigned int barriers = 0;
     int stamps = 0;
     stamp<true>(trace, stamps);
     const float scale = rsqrtf((float)D);
@@ -3927,13 +3975,16 @@ __device__ void decode_step_cl(const unsigned long long* table, int L, int C, in
                 *reinterpret_cast<float4*>(x + k) = make_float4(te.x + pe.x, te.y + pe.y, te.z + pe.z, te.w + pe.w);
             }
         } else {
-            cl_add_partials<W>(x, p2, lt(l - 1, T_MPROJ_B), C);
-            fetch_b(l);
-            load_wp(l);
-            load_fb(l);
+            gather(1, l - 1, lt(l - 1, T_MPROJ_B), [&] {
+                fetch_b(l);
+                load_wp(l);
+                load_fb(l);
+            });
         }
-        // This layer's use of each exchange's mbarrier: its bytes expected (the one arrival). A
-        // sender's next use comes after the grid barriers that follow every thread's wait.
+        // This layer's use of each exchange's mbarrier: its bytes expected (the one arrival; bytes
+        // that come first wait for it). A sender's next use comes after it has the receiver's
+        // later sends (the MLP-down shares, or the partial sums gathered), which follow every
+        // thread's wait.
         if (t == 0) {
             if (head) {
                 receive_expect(&xq, 3 * D * 4);
@@ -4019,19 +4070,19 @@ __device__ void decode_step_cl(const unsigned long long* table, int L, int C, in
                 s += __shfl_xor_sync(0xffffffffu, s, 1);
                 s += __shfl_xor_sync(0xffffffffu, s, 2);
                 s += __shfl_xor_sync(0xffffffffu, s, 4);
-                if (i < C && i % 8 == 0) p1[(size_t)h * C + r * (C / CL_SIZE) + i / 8] = s;
+                if (i < C && i % 8 == 0) put_tagged(p1 + (size_t)h * C + r * (C / CL_SIZE) + i / 8, s, tag0 + 2 * l);
             }
         } else {
             stamps += 3;  // (the trace's stamps line up across the blocks)
         }
         stamp<true>(trace, stamps);
-        grid_barrier(bar, barriers);
-        stamp<true>(trace, stamps);
+        stamp<true>(trace, stamps);  // (where the grid barrier was)
 
         // Phase 2.
-        cl_add_partials<W>(x, p1, lt(l, T_PROJ_B), C);
-        fetch_a(l + 1);
-        if (l + 1 < L) load_qb(l + 1);
+        gather(0, l, lt(l, T_PROJ_B), [&] {
+            fetch_a(l + 1);
+            if (l + 1 < L) load_qb(l + 1);
+        });
         stamp<true>(trace, stamps);
         fetch_wait(&fetched[1], l);
         cl_norm_regs<W>(x, buf_b + (size_t)ub * C, buf_b + (size_t)(ub + 1) * C, eps, C, xr);
@@ -4067,17 +4118,16 @@ __device__ void decode_step_cl(const unsigned long long* table, int L, int C, in
             float s = 0.0f;
 #pragma unroll
             for (int q = 0; q < CL_SIZE; q++) s += y[q * (C / CL_SIZE) + (n - r * (C / CL_SIZE))];
-            p2[(size_t)c * C + n] = s;
+            put_tagged(p2 + (size_t)c * C + n, s, tag0 + 2 * l + 1);
         }
         stamp<true>(trace, stamps);
-        grid_barrier(bar, barriers);
-        stamp<true>(trace, stamps);
+        stamp<true>(trace, stamps);  // (where the grid barrier was)
     }
     // The final LayerNorm and the LM head.
     int item0 = blockIdx.x * STEP_WARPS + warp;
     const W* head_w = reinterpret_cast<const W*>(s_table[T_HEAD]);
     lm_head_prefetch<W>(head_w, V, C, item0);
-    cl_add_partials<W>(x, p2, lt(L - 1, T_MPROJ_B), C);
+    gather(1, L - 1, lt(L - 1, T_MPROJ_B), [] {});
     fetch_wait(&fetched[0], L);
     cl_norm<W>(x, xn, buf_a + (size_t)ua * C, buf_a + (size_t)(ua + 1) * C, eps, C);
     stamp<true>(trace, stamps);
@@ -4092,9 +4142,9 @@ __device__ void decode_step_cl(const unsigned long long* table, int L, int C, in
 #define CL_STEP_KERNEL(W, NAME)                                                                                   \
     extern "C" __global__ void __launch_bounds__(StepThreads<W>::value, 1) NAME(                                  \
         const unsigned long long* table, int L, int C, int H, int V, float eps, const int* tokens,                \
-        const int* row_seq, int* pos, float* p1, float* p2, W* kc, W* vc, int max_seq, long long layer_stride,    \
-        float* logits, float* bv, int* bi, unsigned int* bar, int* next, int hidden, int head_keep,               \
-        unsigned long long* trace) {                                                                              \
+        const int* row_seq, int* pos, unsigned long long* p1, unsigned long long* p2, W* kc, W* vc, int max_seq,  \
+        long long layer_stride, float* logits, float* bv, int* bi, unsigned int* bar, int* next, int hidden,      \
+        int head_keep, unsigned long long* trace) {                                                               \
         decode_step_cl<W>(table, L, C, H, V, eps, tokens, row_seq, pos, p1, p2, kc, vc, max_seq, layer_stride,    \
                           logits, bv, bi, bar, next, hidden, head_keep, trace);                                   \
     }

@@ -910,7 +910,7 @@ const CL_PROJ_MAX: usize = 2;
 
 /// Dynamic shared memory of the cluster step with `hidden` MLP units a block (mirrors the layout
 /// at the start of decode_step_cl in the .cu file): the two weight buffers, the rows and scratch
-/// (fp32), then the copy of the weight table.
+/// (fp32, the last the two phases' gathered partial sums), then the copy of the weight table.
 fn cluster_step_smem(cfg: &ModelConfig, dtype: DType, hidden: usize) -> usize {
     let (c, d, wsize, warps) = (cfg.n_embd, cfg.head_dim(), dtype.size(), step_threads(dtype) / 32);
     let dq = d / CL_SIZE;
@@ -923,7 +923,8 @@ fn cluster_step_smem(cfg: &ModelConfig, dtype: DType, hidden: usize) -> usize {
         + hidden.next_multiple_of(4)
         + 2 * warps
         + warps * d
-        + 4;
+        + 4
+        + 2 * c;
     let table = STEP_TABLE_GLOBALS + cfg.n_layer * STEP_TABLE_PER_LAYER;
     (a + b + floats * 4).next_multiple_of(16) + table * 8
 }
@@ -1475,11 +1476,13 @@ struct CudaState {
     att_part: DeviceBuffer,
     att_ml: DeviceBuffer,
     /// The fused step's attention splits (`[rows * splits][C]`, `[rows * splits][H][2]`, rows *
-    /// heads * splits at most max(blocks, rows * heads)) and its grid barrier (arrivals, blocks done).
+    /// heads * splits at most max(blocks, rows * heads)) and its grid barrier (arrivals, blocks
+    /// done, launches done).
     step_part: DeviceBuffer,
     step_ml: DeviceBuffer,
-    /// The cluster step's partial sums: `[n_head][C]` (output projections), then `[clusters][C]`
-    /// (MLP downs).
+    /// The cluster step's partial sums, tagged (a value's bits and its phase's tag in 8 bytes):
+    /// `[CL_MAX_CLUSTERS][C]` (output projections, a row a head), then `[CL_MAX_CLUSTERS][C]` (MLP
+    /// downs, a row a cluster).
     cl_part: DeviceBuffer,
     barrier: DeviceBuffer,
     /// Globaltimer stamps of the last fused step, every block's in the cluster step and block 0's
@@ -1562,16 +1565,17 @@ impl CudaState {
             step_ml: DeviceBuffer::new(d, step_items * 2 * f, "attention")?,
             // The cluster step's partial sums: the heads' output projections, then the clusters'
             // MLP downs, CL_MAX_CLUSTERS rows each, zeros where no head or cluster writes (the
-            // kernel adds every row).
+            // kernel adds every row; a zero word is the value 0 with tag 0, which no phase awaits).
             cl_part: DeviceBuffer::upload(
                 d,
                 &vec![
-                    0.0f32;
+                    0u64;
                     shared.fused.as_ref().and_then(|fs| fs.cluster.as_ref()).map_or(1, |_| 2 * CL_MAX_CLUSTERS * c)
                 ],
                 "activations",
             )?,
-            barrier: DeviceBuffer::upload(d, &[0u32; 2], "grid barrier")?,
+            // Arrivals, blocks done, launches done (the cluster step's tags).
+            barrier: DeviceBuffer::upload(d, &[0u32; 3], "grid barrier")?,
             trace: if knob("GPT2RT_CUDA_STEP_TRACE") == Some(1) {
                 let n = trace_stamps(cfg.n_layer) * TRACE_BLOCKS;
                 Some((DeviceBuffer::upload(d, &vec![0u64; n], "trace")?, std::cell::Cell::new(0)))
@@ -2402,7 +2406,7 @@ impl CudaState {
                 .ptr(self.ints.at::<i32>(lay.iota))
                 .ptr(self.ints.at::<i32>(lay.seq_len))
                 .ptr(self.cl_part.ptr)
-                .ptr(self.cl_part.at::<f32>(CL_MAX_CLUSTERS * c))
+                .ptr(self.cl_part.at::<u64>(CL_MAX_CLUSTERS * c))
                 .ptr(self.k_cache.ptr)
                 .ptr(self.v_cache.ptr)
                 .int(self.profile.max_seq)
@@ -2923,7 +2927,7 @@ mod tests {
     #[test]
     fn the_cluster_step_fits_one_block_an_sm_on_hopper_in_the_half_modes() {
         // DistilGPT2 in f16/bf16 at every cluster count cluster_step may try (one a head up to
-        // CL_MAX_CLUSTERS): the launch's shared memory and the kernel's static arrays (the two
+        // CL_MAX_CLUSTERS): the launch's shared memory and the kernel's static arrays (the seven
         // mbarriers and the LM head's per-warp bests) within the H100's and H200's opt-in a block,
         // and a block's hidden units within CL_HID_MAX; otherwise the step falls back to the fused
         // step without saying so.
@@ -2933,7 +2937,7 @@ mod tests {
             let hidden = (4 * cfg.n_embd).div_ceil(clusters * CL_SIZE);
             assert!(hidden <= CL_HID_MAX, "{clusters} clusters: {hidden} hidden units a block");
             for dtype in [DType::F16, DType::BF16] {
-                let statics = 16 + (step_threads(dtype) / 32) * GEMV_MAX_M * 8;
+                let statics = 7 * 8 + (step_threads(dtype) / 32) * GEMV_MAX_M * 8;
                 let smem = cluster_step_smem(&cfg, dtype, hidden) + statics;
                 assert!(smem <= HOPPER_OPTIN, "{dtype}, {clusters} clusters: {smem} bytes");
             }
