@@ -1668,7 +1668,8 @@ impl CudaState {
     }
 
     /// Launches a kernel cooperatively in clusters of `cluster` blocks along x (9.0+): every block
-    /// resident at once, as its grid-wide barriers need, and each cluster's blocks on one GPC.
+    /// resident at once, as its grid-wide waits need (the cluster step's blocks poll for each
+    /// other's partial sums), and each cluster's blocks on one GPC.
     fn launch_cooperative_clusters(
         &self,
         f: sys::CUfunction,
