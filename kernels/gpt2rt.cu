@@ -3995,6 +3995,7 @@ __device__ void decode_step_cl(const unsigned long long* table, int L, int C, in
         if (l == 0) asm volatile("barrier.cluster.wait.aligned;" ::: "memory");
         stamp<true>(trace, stamps);
         fetch_wait(&fetched[0], l);
+        stamp<true>(trace, stamps);
         float xr[CL_XN][VW];
         cl_norm_regs<W>(x, buf_a + (size_t)ua * C, buf_a + (size_t)(ua + 1) * C, eps, C, xr);
         stamp<true>(trace, stamps);
@@ -4076,7 +4077,6 @@ __device__ void decode_step_cl(const unsigned long long* table, int L, int C, in
             stamps += 3;  // (the trace's stamps line up across the blocks)
         }
         stamp<true>(trace, stamps);
-        stamp<true>(trace, stamps);  // (where the grid barrier was)
 
         // Phase 2.
         gather(0, l, lt(l, T_PROJ_B), [&] {
@@ -4085,6 +4085,7 @@ __device__ void decode_step_cl(const unsigned long long* table, int L, int C, in
         });
         stamp<true>(trace, stamps);
         fetch_wait(&fetched[1], l);
+        stamp<true>(trace, stamps);
         cl_norm_regs<W>(x, buf_b + (size_t)ub * C, buf_b + (size_t)(ub + 1) * C, eps, C, xr);
         stamp<true>(trace, stamps);
 #pragma unroll
@@ -4121,7 +4122,6 @@ __device__ void decode_step_cl(const unsigned long long* table, int L, int C, in
             put_tagged(p2 + (size_t)c * C + n, s, tag0 + 2 * l + 1);
         }
         stamp<true>(trace, stamps);
-        stamp<true>(trace, stamps);  // (where the grid barrier was)
     }
     // The final LayerNorm and the LM head.
     int item0 = blockIdx.x * STEP_WARPS + warp;
