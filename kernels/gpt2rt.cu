@@ -3704,9 +3704,10 @@ __device__ __forceinline__ unsigned long long get_tagged(const unsigned long lon
 // prompt 12 + 32 3.95 / 3.96 -> 3.72 / 3.77; every block's trace 107.4 -> 97.8 us a step. With
 // the requests made after the wait for the sums instead, the phase-1 start took 2.8 us more
 // (the MLP slab's bulk copies and the projection's loads were slow to issue after it, as the
-// trace read with a stamp between), and the whole was slower than the grid barriers (16.21 /
-// 16.36); so was a grid barrier before the phase-2 sums' gather (17.16 / 17.17), and a fence
-// after each block's p2 stores (16.43 / 16.62).
+// trace read with a stamp between), and the whole was no faster than with the grid barriers
+// (16.21 / 16.36 against 15.96 / 16.16 in one call, 15.86 / 16.13 against 15.94 / 16.02 in
+// another); a grid barrier kept before the phase-1 gather was slower (17.16 / 17.17), and so
+// was a fence after each block's p2 stores (16.43 / 16.62).
 template <typename W, typename R>
 __device__ __forceinline__ void cl_gather(float* x, const unsigned long long* part, int n, unsigned int tag,
                                           const W* bias, int C, float* inc, unsigned long long* got, int u,
