@@ -3771,10 +3771,11 @@ __device__ __forceinline__ void cl_norm(const float* x, float* xn, const W* g, c
 // checks). After a block barrier (x complete), as cl_norm, each warp works out the row's
 // statistics (row_stats) and normalises its lanes' shares into registers, so the dots that follow
 // start with no second barrier and no pass through shared memory (cl_norm's). With the MLP-down
-// pairs of decode_step_cl, H200, E2E ms, same call, three times, before / this / both: f16 batch 1 prompt 128 + 128 tokens 20.05 / 19.83 / 20.24, 20.04 /
-// 19.83 / 19.73, 19.78 / 19.85 / 19.74; bf16 19.99 / 19.98 / 19.94, 19.82 / 19.99 / 19.92, 18.65 /
-// 18.66 / 18.14; f16 prompt 12 + 32 4.94 / 4.92 / 5.04, 4.92 / 4.90 / 4.93, 4.88 / 4.86 / 4.88;
-// f16 prompt 512 + 128 21.11 / 21.58 / 21.41, 20.98 / 21.10 / 21.30, 20.82 / 21.05 / 20.91.
+// pairs of decode_step_cl, H200, E2E ms, same call, three times, before / this / both: f16 batch
+// 1 prompt 128 + 128 tokens 20.05 / 19.83 / 20.24, 20.04 / 19.83 / 19.73, 19.78 / 19.85 / 19.74;
+// bf16 19.99 / 19.98 / 19.94, 19.82 / 19.99 / 19.92, 18.65 / 18.66 / 18.14; f16 prompt 12 + 32
+// 4.94 / 4.92 / 5.04, 4.92 / 4.90 / 4.93, 4.88 / 4.86 / 4.88; f16 prompt 512 + 128 21.11 / 21.58 /
+// 21.41, 20.98 / 21.10 / 21.30, 20.82 / 21.05 / 20.91.
 #define CL_XN (CL_PROJ_MAX * STEP_THREADS_HALF / (32 * 8))
 template <typename W>
 __device__ __forceinline__ void cl_norm_regs(const float* x, const W* g, const W* b, float eps, int C,
@@ -3863,11 +3864,10 @@ __device__ void decode_step_cl(const unsigned long long* table, int L, int C, in
     __shared__ unsigned long long xq, xp, xy, xg[2];
     if (t == 0) {
         unsigned long long* m[5] = {&xq, &xp, &xy, &xg[0], &xg[1]};
-        unsigned int a[5];
 #pragma unroll
-        for (int i = 0; i < 5; i++) a[i] = (unsigned int)__cvta_generic_to_shared(m[i]);
-#pragma unroll
-        for (int i = 0; i < 5; i++) asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(a[i]) : "memory");
+        for (int i = 0; i < 5; i++)
+            asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"((unsigned int)__cvta_generic_to_shared(m[i]))
+                         : "memory");
         // The gathers' first uses; each later one is expected right after the last completes (its
         // bytes come two phases later, after this block's MLP-down shares have gone out).
         receive_expect(&xg[0], C * 4);
@@ -4011,7 +4011,8 @@ __device__ void decode_step_cl(const unsigned long long* table, int L, int C, in
                     W rounded;  // as the cache holds it
                     store_as(&rounded, v);
                     v = to_f(rounded);
-                    if (lane == 0) (which == 1 ? kc : vc)[((size_t)seq * max_seq + p0) * C + (col - which * C)] = rounded;
+                    if (lane == 0)
+                        (which == 1 ? kc : vc)[((size_t)seq * max_seq + p0) * C + (col - which * C)] = rounded;
                 }
                 // To every block of the cluster (lane q to block q), at its place in the head's q, k, v.
                 if (lane < CL_SIZE) send_one(qkv + which * D + r * dq + (j - which * dq), &xq, lane, v);
