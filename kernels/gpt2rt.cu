@@ -3766,42 +3766,76 @@ __device__ __forceinline__ void cl_norm(const float* x, float* xn, const W* g, c
     __syncthreads();
 }
 
-// A lane's share of the normalised row for cl_dot_regs: values (lane + 32 i) VW .. + VW - 1 of
-// LayerNorm(x), i < CL_XN (zeros past C; C <= CL_PROJ_MAX * STEP_THREADS_HALF, which the kernel
-// checks). After a block barrier (x complete), as cl_norm, each warp works out the row's
-// statistics (row_stats) and normalises its lanes' shares into registers, so the dots that follow
-// start with no second barrier and no pass through shared memory (cl_norm's). With the MLP-down
-// pairs of decode_step_cl, H200, E2E ms, same call, three times, before / this / both: f16 batch
-// 1 prompt 128 + 128 tokens 20.05 / 19.83 / 20.24, 20.04 / 19.83 / 19.73, 19.78 / 19.85 / 19.74;
-// bf16 19.99 / 19.98 / 19.94, 19.82 / 19.99 / 19.92, 18.65 / 18.66 / 18.14; f16 prompt 12 + 32
-// 4.94 / 4.92 / 5.04, 4.92 / 4.90 / 4.93, 4.88 / 4.86 / 4.88; f16 prompt 512 + 128 21.11 / 21.58 /
-// 21.41, 20.98 / 21.10 / 21.30, 20.82 / 21.05 / 20.91.
+// LayerNorm folded into the product that follows it (decode_step_cl). LN(x)_k = (x_k - mean) inv
+// g_k + b_k, so a product's output j is inv * sum_k W_jk g_k (x_k - mean) + (bias_j + sum_k W_jk
+// b_k): the host folds the second part into the biases the cluster step reads (cluster_step in
+// imp.rs), and a lane holds its share of g (x - mean) in registers for cl_dot_regs: values (lane +
+// 32 i) VW .. + VW - 1, i < CL_XN (zeros past C; C <= CL_PROJ_MAX * STEP_THREADS_HALF, which the
+// kernel checks). After a block barrier (x complete) each warp reads its share of x and of g once,
+// works out the mean (the dots wait for it) and then the variance from registers (inv, which only
+// the dots' ends wait for). The older cl_norm_regs read the row from shared memory three times, g
+// and b once, and normalised before the first dot could start: 1.4 us a LayerNorm at batch 1.
 #define CL_XN (CL_PROJ_MAX * STEP_THREADS_HALF / (32 * 8))
 template <typename W>
-__device__ __forceinline__ void cl_norm_regs(const float* x, const W* g, const W* b, float eps, int C,
-                                             float (&xn)[CL_XN][Vec<W>::N]) {
+__device__ __forceinline__ float cl_fold_regs(const float* x, const W* g, float eps, int C,
+                                              float (&gx)[CL_XN][Vec<W>::N]) {
     constexpr int VW = Vec<W>::N;
     int lane = threadIdx.x & 31;
     __syncthreads();
-    float mean, inv;
-    row_stats(x, C, eps, mean, inv);
+    float s[CL_XN];
 #pragma unroll
     for (int i = 0; i < CL_XN; i++) {
         int k = (lane + 32 * i) * VW;
+        float p[VW / 4];
 #pragma unroll
         for (int e = 0; e < VW; e += 4) {
-            float4 v = k < C ? norm4(*reinterpret_cast<const float4*>(x + k + e), mean, inv, g, b, k + e)
-                             : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-            xn[i][e] = v.x;
-            xn[i][e + 1] = v.y;
-            xn[i][e + 2] = v.z;
-            xn[i][e + 3] = v.w;
+            float4 v = k < C ? *reinterpret_cast<const float4*>(x + k + e) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+            gx[i][e] = v.x;
+            gx[i][e + 1] = v.y;
+            gx[i][e + 2] = v.z;
+            gx[i][e + 3] = v.w;
+            p[e / 4] = (v.x + v.y) + (v.z + v.w);
         }
+        s[i] = p[0];
+#pragma unroll
+        for (int e = 1; e < VW / 4; e++) s[i] += p[e];
     }
+    float sum = s[0];
+#pragma unroll
+    for (int i = 1; i < CL_XN; i++) sum += s[i];
+    uint4 graw[CL_XN];
+#pragma unroll
+    for (int i = 0; i < CL_XN; i++) {
+        int k = (lane + 32 * i) * VW;
+        graw[i] = k < C ? *reinterpret_cast<const uint4*>(g + k) : make_uint4(0, 0, 0, 0);
+    }
+    float mean = warp_sum(sum) / C, q[CL_XN];
+#pragma unroll
+    for (int i = 0; i < CL_XN; i++) {
+        int k = (lane + 32 * i) * VW;
+        float gv[VW], p[VW / 2];
+        Vec<W>::convert(graw[i], gv);
+#pragma unroll
+        for (int e = 0; e < VW; e += 2) {
+            float d0 = k < C ? gx[i][e] - mean : 0.0f, d1 = k < C ? gx[i][e + 1] - mean : 0.0f;
+            p[e / 2] = d0 * d0 + d1 * d1;
+            gx[i][e] = d0 * gv[e];
+            gx[i][e + 1] = d1 * gv[e + 1];
+        }
+#pragma unroll
+        for (int n = VW / 2; n > 1; n /= 2)
+#pragma unroll
+            for (int e = 0; e < n / 2; e++) p[e] += p[e + n / 2];
+        q[i] = p[0];
+    }
+    float var = q[0];
+#pragma unroll
+    for (int i = 1; i < CL_XN; i++) var += q[i];
+    return rsqrtf(warp_sum(var) / C + eps);
 }
 
-// The dot of slab row j (C weights, shared) with the normalised row (each lane's share in
-// registers: cl_norm_regs) by one warp; every lane gets it.
+// The dot of slab row j (C weights, shared) with a lane's share of a row in registers
+// (cl_fold_regs) by one warp; every lane gets it.
 template <typename W>
 __device__ __forceinline__ float cl_dot_regs(const W* row, const float (&xn)[CL_XN][Vec<W>::N], int C) {
     constexpr int VW = Vec<W>::N;
@@ -3893,28 +3927,28 @@ __device__ void decode_step_cl(const unsigned long long* table, int L, int C, in
     auto fetch_a = [&](int l) {
         if (t != 0) return;
         const W* g = l < L ? lt(l, T_LN1_G) : reinterpret_cast<const W*>(s_table[T_LNF_G]);
-        const W* b = l < L ? lt(l, T_LN1_B) : reinterpret_cast<const W*>(s_table[T_LNF_B]);
+        const W* b = reinterpret_cast<const W*>(s_table[T_LNF_B]);  // (l == L only)
         bool cols = l < L && c < H;
         unsigned int piece = (unsigned int)(dq * C * sizeof(W)), ln = (unsigned int)(C * sizeof(W));
-        fetch_expect(&fetched[0], (cols ? 3 * piece : 0) + 2 * ln);
+        // (A layer's LayerNorm bias is folded into the QKV biases: cl_fold_regs.)
+        fetch_expect(&fetched[0], (cols ? 3 * piece : 0) + (l < L ? 1 : 2) * ln);
         if (cols)
             for (int i = 0; i < 3; i++)
                 fetch_piece(buf_a + (size_t)i * dq * C, lt(l, T_ATTN_W) + ((size_t)i * C + c * D + r * dq) * C, piece,
                             &fetched[0], true);
         fetch_piece(buf_a + (size_t)ua * C, g, ln, &fetched[0]);
-        fetch_piece(buf_a + (size_t)(ua + 1) * C, b, ln, &fetched[0]);
+        if (l == L) fetch_piece(buf_a + (size_t)(ua + 1) * C, b, ln, &fetched[0]);
     };
 
     auto fetch_b = [&](int l) {
         if (t != 0) return;
         unsigned int ln = (unsigned int)(C * sizeof(W)), rows = (unsigned int)((size_t)nu * C * sizeof(W));
-        fetch_expect(&fetched[1], 2 * rows + 2 * ln);
+        fetch_expect(&fetched[1], 2 * rows + ln);  // (LN2's bias folded into the MLP-up biases)
         if (nu > 0) {
             fetch_piece(buf_b, lt(l, T_FC_W) + (size_t)j0 * C, rows, &fetched[1], true);
             fetch_piece(buf_b + (size_t)u * C, lt(l, T_MPROJ_W) + (size_t)j0 * C, rows, &fetched[1], true);
         }
         fetch_piece(buf_b + (size_t)ub * C, lt(l, T_LN2_G), ln, &fetched[1]);
-        fetch_piece(buf_b + (size_t)(ub + 1) * C, lt(l, T_LN2_B), ln, &fetched[1]);
     };
     __syncthreads();
     fetch_a(0);
@@ -3926,11 +3960,12 @@ __device__ void decode_step_cl(const unsigned long long* table, int L, int C, in
     // converted where it is used, so that nothing waits for it before): the projection's weights
     // for this block's outputs (task i = t + k T: output r C / CL_SIZE + i / 8, the head's
     // dimensions [8 (i % 8), + 8)), the biases of the warp's q, k, v columns (j = warp + k
-    // STEP_WARPS) and those of its MLP-up rows.
+    // STEP_WARPS) and those of its MLP-up rows, with their LayerNorm's folded in (fp32: the
+    // cluster step's table points at them; cl_fold_regs).
     constexpr int QB = (3 * 64 / CL_SIZE + STEP_WARPS - 1) / STEP_WARPS;
     constexpr int FB = (CL_HID_MAX + STEP_WARPS - 1) / STEP_WARPS;
     uint4 wp[CL_PROJ_MAX][PV];
-    W qb[QB], fb[FB];
+    float qb[QB], fb[FB];
     auto load_wp = [&](int l) {
         if (c >= H) return;
         const W* proj = lt(l, T_PROJ_W);
@@ -3945,7 +3980,7 @@ __device__ void decode_step_cl(const unsigned long long* table, int L, int C, in
     };
     auto load_qb = [&](int l) {
         if (c >= H) return;
-        const W* bias = lt(l, T_ATTN_B);
+        const float* bias = reinterpret_cast<const float*>(lt(l, T_ATTN_B));  // (folded: cl_fold_regs)
 #pragma unroll
         for (int k = 0; k < QB; k++) {
             int j = min(warp + k * STEP_WARPS, 3 * dq - 1), which = j / dq;  // (past the columns: unused)
@@ -3954,7 +3989,7 @@ __device__ void decode_step_cl(const unsigned long long* table, int L, int C, in
     };
     auto load_fb = [&](int l) {
         if (nu == 0) return;
-        const W* bias = lt(l, T_FC_B);
+        const float* bias = reinterpret_cast<const float*>(lt(l, T_FC_B));  // (folded: cl_fold_regs)
 #pragma unroll
         for (int k = 0; k < FB; k++) fb[k] = bias[j0 + min(warp + k * STEP_WARPS, nu - 1)];  // (past nu: unused)
     };
@@ -3998,7 +4033,7 @@ __device__ void decode_step_cl(const unsigned long long* table, int L, int C, in
         fetch_wait(&fetched[0], l);
         stamp<true>(trace, stamps);
         float xr[CL_XN][VW];
-        cl_norm_regs<W>(x, buf_a + (size_t)ua * C, buf_a + (size_t)(ua + 1) * C, eps, C, xr);
+        float inv = cl_fold_regs<W>(x, buf_a + (size_t)ua * C, eps, C, xr);
         stamp<true>(trace, stamps);
         if (head) {
             // This block's q, k and v columns; k and v appended to the KV cache.
@@ -4006,7 +4041,7 @@ __device__ void decode_step_cl(const unsigned long long* table, int L, int C, in
             for (int k = 0; k < QB; k++) {
                 int j = warp + k * STEP_WARPS, which = j / dq, col = which * C + h * D + r * dq + (j - which * dq);
                 if (j >= 3 * dq) break;
-                float v = cl_dot_regs<W>(buf_a + (size_t)j * C, xr, C) + to_f(qb[k]);
+                float v = inv * cl_dot_regs<W>(buf_a + (size_t)j * C, xr, C) + qb[k];
                 if (which > 0) {
                     W rounded;  // as the cache holds it
                     store_as(&rounded, v);
@@ -4088,13 +4123,13 @@ __device__ void decode_step_cl(const unsigned long long* table, int L, int C, in
         stamp<true>(trace, stamps);
         fetch_wait(&fetched[1], l);
         stamp<true>(trace, stamps);
-        cl_norm_regs<W>(x, buf_b + (size_t)ub * C, buf_b + (size_t)(ub + 1) * C, eps, C, xr);
+        inv = cl_fold_regs<W>(x, buf_b + (size_t)ub * C, eps, C, xr);
         stamp<true>(trace, stamps);
 #pragma unroll
         for (int k = 0; k < FB; k++) {
             int j = warp + k * STEP_WARPS;
             if (j >= nu) break;
-            float v = cl_dot_regs<W>(buf_b + (size_t)j * C, xr, C) + to_f(fb[k]);
+            float v = inv * cl_dot_regs<W>(buf_b + (size_t)j * C, xr, C) + fb[k];
             if (lane == 0) hid[j] = gelu_new(v);
         }
         __syncthreads();
@@ -4102,7 +4137,7 @@ __device__ void decode_step_cl(const unsigned long long* table, int L, int C, in
         // This block's share of every MLP-down output.
         const W* down = buf_b + (size_t)u * C;
         // Two outputs a thread (C is even), from pairs of weights: one load for both, and two
-        // sums in flight (measured with cl_norm_regs, above).
+        // sums in flight (measured with the LayerNorm's row in registers, as now).
         for (int n = 2 * t; n < C; n += 2 * T) {
             float s0 = 0.0f, s1 = 0.0f;
             for (int j = 0; j < nu; j++) {

@@ -193,7 +193,10 @@ const TRACE_BLOCKS: usize = 1024;
 /// STEP_PER_LAYER in the .cu file).
 const STEP_TABLE_GLOBALS: usize = 5;
 const STEP_TABLE_PER_LAYER: usize = 12;
-/// The MLP-down weights' slot in a layer's entries (T_MPROJ_W).
+/// The slots in a layer's entries of the QKV biases, the MLP-up biases and the MLP-down weights
+/// (T_ATTN_B, T_FC_B and T_MPROJ_W).
+const STEP_TABLE_ATTN_B: usize = 3;
+const STEP_TABLE_FC_B: usize = 9;
 const STEP_TABLE_MPROJ_W: usize = 10;
 /// Rows of the wide fused-step kernel (STEP_ROWS in the .cu file).
 const FUSED_WIDE_ROWS: usize = 16;
@@ -779,9 +782,13 @@ struct ClusterStep {
     /// Dynamic shared memory of a launch (cluster_step_smem).
     smem: usize,
     /// The fused step's weight table, but for the MLP-down weights: `down`'s, in the checkpoint's
-    /// `[4C, C]` layout (a block's hidden units are then contiguous rows).
+    /// `[4C, C]` layout (a block's hidden units are then contiguous rows); and for the QKV and
+    /// MLP-up biases: `folded`'s.
     table: DeviceBuffer,
     down: Vec<DeviceBuffer>,
+    /// A layer's QKV biases (3C) and MLP-up biases (4C) in fp32, with the LayerNorm bias before
+    /// each product folded in (folded_biases).
+    folded: DeviceBuffer,
 }
 
 impl ClusterStep {
@@ -965,14 +972,50 @@ fn cluster_step(device: &Arc<Device>, model: &Model, dtype: DType, table: &[u64]
             .iter()
             .map(|l| upload_values(device, &l.mlp_proj_weight, dtype, &mut bytes))
             .collect::<Result<Vec<_>>>()?;
+        let folded = DeviceBuffer::upload(device, &folded_biases(model, dtype), "folded biases")?;
         let mut table = table.to_vec();
         for (l, d) in down.iter().enumerate() {
-            table[STEP_TABLE_GLOBALS + l * STEP_TABLE_PER_LAYER + STEP_TABLE_MPROJ_W] = d.ptr;
+            let at = STEP_TABLE_GLOBALS + l * STEP_TABLE_PER_LAYER;
+            table[at + STEP_TABLE_MPROJ_W] = d.ptr;
+            table[at + STEP_TABLE_ATTN_B] = folded.at::<f32>(l * 7 * c);
+            table[at + STEP_TABLE_FC_B] = folded.at::<f32>(l * 7 * c + 3 * c);
         }
         let table = DeviceBuffer::upload(device, &table, "weight table")?;
-        return Ok(Some(ClusterStep { blocks, hidden, smem, table, down }));
+        return Ok(Some(ClusterStep { blocks, hidden, smem, table, down, folded }));
     }
     Ok(None)
+}
+
+/// The cluster step's biases of the products that follow a LayerNorm, with the LayerNorm's bias
+/// folded in (cl_fold_regs in the .cu file): LN(x) = (x - mean) inv g + b, so that output j of
+/// the product plus its bias is inv sum_k W_jk g_k (x_k - mean) plus (bias_j + sum_k W_jk b_k).
+/// For each layer, 3C values for QKV (ln_1), then 4C for MLP up (ln_2); the sums over the values
+/// the device holds (rounded to `dtype`), in f64.
+fn folded_biases(model: &Model, dtype: DType) -> Vec<f32> {
+    let c = model.config.n_embd;
+    let round = |x: f32| match dtype {
+        DType::F32 => x as f64,
+        DType::F16 => f16::from_f32(x).to_f64(),
+        DType::BF16 => bf16::from_f32(x).to_f64(),
+    };
+    // `w` in the checkpoint's `[C, n]` layout: output j's weights are w[k n + j].
+    let fold = |w: &[f32], bias: &[f32], ln_bias: &[f32], out: &mut Vec<f32>| {
+        let n = bias.len();
+        let mut sums: Vec<f64> = bias.iter().map(|&v| round(v)).collect();
+        for (k, &b) in ln_bias.iter().enumerate() {
+            let b = round(b);
+            for (j, sum) in sums.iter_mut().enumerate() {
+                *sum += round(w[k * n + j]) * b;
+            }
+        }
+        out.extend(sums.iter().map(|&v| v as f32));
+    };
+    let mut out = Vec::with_capacity(model.weights.layers.len() * 7 * c);
+    for l in &model.weights.layers {
+        fold(&l.attn_weight, &l.attn_bias, &l.ln_1_bias, &mut out);
+        fold(&l.fc_weight, &l.fc_bias, &l.ln_2_bias, &mut out);
+    }
+    out
 }
 
 /// Clusters (`attr`: their dimensions; `grid`: one cluster's blocks along x and z) of blocks of
@@ -1326,9 +1369,10 @@ impl Backend for CudaBackend {
         };
         let step = match self.shared.fused.as_ref().and_then(|fs| fs.cluster.as_ref()) {
             Some(cl) => format!(
-                ", batch-1 steps on {} clusters of {CL_SIZE} blocks ({} MiB more for their MLP-down weights)",
+                ", batch-1 steps on {} clusters of {CL_SIZE} blocks ({} MiB more for their MLP-down weights and \
+                 folded biases)",
                 cl.clusters(),
-                cl.down.iter().map(|d| d.bytes).sum::<usize>() >> 20
+                (cl.down.iter().map(|d| d.bytes).sum::<usize>() + cl.folded.bytes) >> 20
             ),
             None => String::new(),
         };
@@ -2879,6 +2923,46 @@ mod tests {
                             assert!(splits >= 1 && splits * per >= k, "{at}: {splits} x {per}");
                             assert!((splits - 1) * per < k, "{at}: {splits} x {per}, the last split is empty");
                         }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn folded_biases_give_each_product_of_a_layer_norm() {
+        // The cluster step computes output j of a product after a LayerNorm as inv * sum_k W_jk
+        // g_k (x_k - mean) plus its folded bias; that must be W LN(x) + bias done the plain way,
+        // with the values the device holds, for QKV and MLP up of every layer.
+        let model = Model::synthetic(crate::model::Preset::Tiny, 3);
+        let c = model.config.n_embd;
+        for dtype in [DType::F32, DType::F16, DType::BF16] {
+            let round = |v: f32| match dtype {
+                DType::F32 => v as f64,
+                DType::F16 => f16::from_f32(v).to_f64(),
+                DType::BF16 => bf16::from_f32(v).to_f64(),
+            };
+            let folded = folded_biases(&model, dtype);
+            assert_eq!(folded.len(), model.weights.layers.len() * 7 * c);
+            let x: Vec<f64> = (0..c).map(|k| ((k * 37 % 101) as f64 - 50.0) / 7.0).collect();
+            let mean = x.iter().sum::<f64>() / c as f64;
+            let inv = 1.0 / (x.iter().map(|v| (v - mean) * (v - mean)).sum::<f64>() / c as f64 + 1e-5).sqrt();
+            for (l, layer) in model.weights.layers.iter().enumerate() {
+                let products = [
+                    (&layer.attn_weight, &layer.attn_bias, &layer.ln_1_weight, &layer.ln_1_bias, 0),
+                    (&layer.fc_weight, &layer.fc_bias, &layer.ln_2_weight, &layer.ln_2_bias, 3 * c),
+                ];
+                for (w, bias, g, b, at) in products {
+                    let n = bias.len();
+                    let ln: Vec<f64> = (0..c).map(|k| (x[k] - mean) * inv * round(g[k]) + round(b[k])).collect();
+                    for j in 0..n {
+                        let plain = (0..c).map(|k| round(w[k * n + j]) * ln[k]).sum::<f64>() + round(bias[j]);
+                        let dot = (0..c).map(|k| round(w[k * n + j]) * round(g[k]) * (x[k] - mean)).sum::<f64>();
+                        let fold = inv * dot + folded[l * 7 * c + at + j] as f64;
+                        assert!(
+                            (fold - plain).abs() <= 1e-5 * (1.0 + plain.abs()),
+                            "{dtype} layer {l} output {j} of {n}: {fold} against {plain}"
+                        );
                     }
                 }
             }
