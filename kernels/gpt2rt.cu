@@ -4069,6 +4069,7 @@ __device__ void decode_step_cl(const unsigned long long* table, int L, int C, in
             const W* values = vc + (size_t)seq * max_seq * C + h * D;
             attend<false, W>(qkv, scale, keys, values, t0, t1, C, D, warp_ml, warp_acc, part, part + D);
             __syncthreads();
+            stamp<true>(trace, stamps);
             // The share (D + 2 floats, in pairs) to every block of the cluster, at this block's rank.
             for (int i = t; i < CL_SIZE * (D + 2) / 2; i += T) {
                 int q = i / ((D + 2) / 2), e = 2 * (i - q * ((D + 2) / 2));
@@ -4111,7 +4112,7 @@ __device__ void decode_step_cl(const unsigned long long* table, int L, int C, in
                 if (i < C && i % 8 == 0) put_tagged(p1 + (size_t)h * C + r * (C / CL_SIZE) + i / 8, s, tag0 + 2 * l);
             }
         } else {
-            stamps += 3;  // (the trace's stamps line up across the blocks)
+            stamps += 4;  // (the trace's stamps line up across the blocks)
         }
         stamp<true>(trace, stamps);
 

@@ -182,7 +182,7 @@ const TILED_HEAD_ROWS: usize = 17;
 const HEAD_KEEP_MB_HALF: usize = 16;
 const HEAD_KEEP_MB_F32: usize = 8;
 /// The fused step's trace stamps (`stamp` in the .cu file): 13 a layer (three a product, one after
-/// the attention) and 3 more (the cluster step's 12 a layer and 3 fit too); the buffer is sized by
+/// the attention) and 3 more (the cluster step's also 13 a layer and 3); the buffer is sized by
 /// the model, which the kernel does not check.
 fn trace_stamps(layers: usize) -> usize {
     3 + 13 * layers
