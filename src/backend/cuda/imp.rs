@@ -7,6 +7,7 @@ use crate::model::{DType, Model, ModelConfig};
 use crate::nvtx;
 use crate::sampling::Sampler;
 use cudarc::driver::{result, sys};
+use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
 use std::ffi::c_void;
 use std::sync::Arc;
@@ -993,24 +994,40 @@ fn cluster_step(device: &Arc<Device>, model: &Model, dtype: DType, table: &[u64]
 /// the device holds (rounded to `dtype`), in f64.
 fn folded_biases(model: &Model, dtype: DType) -> Vec<f32> {
     let c = model.config.n_embd;
-    let round = |x: f32| match dtype {
-        DType::F32 => x as f64,
-        DType::F16 => f16::from_f32(x).to_f64(),
-        DType::BF16 => bf16::from_f32(x).to_f64(),
+    // `src` rounded to `dtype` (as the device holds it) into `dst`, with the slices' conversions
+    // (SIMD where the CPU has it): the fold reads every QKV and MLP-up weight once.
+    let (mut h, mut b) = (Vec::new(), Vec::new());
+    let mut round = |src: &[f32], dst: &mut [f32]| match dtype {
+        DType::F32 => dst.copy_from_slice(src),
+        DType::F16 => {
+            h.resize(src.len(), f16::ZERO);
+            h.convert_from_f32_slice(src);
+            h.convert_to_f32_slice(dst);
+        }
+        DType::BF16 => {
+            b.resize(src.len(), bf16::ZERO);
+            b.convert_from_f32_slice(src);
+            b.convert_to_f32_slice(dst);
+        }
     };
+    let mut out = Vec::with_capacity(model.weights.layers.len() * 7 * c);
+    let mut row = Vec::new();
+    let mut ln = vec![0.0f32; c];
     // `w` in the checkpoint's `[C, n]` layout: output j's weights are w[k n + j].
-    let fold = |w: &[f32], bias: &[f32], ln_bias: &[f32], out: &mut Vec<f32>| {
+    let mut fold = |w: &[f32], bias: &[f32], ln_bias: &[f32], out: &mut Vec<f32>| {
         let n = bias.len();
-        let mut sums: Vec<f64> = bias.iter().map(|&v| round(v)).collect();
-        for (k, &b) in ln_bias.iter().enumerate() {
-            let b = round(b);
-            for (j, sum) in sums.iter_mut().enumerate() {
-                *sum += round(w[k * n + j]) * b;
+        row.resize(n, 0.0f32);
+        round(bias, &mut row);
+        let mut sums: Vec<f64> = row.iter().map(|&v| v as f64).collect();
+        round(ln_bias, &mut ln);
+        for (k, &b) in ln.iter().enumerate() {
+            round(&w[k * n..(k + 1) * n], &mut row);
+            for (sum, &v) in sums.iter_mut().zip(&row) {
+                *sum += v as f64 * b as f64;
             }
         }
         out.extend(sums.iter().map(|&v| v as f32));
     };
-    let mut out = Vec::with_capacity(model.weights.layers.len() * 7 * c);
     for l in &model.weights.layers {
         fold(&l.attn_weight, &l.attn_bias, &l.ln_1_bias, &mut out);
         fold(&l.fc_weight, &l.fc_bias, &l.ln_2_bias, &mut out);
